@@ -1,0 +1,357 @@
+"""The training loop: data -> model -> optimizer -> epochs (train, validate, checkpoint) -> test.
+
+Batches are sliced from the dataset's uint8 tensors by a shuffled index and normalized on the whole
+batch; bf16 autocast and channels-last activations are on by default where the hardware supports
+them (see benchmarks/NOTES.md for the measurements behind that). A checkpoint is written atomically
+after every epoch, so Ctrl-C or a kill loses at most the epoch in progress, and `resume` continues
+to the same end: shuffling and dropout are seeded per epoch, so a resumed CPU run equals an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from . import __version__
+from .config import TrainConfig
+from .data import Dataset, Split, load_dataset
+from .errors import CnnkitError, TrainingInterrupted
+from .modelfile import MODEL_FILE, save_model
+from .models.registry import architecture_record, build_model, default_input, get_spec
+from .models.summary import format_summary, summary
+from .utils import atomic_path, write_text_atomic
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+# ----------------------------------------------------------------------------- device and precision
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CnnkitError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """'bf16' or 'fp32'. auto: bf16 where the hardware runs it natively (AVX512-BF16/AMX CPUs,
+    Ampere+ GPUs); on other CPUs bf16 is emulated and slower than fp32."""
+    if name not in ("auto", "bf16", "fp32"):
+        raise CnnkitError(f"precision must be auto, bf16 or fp32, not {name!r}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+@dataclass
+class Normalizer:
+    """Per-channel (x / 255 - mean) / std, fused as x * scale + shift on whole batches."""
+    mean: list[float]
+    std: list[float]
+
+    @classmethod
+    def fit(cls, images: torch.Tensor) -> "Normalizer":
+        x = images.double() / 255  # (N, C, H, W); float64 keeps the sums exact enough
+        mean = x.mean(dim=(0, 2, 3))
+        std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        return cls(mean.tolist(), std.tolist())
+
+    def __call__(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        out = x.float().mul_(1 / (255 * std)).sub_(mean / std)  # (N, C, H, W) float32
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, norm: Normalizer, device: torch.device,
+                   precision: str = "fp32", batch_size: int = 512, channels_last: bool = False) -> torch.Tensor:
+    """Logits (N, K) in float32 on the CPU for uint8 images (N, C, H, W)."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = norm(images[i:i + batch_size].to(device, non_blocking=True), channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """loss, accuracy and (with at least 5 classes) top-5 accuracy."""
+    n, k = logits.shape
+    result = {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (logits.argmax(1) == labels).float().mean().item(),
+              "n": n}
+    if k >= 5:
+        top5 = logits.topk(5, dim=1).indices
+        result["top5_accuracy"] = (top5 == labels[:, None]).any(1).float().mean().item()
+    return result
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Model and optimizer tensors as safetensors; everything else as JSON in its header."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict = {}
+    for pid, pstate in opt["state"].items():
+        for k, v in pstate.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    header = {**state, "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"cnnkit_checkpoint": json.dumps(header)})
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    with safe_open(path, framework="pt") as f:
+        header = json.loads(f.metadata()["cnnkit_checkpoint"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for k, v in header["optimizer"]["scalars"].items():
+        pid, name = k.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": header["optimizer"]["param_groups"]})
+    return header
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class RunResult:
+    run_dir: Path
+    model: nn.Module
+    dataset: Dataset
+    history: list[dict]
+    metrics: dict  # test metrics of the best model, plus best_epoch / best_val_acc
+    config: TrainConfig
+    meta: dict = field(default_factory=dict)
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    raise CnnkitError(f"optimizer must be adam or sgd, not {cfg.optimizer!r}")
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
+    """Linear warmup from 0 to peak, then linear decay to 0 (or constant)."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    data = Path(cfg.data).name if Path(cfg.data).is_dir() else cfg.data
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{data}-{Path(cfg.model).stem}-{stamp}"
+
+
+def prepare(cfg: TrainConfig, quiet: bool) -> tuple[Dataset, nn.Module, dict]:
+    """Load the data and build the model fitted to it."""
+    spec = get_spec(cfg.model)
+    hint = default_input(spec)
+    image_size, channels = cfg.image_size, cfg.channels
+    is_folder = cfg.data.lower() not in ("mnist", "fashion-mnist", "cifar10", "digits")
+    if is_folder and hint is not None:  # folders are decoded straight to what the model expects
+        image_size = image_size or hint[1]
+        channels = channels or hint[0]
+    ds = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, image_size=image_size,
+                      channels=channels, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, quiet=quiet)
+    c, h, w = ds.input_shape
+    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
+    model = build_model(spec, ds.num_classes, in_channels=c, image_size=(h, w))
+    return ds, model, spec
+
+
+def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, quiet: bool = False,
+          echo: Callable[[str], None] | None = print) -> RunResult:
+    """Train a model, writing a run folder; see TrainConfig for the options.
+
+    resume: a run folder of an interrupted run; its config.json is used and training continues
+    from its last checkpoint to the same final epoch."""
+    start_state = None
+    if resume is not None:
+        run_dir = Path(resume)
+        try:
+            cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CnnkitError(f"cannot resume {run_dir}: no readable config.json ({e})") from None
+        if not (run_dir / CHECKPOINT_FILE).is_file():
+            if (run_dir / "metrics.json").is_file():
+                raise CnnkitError(f"{run_dir} is already complete (metrics.json exists); start a new run instead")
+            raise CnnkitError(f"cannot resume {run_dir}: it has no {CHECKPOINT_FILE} (it stopped before its first epoch ended)")
+    else:
+        cfg = cfg or TrainConfig()
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        if (run_dir / CHECKPOINT_FILE).exists() or (run_dir / "metrics.json").exists():
+            raise CnnkitError(f"{run_dir} already holds a run; choose another --out or continue it with --resume {run_dir}")
+        cfg.out = str(run_dir)
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise CnnkitError("--epochs, --batch-size and --lr must be positive")
+    device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
+    ds, model, spec = prepare(cfg, quiet)  # before the run folder exists: a bad --data or --model leaves nothing
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        if echo is not None and not quiet:
+            echo(msg)
+        with open(run_dir / "train.log", "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+    write_text_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    info = summary(model)
+    log(f"data {ds.name}: {ds.sizes()} images of {'x'.join(map(str, ds.input_shape))}, {ds.num_classes} classes "
+        f"(from {ds.source})")
+    if ds.skipped:
+        log(f"skipped {len(ds.skipped)} file(s) that could not be decoded:")
+        for path, reason in ds.skipped:
+            log(f"  {path}: {reason}")
+    if ds.test_source == "val":
+        log("note: the data has no test split, so test metrics are measured on the validation split")
+    log(format_summary(info, title=f"model {spec.get('name')}"))
+    log(f"device {device.type}, precision {precision}, {cfg.epochs} epochs of batch {cfg.batch_size}, "
+        f"{cfg.optimizer} lr {cfg.lr}")
+
+    norm = Normalizer.fit(ds.train.images)
+    model = model.to(device)
+    channels_last = cfg.channels_last and len(ds.input_shape) == 3
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    history: list[dict] = []
+    best_val, best_epoch, first_epoch = -1.0, 0, 1
+    if resume is not None:
+        start_state = load_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer)
+        history, best_val, best_epoch = start_state["history"], start_state["best_val_acc"], start_state["best_epoch"]
+        first_epoch = start_state["epoch"] + 1
+        log(f"resuming {run_dir} after epoch {start_state['epoch']}")
+
+    meta = {
+        "architecture": architecture_record(model),
+        "class_names": ds.class_names,
+        "input": dict(zip(("channels", "height", "width"), ds.input_shape)),
+        "preprocessing": {"resize": "shorter-side-center-crop", "scale": 255, "mean": norm.mean, "std": norm.std},
+        "training": cfg.to_dict(),
+        "data": {"name": ds.name, "source": ds.source, "sizes": ds.sizes(), "test_source": ds.test_source,
+                 "skipped": [list(s) for s in ds.skipped]},
+    }
+    train_images = ds.train.images.to(device)
+    train_labels = ds.train.labels.to(device)
+    n = len(train_labels)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    epoch = first_epoch
+    try:
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            # Per-epoch seeds make shuffling and dropout independent of whether the run was resumed.
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=gen).to(device)
+            torch.manual_seed(cfg.seed * 1_000_003 + epoch + 500_000)
+            model.train()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
+                       disable=quiet, dynamic_ncols=True)
+            for i in bar:
+                step = (epoch - 1) * steps_per_epoch + i
+                lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                x = norm(train_images[idx], channels_last)  # (B, C, H, W) float32
+                y = train_labels[idx]  # (B,)
+                with torch.autocast(**autocast):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+                if i % 20 == 0 or i == steps_per_epoch - 1:
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+            bar.close()
+            val = metrics_from_logits(predict_logits(model, ds.val.images, norm, device, precision,
+                                                     channels_last=channels_last), ds.val.labels)
+            row = {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+                   "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": lr,
+                   "seconds": time.perf_counter() - t0}
+            history.append(row)
+            log(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {row['seconds']:.1f} s")
+            if row["val_acc"] > best_val:  # keep the best model by validation accuracy
+                best_val, best_epoch = row["val_acc"], epoch
+                save_model(run_dir / MODEL_FILE, model, {**meta, "metrics": {"best_epoch": epoch, "val_accuracy": best_val}})
+            write_history(run_dir / "history.csv", history)
+            save_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer,
+                            {"epoch": epoch, "history": history, "best_val_acc": best_val, "best_epoch": best_epoch})
+    except KeyboardInterrupt:
+        done = history[-1]["epoch"] if history else 0
+        kept = f"the checkpoint after epoch {done} is kept" if done else "no epoch had finished"
+        raise TrainingInterrupted(f"interrupted during epoch {epoch}; {kept} in {run_dir}; continue with: "
+                                  f"cnnkit train --resume {run_dir}") from None
+
+    # The best model, tested on the held-out split (in fp32: the figure users will quote).
+    from .modelfile import load_model
+    best, _ = load_model(run_dir / MODEL_FILE, device)
+    test = metrics_from_logits(predict_logits(best, ds.test.images, norm, device, "fp32"), ds.test.labels)
+    metrics = {"test_" + k: v for k, v in test.items()}
+    metrics.update({"test_split": ds.test_source, "best_epoch": best_epoch, "val_accuracy": best_val,
+                    "train_seconds": sum(r["seconds"] for r in history), "device": device.type, "precision": precision,
+                    "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
+    meta["metrics"] = metrics
+    save_model(run_dir / MODEL_FILE, best, meta)
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    from .report import plot_curves
+    plot_curves(history, run_dir / "curves.png", title=f"{spec.get('name')} on {ds.name}")
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is complete: model.safetensors is the result
+    top5 = f", top-5 {metrics['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in metrics else ""
+    log(f"test accuracy {metrics['test_accuracy']:.4f}{top5} on {metrics['test_n']} {ds.test_source} images "
+        f"(best epoch {best_epoch}); run folder {run_dir}")
+    return RunResult(run_dir, best, ds, history, metrics, cfg, meta)
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    write_text_atomic(path, buf.getvalue())
