@@ -27,7 +27,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def is_model_file(arg: str) -> bool:
     p = Path(arg)
-    return p.is_dir() or p.suffix == ".safetensors"
+    return p.is_dir() or p.suffix == ".safetensors" or (p.is_file() and p.suffix not in (".yaml", ".yml"))
 
 
 def cmd_summary(args) -> int:

@@ -54,7 +54,7 @@ def read_metadata(path: str | Path) -> dict:
     try:
         with safe_open(p, framework="pt") as f:
             raw = (f.metadata() or {}).get("cnnkit")
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, UnicodeError) as e:
         raise CnnkitError(f"{p} is not a cnnkit model file (not a valid safetensors file: {str(e).splitlines()[0]}); "
                           "it may be a pickle or another format, which cnnkit never loads") from None
     if raw is None:

@@ -155,12 +155,13 @@ def load(root: Path, image_size: int, channels: int, test_split: float, seed: in
             save_file(tensors, tmp)
     splits = {s: Split(tensors[f"{s}.images"], tensors[f"{s}.labels"], meta["paths"][s]) for s in files}
     skipped = [(p, r) for p, r in meta["skipped"]]
+    train_key = "all" if "all" in splits else "train"
+    if len(splits[train_key]) == 0:
+        raise CnnkitError(f"{root}: none of the {len(files[train_key])} training files could be decoded "
+                          f"(first error: {skipped[0][1] if skipped else '?'})")
     if "all" in splits:  # no split folders: seeded stratified test split, validation carved later
         train, test = carve(splits["all"], test_split or 0.2, seed)
         splits = {"train": train, "test": test}
-    if len(splits["train"]) == 0:
-        raise CnnkitError(f"{root}: none of the {len(files.get('train', files.get('all', [])))} training files "
-                          f"could be decoded (first error: {skipped[0][1] if skipped else '?'})")
     present = sorted(set(splits["train"].labels.tolist()))
     if len(present) < 2:
         raise CnnkitError(f"{root} has images of only one class ({class_names[present[0]]}): a classifier needs at least two")

@@ -42,7 +42,7 @@ ALLOWED = {
 def read_spec(path: str | Path) -> dict:
     try:
         spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, yaml.YAMLError, UnicodeError) as e:
         raise CnnkitError(f"cannot read model spec {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("layers"), list) or not spec["layers"]:
         raise CnnkitError(f"{path} is not a model spec: it needs a 'layers:' list (see `cnnkit summary seed-mnist-keras`)")
@@ -59,6 +59,9 @@ def normalize_layer(entry: Any, index: int) -> dict:
         kind, params = entry["type"], {k: v for k, v in entry.items() if k != "type"}
     elif isinstance(entry, dict) and len(entry) == 1:
         kind, params = next(iter(entry.items()))
+        if str(kind).lower() not in LAYER_TYPES:
+            raise CnnkitError(f"layer {index + 1}: unknown layer type '{kind}' (known: {', '.join(LAYER_TYPES)})")
+        kind = str(kind).lower()
         if params is None:
             params = {}
         elif not isinstance(params, dict):

@@ -1,0 +1,62 @@
+"""Shared fixtures: the real data in ../shared/data, an isolated cache per test, a local HTTP
+server on 127.0.0.1 standing in for the official download sites."""
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CNNKIT_SHARED_DATA", ROOT.parent / "shared" / "data")).resolve()
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def shared(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.fail(f"real test data missing: {p} (tests read ../shared/data beside the checkout)")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own download/decode cache, and no mirror unless it sets one."""
+    cache = tmp_path / "cnnkit-cache"
+    monkeypatch.setenv("CNNKIT_DATA", str(cache))
+    monkeypatch.delenv("CNNKIT_DATA_URL", raising=False)
+    return cache
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """serve(directory) -> base URL of a server on 127.0.0.1 serving that folder."""
+    servers = []
+
+    def serve(directory: Path) -> str:
+        handler = functools.partial(QuietHandler, directory=str(directory))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m cnnkit ARGS` in a subprocess, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)

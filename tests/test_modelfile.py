@@ -1,0 +1,84 @@
+"""The model file: round trip, and refusal of anything tampered with, without executing it."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cnnkit import CnnkitError, build_model, load_model, read_metadata, save_model
+from cnnkit.models.registry import architecture_record
+from conftest import run_cli
+
+META = {"class_names": [str(i) for i in range(10)], "input": {"channels": 1, "height": 28, "width": 28},
+        "preprocessing": {"mean": [0.13], "std": [0.31], "scale": 255, "resize": "shorter-side-center-crop"}}
+
+
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("seed-mnist-keras", 10)
+    path = save_model(tmp_path / "m.safetensors", model, {**META, "architecture": architecture_record(model)})
+    return model, path
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    model, path = saved(tmp_path)
+    loaded, meta = load_model(path)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(model.eval()(x), loaded(x))
+    assert meta["class_names"] == META["class_names"] and meta["architecture"]["spec"]["name"] == "seed-mnist-keras"
+    assert not list(tmp_path.glob("*.tmp"))  # written via a temporary name
+
+
+class Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = None
+
+
+def test_pickle_payload_is_refused_without_running_it(tmp_path):
+    global MARKER
+    MARKER = tmp_path / "pwned"
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(Payload()))
+    torch_file = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, torch_file)  # a zip of pickles, as torch.save writes
+    for f in (evil, torch_file):
+        r = run_cli("summary", str(f))
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert "not a cnnkit model file" in r.stderr or "not a valid safetensors" in r.stderr
+    with pytest.raises(CnnkitError, match="not a cnnkit model file"):
+        load_model(evil)
+    assert not MARKER.exists()
+
+
+def test_broken_metadata_is_refused(tmp_path):
+    model, path = saved(tmp_path)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    bad_json = tmp_path / "bad.safetensors"
+    save_file(tensors, bad_json, metadata={"cnnkit": '{"format": "cnnkit-model", '})
+    with pytest.raises(CnnkitError, match="invalid JSON"):
+        load_model(bad_json)
+    missing = tmp_path / "missing.safetensors"
+    save_file(tensors, missing, metadata={"cnnkit": json.dumps({"format": "cnnkit-model", "format_version": 1})})
+    with pytest.raises(CnnkitError, match="missing architecture"):
+        read_metadata(missing)
+    plain = tmp_path / "plain.safetensors"
+    save_file(tensors, plain)
+    with pytest.raises(CnnkitError, match="without cnnkit metadata"):
+        load_model(plain)
+
+
+def test_weights_that_do_not_fit_the_architecture_are_refused(tmp_path):
+    model, path = saved(tmp_path)
+    meta = read_metadata(path)
+    other = build_model("seed-mnist-torch", 10)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, wrong, metadata={"cnnkit": json.dumps(meta)})
+    with pytest.raises(CnnkitError, match="do not match"):
+        load_model(wrong)
