@@ -1,0 +1,137 @@
+"""Training: the run folder, resuming after a kill, Ctrl-C, and the Python API."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import cnnkit
+from conftest import ROOT, run_cli
+
+# A small CPU run whose epochs take a fraction of a second: digits upscaled to 16 px.
+SMALL = ["--data", "digits", "--model", "seed-digits", "--image-size", "16", "--batch-size", "64", "--quiet"]
+
+
+def test_cli_train_writes_a_complete_run_folder(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("train", *SMALL, "--epochs", "3", "--out", str(run), "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)  # stdout holds only the JSON
+    assert {p.name for p in run.iterdir()} >= {"model.safetensors", "history.csv", "curves.png", "config.json",
+                                               "metrics.json", "train.log"}
+    assert not (run / "checkpoint.safetensors").exists()  # removed once the run is complete
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == result["metrics"]["test_accuracy"]
+    assert metrics["test_accuracy"] > 0.8 and 0 < metrics["test_top5_accuracy"] <= 1
+    # The best epoch by validation accuracy is the one kept.
+    best = max(rows, key=lambda r: float(r["val_acc"]))
+    assert metrics["best_epoch"] == int(best["epoch"])
+    model, meta = cnnkit.load_model(run)  # a run folder works wherever a model file does
+    assert meta["metrics"]["test_accuracy"] == metrics["test_accuracy"]
+    assert meta["input"] == {"channels": 1, "height": 16, "width": 16}
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    with open(run / "curves.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    s = run_cli("summary", str(run), "--json")
+    assert json.loads(s.stdout)["total_params"] == cnnkit.summary(model)["total_params"]
+
+
+def start_training(out, epochs: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *SMALL, "--epochs", str(epochs), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def wait_for_checkpoint(proc, out, min_epoch: int = 1, timeout: float = 120) -> None:
+    ckpt = out / "checkpoint.safetensors"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ckpt.exists() and (out / "history.csv").exists():
+            rows = (out / "history.csv").read_text().strip().splitlines()
+            if len(rows) - 1 >= min_epoch:
+                return
+        assert proc.poll() is None, f"run ended before it could be interrupted: {proc.stderr.read()}"
+        time.sleep(0.01)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    epochs = 10
+    whole = tmp_path / "whole"
+    r = run_cli("train", *SMALL, "--epochs", str(epochs), "--out", str(whole))
+    assert r.returncode == 0, r.stderr
+
+    killed = tmp_path / "killed"
+    proc = start_training(killed, epochs)
+    wait_for_checkpoint(proc, killed, min_epoch=2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+    done = len((killed / "history.csv").read_text().strip().splitlines()) - 1
+    assert 2 <= done < epochs
+
+    r = run_cli("train", "--resume", str(killed), "--quiet")
+    assert r.returncode == 0, r.stderr
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    for key in ("test_accuracy", "test_loss", "val_accuracy", "best_epoch"):
+        assert a[key] == b[key], key
+    wa, _ = cnnkit.load_model(whole)
+    wb, _ = cnnkit.load_model(killed)
+    for (k, va), vb in zip(wa.state_dict().items(), wb.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    proc = start_training(out, 40)
+    wait_for_checkpoint(proc, out, min_epoch=1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and f"--resume {out}" in err
+    assert (out / "checkpoint.safetensors").exists() and (out / "model.safetensors").exists()
+    cnnkit.load_model(out)  # the best model so far is a valid model file
+
+
+def test_resume_of_a_finished_or_missing_run_is_refused(tmp_path):
+    r = run_cli("train", "--resume", str(tmp_path / "nothing"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "config.json" in r.stderr
+    run = tmp_path / "run"
+    assert run_cli("train", *SMALL, "--epochs", "1", "--out", str(run)).returncode == 0
+    r = run_cli("train", "--resume", str(run))
+    assert r.returncode != 0 and "already complete" in r.stderr
+    r = run_cli("train", *SMALL, "--epochs", "1", "--out", str(run))
+    assert r.returncode != 0 and "already holds a run" in r.stderr
+
+
+def test_python_api_mirrors_the_cli(tmp_path):
+    ds = cnnkit.load_dataset("digits")
+    assert ds.train.images.dtype == torch.uint8 and ds.num_classes == 10
+    cfg = cnnkit.TrainConfig(data="digits", model="linear", epochs=15, out=str(tmp_path / "run"))
+    result = cnnkit.train(cfg, quiet=True)
+    assert isinstance(result.model, torch.nn.Module) and result.metrics["test_accuracy"] > 0.8
+    model, meta = cnnkit.load_model(result.run_dir / "model.safetensors")
+    from cnnkit.train import Normalizer, predict_logits
+    norm = Normalizer(meta["preprocessing"]["mean"], meta["preprocessing"]["std"])
+    logits = predict_logits(model, result.dataset.test.images, norm, torch.device("cpu"))
+    acc = (logits.argmax(1) == result.dataset.test.labels).float().mean().item()
+    assert acc == pytest.approx(result.metrics["test_accuracy"])
+
+
+def test_bf16_and_fp32_both_learn(tmp_path):
+    accs = {}
+    for precision in ("fp32", "bf16"):
+        r = cnnkit.train(cnnkit.TrainConfig(data="digits", model="seed-digits", epochs=4, precision=precision,
+                                            out=str(tmp_path / precision)), quiet=True)
+        accs[precision] = r.metrics["test_accuracy"]
+    assert min(accs.values()) > 0.9 and abs(accs["fp32"] - accs["bf16"]) < 0.03
