@@ -209,3 +209,20 @@ def test_stratified_split_is_seeded_and_keeps_class_proportions():
     assert np.array_equal(hold, hold2) and len(np.intersect1d(keep, hold)) == 0
     assert np.bincount(labels[hold]).tolist() == [20, 10, 6, 4]
     assert not np.array_equal(hold, stratified_split(labels, 0.2, seed=4)[1])
+
+
+@pytest.mark.slow
+def test_cifar10_jpeg_folder_loads_all_60000_files():
+    ds = load_dataset(shared("cifar10-jpeg"), image_size=32)
+    assert ds.skipped == [] and ds.num_classes == 10
+    assert len(ds.train) + len(ds.val) == 50_000 and len(ds.test) == 10_000
+    assert torch.bincount(ds.test.labels).tolist() == [1000] * 10
+    assert ds.train.images.shape[1:] == (3, 32, 32)
+
+
+def test_unknown_dataset_and_model_list_the_known_ones():
+    r = run_cli("train", "--data", "imagenet-22k")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "mnist, fashion-mnist, cifar10, digits" in r.stderr
+    r = run_cli("train", "--model", "resnet9000")
+    assert r.returncode == 2 and "seed-mnist-keras" in r.stderr and len(r.stderr.strip().splitlines()) == 1
