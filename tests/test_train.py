@@ -135,3 +135,34 @@ def test_bf16_and_fp32_both_learn(tmp_path):
                                             out=str(tmp_path / precision)), quiet=True)
         accs[precision] = r.metrics["test_accuracy"]
     assert min(accs.values()) > 0.9 and abs(accs["fp32"] - accs["bf16"]) < 0.03
+
+
+def test_checkpoint_round_trip_continues_bit_exactly(tmp_path):
+    """Weights and optimizer state restored from a checkpoint give the very same next steps, also for
+    channels-last conv weights under fused Adam (whose CPU kernel needs state and parameter strides
+    to agree)."""
+    from cnnkit.train import load_checkpoint, make_optimizer, save_checkpoint
+
+    def fresh():
+        torch.manual_seed(0)
+        m = cnnkit.build_model("seed-digits", 10).to(memory_format=torch.channels_last)
+        return m, make_optimizer(cnnkit.TrainConfig(optimizer="adam"), m)
+
+    x, y = torch.randn(16, 1, 8, 8).contiguous(memory_format=torch.channels_last), torch.arange(16) % 10
+
+    def step(m, opt):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+
+    a, opt_a = fresh()
+    for _ in range(3):
+        step(a, opt_a)
+    save_checkpoint(tmp_path / "ck.safetensors", a, opt_a, {"epoch": 1})
+    b, opt_b = fresh()
+    assert load_checkpoint(tmp_path / "ck.safetensors", b, opt_b)["epoch"] == 1
+    for _ in range(3):
+        step(a, opt_a)
+        step(b, opt_b)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name

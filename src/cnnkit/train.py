@@ -137,6 +137,15 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         pid, name = k.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": header["optimizer"]["param_groups"]})
+    # Give each state tensor its parameter's memory layout. safetensors stores tensors contiguous
+    # (NCHW) while channels-last conv weights are NHWC, and torch 2.13's fused CPU Adam silently
+    # computes wrong updates when state and parameter strides differ (foreach Adam does not);
+    # without this, a resumed run drifts from an uninterrupted one.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    optimizer.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
     return header
 
 
