@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import TrainConfig
-from .data import Dataset, Split, load_dataset
+from .data import Dataset, load_dataset
+from .data.folder import RESIZE_METHOD
 from .errors import CnnkitError, TrainingInterrupted
-from .modelfile import MODEL_FILE, save_model
+from .modelfile import MODEL_FILE, load_model, save_model
 from .models.registry import architecture_record, build_model, default_input, get_spec
 from .models.summary import format_summary, summary
 from .utils import atomic_path, write_text_atomic
@@ -255,7 +256,6 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
 
     resume: a run folder of an interrupted run; its config.json is used and training continues
     from its last checkpoint to the same final epoch."""
-    start_state = None
     if resume is not None:
         run_dir = Path(resume)
         try:
@@ -301,7 +301,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
 
     norm = Normalizer.fit(ds.train.images)
     model = model.to(device)
-    channels_last = cfg.channels_last and len(ds.input_shape) == 3
+    channels_last = cfg.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
@@ -317,7 +317,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
         "architecture": architecture_record(model),
         "class_names": ds.class_names,
         "input": dict(zip(("channels", "height", "width"), ds.input_shape)),
-        "preprocessing": {"resize": "shorter-side-center-crop", "scale": 255, "mean": norm.mean, "std": norm.std},
+        "preprocessing": {"resize": RESIZE_METHOD, "scale": 255, "mean": norm.mean, "std": norm.std},
         "training": cfg.to_dict(),
         "data": {"name": ds.name, "source": ds.source, "sizes": ds.sizes(), "test_source": ds.test_source,
                  "skipped": [list(s) for s in ds.skipped]},
@@ -366,7 +366,6 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
                                   f"cnnkit train --resume {run_dir}") from None
 
     # The best model, tested on the held-out split (in fp32: the figure users will quote).
-    from .modelfile import load_model
     best, _ = load_model(run_dir / MODEL_FILE, device)
     test = metrics_from_logits(predict_logits(best, ds.test.images, norm, device, "fp32"), ds.test.labels)
     metrics = {"test_" + k: v for k, v in test.items()}
@@ -376,7 +375,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
     meta["metrics"] = metrics
     save_model(run_dir / MODEL_FILE, best, meta)
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    from .report import plot_curves
+    from .report import plot_curves  # matplotlib is imported only when a run ends: faster start-up
     plot_curves(history, run_dir / "curves.png", title=f"{spec.get('name')} on {ds.name}")
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is complete: model.safetensors is the result
     top5 = f", top-5 {metrics['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in metrics else ""
