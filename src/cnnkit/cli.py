@@ -45,7 +45,63 @@ def cmd_summary(args) -> int:
         model = build_model(spec, args.num_classes, in_channels=c, image_size=(h, w))
         title = f"model {spec.get('name')} on input {c}x{h}x{w}, {args.num_classes} classes"
     info = summary(model)
-    print(json.dumps(info, indent=2) if args.json else format_summary(info, title))
+    print(json.dumps(info, indent=2) if args.json else format_summary(info, title, formulas=args.formulas))
+    return 0
+
+
+def load_model_arg(model: str, input_shape: tuple[int, ...] | None, num_classes: int):
+    """A model from a registry name, YAML spec, model file or run folder, for the given (C, H, W)."""
+    from .models import build_model, get_spec
+    from .models.registry import default_input
+
+    if is_model_file(model):
+        from .modelfile import load_model
+        return load_model(model)[0]
+    spec = get_spec(model)
+    c, h, w = input_shape or default_input(spec) or (1, 28, 28)
+    return build_model(spec, num_classes, in_channels=c, image_size=(h, w))
+
+
+def cmd_math(args) -> int:
+    from . import teach
+
+    if args.topic == "conv":
+        padding = teach.parse_padding(args.padding)
+        if args.input is not None or args.kernel is not None:
+            if args.input is None or args.kernel is None:
+                raise CnnkitError("give both --input and --kernel values (or --n and --m for sizes only)")
+            result = teach.conv_steps(teach.parse_matrix(args.input, "input"), teach.parse_matrix(args.kernel, "kernel"),
+                                      padding, args.stride, args.mode)
+            if args.picture:
+                from .report import draw_conv_steps
+                result["picture"] = str(draw_conv_steps(result, args.picture))
+            text = teach.format_conv_steps(result) + (f"\npicture: {result['picture']}" if args.picture else "")
+        else:
+            if args.n is None or args.m is None:
+                raise CnnkitError("give --n (input size) and --m (kernel size), or --input and --kernel values")
+            result = teach.conv_output(args.n, args.m, padding, args.stride)
+            text = teach.format_conv_output(result)
+    elif args.topic == "pool":
+        x = teach.parse_matrix(args.input, "input") if args.input else None
+        result = teach.pool_steps(x, args.n, args.size, args.stride, args.kind)
+        text = teach.format_pool(result)
+    elif args.topic == "shapes":
+        shape = tuple(int(v) for v in args.input.lower().split("x")) if args.input else None
+        if shape is not None and (len(shape) not in (3, 4) or min(shape) < 1):
+            raise CnnkitError(f"--input must be NxCxHxW or CxHxW, e.g. 4x1x28x28, not {args.input!r}")
+        if shape is not None and len(shape) == 3:
+            shape = (1, *shape)
+        model = load_model_arg(args.model, shape[1:] if shape else None, args.num_classes)
+        result = teach.shapes(model, shape or (1, *model.input_shape))
+        text = teach.format_shapes(result)
+    elif args.topic == "params":
+        result = teach.param_comparison(parse_shape(args.input), args.filters, args.kernel,
+                                        teach.parse_padding(args.padding), args.stride)
+        text = teach.format_params(result)
+    else:  # loss
+        result = teach.loss_example(args.logits, args.target)
+        text = teach.format_loss(result)
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else text)
     return 0
 
 
@@ -118,8 +174,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="registered name, YAML spec, model file or run folder")
     s.add_argument("--input", default=None, help="input shape CxHxW, e.g. 1x28x28 (default: the spec's own)")
     s.add_argument("--num-classes", type=int, default=10)
+    s.add_argument("--formulas", action="store_true", help="show the cheat-sheet formula behind every count")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_summary)
+
+    mp = sub.add_parser("math", help="the lecture notes' math, step by step (conv, pool, shapes, params, loss)")
+    topics = mp.add_subparsers(dest="topic", required=True)
+    c = topics.add_parser("conv", help="output size o = ⌊(n + 2p − m)/s⌋ + 1, or a convolution step by step")
+    c.add_argument("--n", type=int, help="input size")
+    c.add_argument("--m", type=int, help="kernel size")
+    c.add_argument("--padding", default="0", help="valid, same, full or a number (default 0)")
+    c.add_argument("--stride", type=int, default=1)
+    c.add_argument("--input", help="input values, rows separated by ';', e.g. '1 2 3; 4 5 6; 7 8 9'")
+    c.add_argument("--kernel", help="kernel values, e.g. '1 0; 0 -1'")
+    c.add_argument("--mode", choices=["cross_correlation", "convolution"], default="cross_correlation")
+    c.add_argument("--picture", metavar="FILE.png", help="draw the sliding window at every step")
+    c.add_argument("--json", action="store_true")
+    pl = topics.add_parser("pool", help="pooling output size, or max/avg/L2 pooling step by step")
+    pl.add_argument("--n", type=int, help="input size")
+    pl.add_argument("--size", type=int, default=2)
+    pl.add_argument("--stride", type=int, default=None, help="default: the window size (no overlap)")
+    pl.add_argument("--kind", choices=["max", "avg", "l2"], default="max")
+    pl.add_argument("--input", help="input values, rows separated by ';'")
+    pl.add_argument("--json", action="store_true")
+    sh = topics.add_parser("shapes", help="the tensor shape after every layer, e.g. [4, 1, 28, 28] → [4, 10]")
+    sh.add_argument("model", help="registered name, YAML spec, model file or run folder")
+    sh.add_argument("--input", help="NxCxHxW, e.g. 4x1x28x28 (default: 1 x the model's input)")
+    sh.add_argument("--num-classes", type=int, default=10)
+    sh.add_argument("--json", action="store_true")
+    pa = topics.add_parser("params", help="a conv layer's parameters against a dense layer to the same output")
+    pa.add_argument("--input", required=True, help="CxHxW, e.g. 3x32x32")
+    pa.add_argument("--filters", type=int, required=True)
+    pa.add_argument("--kernel", type=int, required=True)
+    pa.add_argument("--padding", default="valid")
+    pa.add_argument("--stride", type=int, default=1)
+    pa.add_argument("--json", action="store_true")
+    lo = topics.add_parser("loss", help="cross-entropy from probabilities and from logits")
+    lo.add_argument("--logits", type=float, nargs="+", required=True, help="one logit: binary; several: categorical")
+    lo.add_argument("--target", type=int, required=True, help="1/0 (binary) or the class index")
+    lo.add_argument("--json", action="store_true")
+    mp.set_defaults(func=cmd_math)
 
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("--json", action="store_true")

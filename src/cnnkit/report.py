@@ -33,3 +33,36 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def draw_conv_steps(result: dict, path: str | Path, max_panels: int = 16) -> Path:
+    """The sliding window: one panel per output value (up to max_panels), the padded input with the
+    window outlined and the value it produces in the title. `result` is teach.conv_steps's dict."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    xp = np.asarray(result["padded_input"])
+    kh, kw = np.asarray(result["kernel_used"]).shape
+    steps = result["steps"][:max_panels]
+    cols = min(4, len(steps))
+    rows = (len(steps) + cols - 1) // cols
+    cell = max(0.35, 2.4 / max(xp.shape))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * xp.shape[1] * cell + 0.5, rows * (xp.shape[0] * cell + 0.6)),
+                             squeeze=False, dpi=100)
+    for ax, step in zip(axes.ravel(), steps):
+        ax.imshow(xp, cmap="Greys", alpha=0.35)
+        for (r, c), v in np.ndenumerate(xp):
+            ax.text(c, r, f"{v:g}", ha="center", va="center", fontsize=8)
+        ax.add_patch(Rectangle((step["col"] - 0.5, step["row"] - 0.5), kw, kh, fill=False, lw=2.5, ec="tab:red"))
+        ax.set_title(f"out[{step['i']},{step['j']}] = {step['value']:g}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes.ravel()[len(steps):]:
+        ax.axis("off")
+    fig.suptitle(f"{result['mode'].replace('_', '-')}, stride {result['stride']}, padding {result['padding']}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

@@ -18,6 +18,23 @@ def count_params(module: nn.Module) -> tuple[int, int]:
     return trainable + frozen + buffers, trainable
 
 
+def layer_formula(module: nn.Module) -> str:
+    """The cheat-sheet formula behind a layer's parameter count, with its numbers."""
+    parts = []
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            kh, kw = m.kernel_size
+            d_in = m.in_channels // m.groups
+            n = m.out_channels * (kh * kw * d_in + (1 if m.bias is not None else 0))
+            parts.append(f"F·(kh·kw·d_in + 1) = {m.out_channels}·({kh}·{kw}·{d_in} + 1) = {n:,}")
+        elif isinstance(m, nn.Linear):
+            n = m.out_features * (m.in_features + (1 if m.bias is not None else 0))
+            parts.append(f"d_out·(d_in + 1) = {m.out_features}·({m.in_features} + 1) = {n:,}")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            parts.append(f"4·d_in = 4·{m.num_features} = {4 * m.num_features:,} ({2 * m.num_features:,} trainable)")
+    return "; ".join(parts) if parts else "0 (no parameters)"
+
+
 def summary(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> dict:
     """{'input', 'layers': [{index, layer, output_shape, params, trainable_params, macs}], totals}.
 
@@ -60,14 +77,14 @@ def summary(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -
         total, trainable = count_params(m)
         macs = sum(macs_of.get(id(sub), 0) for sub in m.modules())
         layers.append({"index": i + 1, "layer": desc, "output_shape": list(shape),
-                       "params": total, "trainable_params": trainable, "macs": macs})
+                       "params": total, "trainable_params": trainable, "macs": macs, "formula": layer_formula(m)})
     total, trainable = count_params(model)
     return {"input": list(input_shape), "layers": layers, "total_params": total,
             "trainable_params": trainable, "non_trainable_params": total - trainable,
             "macs_per_image": sum(l["macs"] for l in layers)}
 
 
-def format_summary(info: dict, title: str = "") -> str:
+def format_summary(info: dict, title: str = "", formulas: bool = False) -> str:
     rows = [("#", "layer", "output shape", "params", "mult-adds")]
     rows.append(("", "input", "x".join(map(str, info["input"])), "", ""))
     for l in info["layers"]:
@@ -80,6 +97,9 @@ def format_summary(info: dict, title: str = "") -> str:
         if j == 0:
             lines.append("-" * (sum(widths) + 8))
     lines.append("-" * (sum(widths) + 8))
+    if formulas:
+        lines.append("parameter counts, the cheat sheet's formulas:")
+        lines += [f"{l['index']:>3}  {l['layer']}: {l['formula']}" for l in info["layers"]]
     lines.append(f"total params {info['total_params']:,} (trainable {info['trainable_params']:,}, "
                  f"non-trainable {info['non_trainable_params']:,}); "
                  f"multiply-adds per image {info['macs_per_image']:,}")
