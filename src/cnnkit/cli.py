@@ -111,9 +111,13 @@ def cmd_models(args) -> int:
     if args.json:
         print(json.dumps(models, indent=2))
     else:
+        print(f"{'name':<18} {'input':<9} {'parameters':>12}  {'pretrained weights':<14}  description")
         for m in models:
             shape = "x".join(map(str, m["input"])) if m["input"] else "any"
-            print(f"{m['name']:<18} {shape:<9} {m['description']}")
+            pretrained = {"installed": "installed", "no": "-"}.get(m["pretrained"], "file")
+            print(f"{m['name']:<18} {shape:<9} {m['params']:>12,}  {pretrained:<14}  {m['description']}")
+        print("parameters: PyTorch's count at the default input, 1000 classes for the classic networks, 10 for the "
+              "specs; pretrained 'file': --pretrained PATH takes a state dict in torchvision's layout")
     return 0
 
 
@@ -165,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-download", dest="download", action="store_false", default=None,
                    help="never download; fail if the files are not on disk")
     t.add_argument("--out", default=None, help="run folder (default runs/<data>-<model>-<time>)")
+    t.add_argument("--pretrained", metavar="FILE_OR_NAME", default=None,
+                   help="ImageNet weights: a .pth/.pt/.safetensors state dict, or efficientnet_lite0 (installed package)")
+    t.add_argument("--freeze-backbone", action="store_true", default=None,
+                   help="train only a new classifier head on the frozen pretrained features")
+    t.add_argument("--fine-tune", action="store_true", default=None,
+                   help="after the frozen phase (--epochs), unfreeze everything for --fine-tune-epochs more")
+    t.add_argument("--fine-tune-epochs", type=int, default=None, help="epochs of the unfrozen phase (default: --epochs)")
+    t.add_argument("--fine-tune-lr-factor", type=float, default=d.fine_tune_lr_factor,
+                   help="unfrozen phase: head at lr x factor, backbone at lr x factor x 0.1")
     t.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run folder to its end")
     t.add_argument("--json", action="store_true", help="print the result as JSON on stdout (progress goes to stderr)")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
@@ -234,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnnkit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
     except Exception as e:  # a bug of ours: still one line, with the way to the full traceback
         if os.environ.get("CNNKIT_DEBUG"):
             raise

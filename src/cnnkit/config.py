@@ -30,6 +30,11 @@ class TrainConfig:
     data_dir: str | None = None  # folder with dataset files already on disk (else $CNNKIT_DATA, the cache, download)
     download: bool = True  # download missing dataset files from the official URLs
     out: str | None = None  # run folder; None: runs/<data>-<model>-<timestamp>
+    pretrained: str | None = None  # ImageNet weights: a state-dict file (.pth/.pt/.safetensors) or a package name
+    freeze_backbone: bool = False  # train only a new classifier head on the frozen feature extractor
+    fine_tune: bool = False  # after the frozen phase (--epochs), unfreeze everything for fine_tune_epochs more
+    fine_tune_epochs: int | None = None  # epochs of the unfrozen phase; None: the same as epochs
+    fine_tune_lr_factor: float = 0.1  # unfrozen phase: head at lr x factor, backbone at lr x factor x 0.1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

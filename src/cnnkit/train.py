@@ -154,12 +154,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
               perm: torch.Tensor, norm: Normalizer, *, batch_size: int, lr_fn: Callable[[int], float],
               precision: str, channels_last: bool, label_smoothing: float = 0.0,
-              bar: tqdm | None = None) -> tuple[float, int, int, float]:
+              bar: tqdm | None = None, frozen_bn: bool = False) -> tuple[float, int, int, float]:
     """One pass over images[perm] in batches; returns (summed loss, correct, seen, last lr).
 
     images: (N, C, H, W) uint8 on the training device; batches are gathered by index and normalized
     as whole batches, so no per-sample Python runs here."""
     model.train()
+    if frozen_bn:  # transfer learning: keep the pretrained BatchNorm statistics (see set_phase)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     device = images.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -168,7 +172,7 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
     for i in range(steps):
         lr = lr_fn(i)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # fine-tuning: backbone slower than the head
         idx = perm[i * batch_size:(i + 1) * batch_size]
         x = norm(images[idx], channels_last)  # (B, C, H, W) float32
         y = labels[idx]  # (B,)
@@ -200,11 +204,32 @@ class RunResult:
     meta: dict = field(default_factory=dict)
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def set_phase(model: nn.Module, phase: str) -> None:
+    """'frozen': only the classifier head trains; 'all': everything trains.
+
+    BatchNorm layers stay in inference mode in both transfer phases (run_epoch's frozen_bn): their
+    ImageNet statistics describe the backbone's features better than a few small batches of a new
+    dataset would, and updating them while fine-tuning is a known way to wreck pretrained features."""
+    head = {id(p) for p in model.head.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(phase == "all" or id(p) in head)
+
+
+def param_groups(cfg: TrainConfig, model: nn.Module, phase: str) -> list[dict]:
+    """One group normally; in the fine-tuning phase the head at lr x factor and the backbone 10x slower."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if phase != "fine-tune":
+        return [{"params": trainable}]
+    head = {id(p) for p in model.head.parameters()}
+    return [{"params": [p for p in trainable if id(p) in head], "lr_scale": cfg.fine_tune_lr_factor},
+            {"params": [p for p in trainable if id(p) not in head], "lr_scale": cfg.fine_tune_lr_factor * 0.1}]
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module, phase: str = "train") -> torch.optim.Optimizer:
     """Adam or Nesterov SGD, fused into one kernel where torch supports it: on 2 CPU cores the
     per-tensor Adam took 10% of a seed-mnist-torch step, and fused Adam made the step 1.3x faster
     (benchmarks/NOTES.md)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(cfg, model, phase)
     if cfg.optimizer == "adam":
         make = lambda **kw: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)  # noqa: E731
     elif cfg.optimizer == "sgd":
@@ -299,7 +324,23 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
     log(f"device {device.type}, precision {precision}, {cfg.epochs} epochs of batch {cfg.batch_size}, "
         f"{cfg.optimizer} lr {cfg.lr}")
 
-    norm = Normalizer.fit(ds.train.images)
+    pretrained = None
+    if cfg.pretrained:
+        from .models.pretrained import load_pretrained
+        pretrained = load_pretrained(model, cfg.pretrained)
+        log(f"pretrained weights from {pretrained['source']} ({pretrained['loaded_tensors']} tensors"
+            f"{', new classifier head' if pretrained['new_head'] else ''})")
+    # Pretrained weights expect the normalization they were trained with; otherwise fit it to the data.
+    norm = Normalizer(pretrained["mean"], pretrained["std"]) if pretrained else Normalizer.fit(ds.train.images)
+    transfer = cfg.freeze_backbone or cfg.fine_tune
+    fine_tune_epochs = (cfg.fine_tune_epochs or cfg.epochs) if cfg.fine_tune else 0
+    total_epochs = cfg.epochs + fine_tune_epochs
+
+    def phase_of(epoch: int) -> str:
+        return "fine-tune" if epoch > cfg.epochs else ("frozen" if transfer else "train")
+
+    if transfer:
+        set_phase(model, "frozen")
     model = model.to(device)
     channels_last = cfg.channels_last
     if channels_last:
@@ -308,6 +349,11 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
     history: list[dict] = []
     best_val, best_epoch, first_epoch = -1.0, 0, 1
     if resume is not None:
+        with safe_open(run_dir / CHECKPOINT_FILE, framework="pt") as f:
+            done_epoch = json.loads(f.metadata()["cnnkit_checkpoint"])["epoch"]
+        if phase_of(done_epoch) == "fine-tune":  # the checkpoint holds the fine-tuning optimizer
+            set_phase(model, "all")
+            optimizer = make_optimizer(cfg, model, "fine-tune")
         start_state = load_checkpoint(run_dir / CHECKPOINT_FILE, model, optimizer)
         history, best_val, best_epoch = start_state["history"], start_state["best_val_acc"], start_state["best_epoch"]
         first_epoch = start_state["epoch"] + 1
@@ -319,6 +365,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
         "input": dict(zip(("channels", "height", "width"), ds.input_shape)),
         "preprocessing": {"resize": RESIZE_METHOD, "scale": 255, "mean": norm.mean, "std": norm.std},
         "training": cfg.to_dict(),
+        "pretrained": pretrained,
         "data": {"name": ds.name, "source": ds.source, "sizes": ds.sizes(), "test_source": ds.test_source,
                  "skipped": [list(s) for s in ds.skipped]},
     }
@@ -326,24 +373,33 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
     train_labels = ds.train.labels.to(device)
     n = len(train_labels)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
 
     epoch = first_epoch
     try:
-        for epoch in range(first_epoch, cfg.epochs + 1):
+        for epoch in range(first_epoch, total_epochs + 1):
             t0 = time.perf_counter()
+            phase = phase_of(epoch)
+            if phase == "fine-tune" and epoch == cfg.epochs + 1:
+                set_phase(model, "all")  # phase 2: unfreeze everything, per-group learning rates
+                optimizer = make_optimizer(cfg, model, "fine-tune")
+                log(f"fine-tuning everything for {fine_tune_epochs} epochs: head lr {cfg.lr * cfg.fine_tune_lr_factor:g}, "
+                    f"backbone lr {cfg.lr * cfg.fine_tune_lr_factor * 0.1:g}")
+            # each phase has its own warmup and decay
+            phase_first, phase_epochs = (cfg.epochs + 1, fine_tune_epochs) if phase == "fine-tune" else (1, cfg.epochs)
+            phase_steps = steps_per_epoch * phase_epochs
             # Per-epoch seeds make shuffling and dropout independent of whether the run was resumed.
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=gen).to(device)
             torch.manual_seed(cfg.seed * 1_000_003 + epoch + 500_000)
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{total_epochs}", unit="step", leave=False,
                        disable=quiet, dynamic_ncols=True)
-            first_step = (epoch - 1) * steps_per_epoch
+            first_step = (epoch - phase_first) * steps_per_epoch
             loss_sum, correct, seen, lr = run_epoch(
                 model, optimizer, train_images, train_labels, perm, norm, batch_size=cfg.batch_size,
-                lr_fn=lambda i: lr_at(first_step + i, total_steps, warmup_steps, cfg.lr, cfg.schedule),
-                precision=precision, channels_last=channels_last, label_smoothing=cfg.label_smoothing, bar=bar)
+                lr_fn=lambda i: lr_at(first_step + i, phase_steps, warmup_steps, cfg.lr, cfg.schedule),
+                precision=precision, channels_last=channels_last, label_smoothing=cfg.label_smoothing, bar=bar,
+                frozen_bn=transfer)
             bar.close()
             val = metrics_from_logits(predict_logits(model, ds.val.images, norm, device, precision,
                                                      channels_last=channels_last), ds.val.labels)
@@ -351,7 +407,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
                    "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": lr,
                    "seconds": time.perf_counter() - t0}
             history.append(row)
-            log(f"epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+            log(f"epoch {epoch}/{total_epochs}{' (' + phase + ')' if transfer else ''}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {row['seconds']:.1f} s")
             if row["val_acc"] > best_val:  # keep the best model by validation accuracy
                 best_val, best_epoch = row["val_acc"], epoch

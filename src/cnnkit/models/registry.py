@@ -13,26 +13,45 @@ import yaml
 
 from ..errors import CnnkitError
 from .spec import SpecNet, read_spec
+from .zoo import ARCHS, SMALL_INPUT_MAX_SIDE
 
 SPEC_DIR = Path(__file__).parent / "specs"
 
 
 def spec_names() -> list[str]:
-    return sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
+    """Every registered name: the YAML specs shipped with cnnkit and the classic architectures."""
+    return sorted(p.stem for p in SPEC_DIR.glob("*.yaml")) + list(ARCHS)
 
 
 def list_models() -> list[dict]:
-    """[{name, description, input}] for every registered model."""
+    """[{name, description, input, params, pretrained}] for every registered model. params is the
+    PyTorch parameter count at the default input (ImageNet's 1000 classes for the classic nets, 10
+    for the specs), counted on the meta device so no memory is allocated."""
+    import torch
+
+    from .pretrained import package_available
+
     out = []
     for name in spec_names():
-        spec = yaml.safe_load((SPEC_DIR / f"{name}.yaml").read_text())
-        out.append({"name": name, "description": spec.get("description", ""), "input": spec.get("input")})
+        spec = get_spec(name)
+        classes = 1000 if name in ARCHS and ARCHS[name].default_input[0] == 3 else 10
+        with torch.device("meta"):
+            c, h, w = default_input(spec) or (1, 28, 28)
+            model = build_model(spec, classes, in_channels=c, image_size=(h, w))
+        out.append({"name": name, "description": spec.get("description", ""), "input": spec.get("input"),
+                    "params": sum(p.numel() for p in model.parameters()), "num_classes": classes,
+                    "pretrained": "installed" if package_available(name) else
+                    ("from a state-dict file (--pretrained FILE)" if name in ARCHS and name != "lenet5" else "no")})
     return out
 
 
 def get_spec(name_or_path: str | Path) -> dict:
-    """The spec dict for a registered name or a YAML file path."""
+    """The spec dict for a registered name or a YAML file path. A classic architecture's "spec" is
+    {name, arch, input, description}: build_model builds it from Python code."""
     key = str(name_or_path)
+    if key in ARCHS:
+        a = ARCHS[key]
+        return {"name": key, "arch": key, "input": list(a.default_input), "description": a.description}
     if key in spec_names():
         return read_spec(SPEC_DIR / f"{key}.yaml")
     p = Path(key)
@@ -54,15 +73,32 @@ def default_input(spec: dict) -> tuple[int, int, int] | None:
 
 
 def build_model(model: str | Path | dict, num_classes: int, in_channels: int | None = None,
-                image_size: int | tuple[int, int] | None = None) -> nn.Module:
-    """Build an nn.Module returning logits. Input defaults to the spec's declared input, else 1x28x28."""
+                image_size: int | tuple[int, int] | None = None, **args) -> nn.Module:
+    """Build an nn.Module returning logits. Input defaults to the spec's declared input, else 1x28x28.
+    args go to a classic architecture's constructor (e.g. aux_logits=True for googlenet)."""
     spec = model if isinstance(model, dict) else get_spec(model)
     c, h, w = default_input(spec) or (1, 28, 28)
     if in_channels is not None:
         c = in_channels
     if image_size is not None:
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if "arch" in spec:
+        return build_arch(spec["arch"], num_classes, c, (h, w), args)
     return SpecNet(spec, c, (h, w), num_classes)
+
+
+def build_arch(name: str, num_classes: int, in_channels: int, image_size: tuple[int, int], args: dict) -> nn.Module:
+    arch = ARCHS[name]
+    if min(image_size) < arch.min_size:
+        raise CnnkitError(f"{name} needs inputs of at least {arch.min_size}x{arch.min_size} pixels, not "
+                          f"{image_size[0]}x{image_size[1]}; use --image-size {arch.min_size} or more")
+    args = dict(args)
+    if arch.small_input and "small_input" not in args:
+        args["small_input"] = max(image_size) <= SMALL_INPUT_MAX_SIDE
+    model = arch.build(num_classes=num_classes, in_channels=in_channels, **args)
+    model.arch_name, model.arch_args = name, args
+    model.input_shape, model.num_classes = (in_channels, *image_size), num_classes
+    return model
 
 
 def architecture_record(model: nn.Module) -> dict:
@@ -71,10 +107,19 @@ def architecture_record(model: nn.Module) -> dict:
         return {"kind": "spec", "name": model.spec.get("name"), "spec": model.spec,
                 "in_channels": model.input_shape[0], "image_size": list(model.input_shape[1:]),
                 "num_classes": model.num_classes}
+    if hasattr(model, "arch_name"):
+        return {"kind": "registry", "name": model.arch_name, "args": model.arch_args,
+                "in_channels": model.input_shape[0], "image_size": list(model.input_shape[1:]),
+                "num_classes": model.num_classes}
     raise CnnkitError(f"cannot record architecture of {type(model).__name__}")
 
 
 def build_from_record(record: dict) -> nn.Module:
+    if record.get("kind") == "registry":
+        if record.get("name") not in ARCHS:
+            raise CnnkitError(f"the model file's architecture {record.get('name')!r} is unknown to this cnnkit")
+        return build_arch(record["name"], int(record["num_classes"]), int(record["in_channels"]),
+                          tuple(record["image_size"]), dict(record.get("args") or {}))
     if record.get("kind") != "spec" or not isinstance(record.get("spec"), dict):
         raise CnnkitError(f"unknown architecture record kind {record.get('kind')!r}")
     return SpecNet(record["spec"], int(record["in_channels"]), tuple(record["image_size"]), int(record["num_classes"]))

@@ -102,6 +102,11 @@ class SpecNet(nn.Module):
         layers, self.descriptions, self.shapes = build_layers(spec, self.input_shape, num_classes)
         self.layers = nn.Sequential(*layers)
 
+    @property
+    def head(self) -> nn.Linear:
+        """The last dense layer: the classifier that transfer learning replaces and trains alone."""
+        return [m for m in self.layers if isinstance(m, Dense)][-1].linear
+
     def forward(self, x):  # (N, C, H, W) -> (N, num_classes) logits
         return self.layers(x)
 

@@ -43,9 +43,14 @@ def summary(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -
         input_shape = model.input_shape
     if isinstance(model, SpecNet):
         blocks = list(zip(model.descriptions, model.layers))
-    else:
-        blocks = [(f"{name} ({type(m).__name__})", m) for name, m in model.named_children()]
-    records = []
+    else:  # top-level children; a ModuleList is never called itself, so list its members
+        blocks = []
+        for name, m in model.named_children():
+            if isinstance(m, nn.ModuleList):
+                blocks += [(f"{name}.{i} ({type(sub).__name__})", sub) for i, sub in enumerate(m)]
+            else:
+                blocks.append((f"{name} ({type(m).__name__})", m))
+    shapes: dict[int, tuple] = {}
     macs_of: dict[int, int] = {}
 
     def leaf_hook(module, inputs, output):
@@ -56,7 +61,8 @@ def summary(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -
             macs_of[id(module)] = module.in_features * module.out_features
 
     def block_hook(module, inputs, output):
-        records.append(tuple(output.shape[1:]))
+        out = output[0] if isinstance(output, tuple) else output
+        shapes.setdefault(id(module), (len(shapes), tuple(out.shape[1:])))  # (call order, shape)
 
     handles = [m.register_forward_hook(leaf_hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     handles += [m.register_forward_hook(block_hook) for _, m in blocks]
@@ -73,13 +79,19 @@ def summary(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -
             h.remove()
         model.train(was_training)
     layers = []
-    for i, ((desc, m), shape) in enumerate(zip(blocks, records)):
+    # in the order they ran; blocks that never ran (inactive auxiliary heads) are left out
+    blocks = sorted(((desc, m) for desc, m in blocks if id(m) in shapes), key=lambda b: shapes[id(b[1])][0])
+    for i, (desc, m) in enumerate(blocks):
+        shape = shapes[id(m)][1]
         total, trainable = count_params(m)
         macs = sum(macs_of.get(id(sub), 0) for sub in m.modules())
         layers.append({"index": i + 1, "layer": desc, "output_shape": list(shape),
                        "params": total, "trainable_params": trainable, "macs": macs, "formula": layer_formula(m)})
     total, trainable = count_params(model)
+    # total_params follows the notes' cheat sheet (BatchNorm's running statistics count, 4 per
+    # channel); parameters is PyTorch's count, the convention of published figures (ResNet-18: 11,689,512).
     return {"input": list(input_shape), "layers": layers, "total_params": total,
+            "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_params": trainable, "non_trainable_params": total - trainable,
             "macs_per_image": sum(l["macs"] for l in layers)}
 
@@ -101,6 +113,6 @@ def format_summary(info: dict, title: str = "", formulas: bool = False) -> str:
         lines.append("parameter counts, the cheat sheet's formulas:")
         lines += [f"{l['index']:>3}  {l['layer']}: {l['formula']}" for l in info["layers"]]
     lines.append(f"total params {info['total_params']:,} (trainable {info['trainable_params']:,}, "
-                 f"non-trainable {info['non_trainable_params']:,}); "
+                 f"non-trainable {info['non_trainable_params']:,}; PyTorch parameters {info['parameters']:,}); "
                  f"multiply-adds per image {info['macs_per_image']:,}")
     return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""The classic architectures: shapes, gradients, published parameter counts, pretrained weights."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnkit
+from cnnkit import CnnkitError, build_model, summary
+from cnnkit.models.pretrained import load_pretrained, read_state_dict
+from cnnkit.models.zoo import ARCHS
+from conftest import run_cli, shared
+
+PUBLISHED = {name: a.published_params for name, a in ARCHS.items() if a.published_params}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_forward_and_backward_at_smallest_size(name, channels):
+    size = ARCHS[name].min_size
+    torch.manual_seed(0)
+    model = build_model(name, 7, in_channels=channels, image_size=size)
+    x = torch.randn(2, channels, size, size)
+    logits = model(x)
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    F.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    with pytest.raises(CnnkitError, match="at least"):
+        build_model(name, 7, in_channels=channels, image_size=size - 1)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_imagenet_parameter_counts_equal_published(name):
+    with torch.device("meta"):  # no memory for VGG's 138 M parameters
+        model = build_model(name, 1000, in_channels=3, image_size=224)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet", "mobilenet_v2"])
+def test_summary_cli_totals_at_imagenet_setting(name):
+    r = run_cli("summary", name, "--input", "3x224x224", "--num-classes", "1000", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["parameters"] == info["trainable_params"] == PUBLISHED[name]
+
+
+def test_small_input_variant_is_chosen_for_32px():
+    small = build_model("resnet18", 10, in_channels=3, image_size=32)
+    big = build_model("resnet18", 10, in_channels=3, image_size=224)
+    assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, torch.nn.Identity)
+    assert big.conv1.kernel_size == (7, 7)
+    layers = summary(small)["layers"]
+    assert [l for l in layers if l["layer"].startswith("layer1")][0]["output_shape"] == [64, 32, 32]
+
+
+def test_googlenet_aux_heads_optional():
+    model = build_model("googlenet", 5, in_channels=3, image_size=96, aux_logits=True)
+    out = model.train()(torch.randn(2, 3, 96, 96))
+    assert isinstance(out, tuple) and [o.shape for o in out] == [(2, 5)] * 3
+    assert model.eval()(torch.randn(2, 3, 96, 96)).shape == (2, 5)
+
+
+def lite0_state():
+    state, origin, norm = read_state_dict("efficientnet_lite0")
+    return state
+
+
+def test_efficientnet_lite0_package_weights_load_strictly_and_know_ants_from_bees():
+    model = build_model("efficientnet_lite0", 1000, in_channels=3, image_size=224)
+    model.load_state_dict(lite0_state(), strict=True)
+    info = load_pretrained(model, "efficientnet_lite0")
+    ds = cnnkit.load_dataset(shared("hymenoptera"), image_size=224)
+    from cnnkit.train import Normalizer
+    norm = Normalizer(info["mean"], info["std"])
+    top = cnnkit.predict_logits(model, ds.val.images, norm, torch.device("cpu")).argmax(1)
+    ants, bees = top[ds.val.labels == 0], top[ds.val.labels == 1]
+    assert (ants == 310).float().mean() > 0.5  # ImageNet class 310: ant
+    assert (bees == 309).float().mean() > 0.5  # ImageNet class 309: bee
+
+
+def test_torchvision_style_file_loads_and_head_is_replaced(tmp_path):
+    torch.manual_seed(0)
+    source = build_model("resnet18", 1000, in_channels=3, image_size=224)
+    torch.save(source.state_dict(), tmp_path / "resnet18-f37072fd.pth")  # the layout torchvision ships
+    target = build_model("resnet18", 2, in_channels=3, image_size=224)
+    info = load_pretrained(target, str(tmp_path / "resnet18-f37072fd.pth"))
+    assert info["new_head"] and torch.equal(target.layer3[1].conv2.weight, source.layer3[1].conv2.weight)
+    grey = build_model("resnet18", 2, in_channels=1, image_size=224)
+    load_pretrained(grey, str(tmp_path / "resnet18-f37072fd.pth"))
+    assert torch.allclose(grey.conv1.weight, source.conv1.weight.sum(1, keepdim=True))
+
+
+def test_wrong_shapes_or_missing_keys_are_named(tmp_path):
+    state = build_model("resnet18", 1000, in_channels=3, image_size=224).state_dict()
+    state["layer2.0.conv1.weight"] = torch.zeros(5, 5, 3, 3)
+    del state["layer4.1.bn2.running_var"]
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CnnkitError, match=r"missing: layer4\.1\.bn2\.running_var.*wrong shape: layer2\.0\.conv1\.weight"):
+        load_pretrained(build_model("resnet18", 10, in_channels=3, image_size=224), str(tmp_path / "bad.pth"))
+
+
+class Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = None
+
+
+def test_pickle_with_code_payload_is_refused_without_running_it(tmp_path):
+    global MARKER
+    MARKER = tmp_path / "pwned"
+    torch.save({"conv1.weight": Payload()}, tmp_path / "evil.pth")
+    r = run_cli("train", "--data", "digits", "--model", "resnet18", "--image-size", "32",
+                "--pretrained", str(tmp_path / "evil.pth"))
+    assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr
+    assert not MARKER.exists()
+
+
+def test_models_command_lists_counts_and_weights():
+    r = run_cli("models", "--json")
+    models = {m["name"]: m for m in json.loads(r.stdout)}
+    assert models["resnet50"]["params"] == 25_557_032 and models["seed-mnist-keras"]["params"] == 93_322
+    assert models["efficientnet_lite0"]["pretrained"] == "installed"
