@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import cnnkit
 from cnnkit import CnnkitError, build_model, summary
 from cnnkit.models.pretrained import load_pretrained, read_state_dict
 from cnnkit.models.zoo import ARCHS
-from conftest import run_cli, shared
+from conftest import CodePayload, run_cli, shared
 
 PUBLISHED = {name: a.published_params for name, a in ARCHS.items() if a.published_params}
 
@@ -103,23 +102,15 @@ def test_wrong_shapes_or_missing_keys_are_named(tmp_path):
         load_pretrained(build_model("resnet18", 10, in_channels=3, image_size=224), str(tmp_path / "bad.pth"))
 
 
-class Payload:
-    def __reduce__(self):
-        import os
-        return (os.system, (f"touch {MARKER}",))
-
-
-MARKER = None
 
 
 def test_pickle_with_code_payload_is_refused_without_running_it(tmp_path):
-    global MARKER
-    MARKER = tmp_path / "pwned"
-    torch.save({"conv1.weight": Payload()}, tmp_path / "evil.pth")
+    marker = tmp_path / "pwned"
+    torch.save({"conv1.weight": CodePayload(marker)}, tmp_path / "evil.pth")
     r = run_cli("train", "--data", "digits", "--model", "resnet18", "--image-size", "32",
                 "--pretrained", str(tmp_path / "evil.pth"))
     assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr
-    assert not MARKER.exists()
+    assert not marker.exists()
 
 
 def test_models_command_lists_counts_and_weights():

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from cnnkit import CnnkitError, build_model, load_model, read_metadata, save_model
 from cnnkit.models.registry import architecture_record
-from conftest import run_cli
+from conftest import CodePayload, run_cli
 
 META = {"class_names": [str(i) for i in range(10)], "input": {"channels": 1, "height": 28, "width": 28},
         "preprocessing": {"mean": [0.13], "std": [0.31], "scale": 255, "resize": "shorter-side-center-crop"}}
@@ -32,20 +32,12 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # written via a temporary name
 
 
-class Payload:
-    def __reduce__(self):
-        import os
-        return (os.system, (f"touch {MARKER}",))
-
-
-MARKER = None
 
 
 def test_pickle_payload_is_refused_without_running_it(tmp_path):
-    global MARKER
-    MARKER = tmp_path / "pwned"
+    marker = tmp_path / "pwned"
     evil = tmp_path / "evil.safetensors"
-    evil.write_bytes(pickle.dumps(Payload()))
+    evil.write_bytes(pickle.dumps(CodePayload(marker)))
     torch_file = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(2)}, torch_file)  # a zip of pickles, as torch.save writes
     for f in (evil, torch_file):
@@ -54,7 +46,7 @@ def test_pickle_payload_is_refused_without_running_it(tmp_path):
         assert "not a cnnkit model file" in r.stderr or "not a valid safetensors" in r.stderr
     with pytest.raises(CnnkitError, match="not a cnnkit model file"):
         load_model(evil)
-    assert not MARKER.exists()
+    assert not marker.exists()
 
 
 def test_broken_metadata_is_refused(tmp_path):

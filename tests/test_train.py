@@ -168,3 +168,21 @@ def test_checkpoint_round_trip_continues_bit_exactly(tmp_path):
         step(b, opt_b)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
+
+
+def test_fine_tune_run_resumed_after_kill_equals_uninterrupted(tmp_path):
+    """Two phases (frozen head, then everything at per-group rates) survive a kill between or within them."""
+    args = [*SMALL, "--freeze-backbone", "--fine-tune", "--epochs", "3", "--fine-tune-epochs", "3"]
+    whole = tmp_path / "whole"
+    assert run_cli("train", *args, "--out", str(whole)).returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *args, "--out", str(killed)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_for_checkpoint(proc, killed, min_epoch=3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = run_cli("train", "--resume", str(killed), "--quiet")
+    assert r.returncode == 0, r.stderr
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert (a["test_loss"], a["best_epoch"]) == (b["test_loss"], b["best_epoch"])

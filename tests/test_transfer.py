@@ -1,0 +1,49 @@
+"""Transfer learning on hymenoptera (train 245, val 153) with the installed EfficientNet-Lite0
+ImageNet weights: the notes' recipe. Slow: a few minutes on 2 cores."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli, shared
+
+COMMON = ["--data", str(shared("hymenoptera")), "--model", "efficientnet_lite0", "--batch-size", "32",
+          "--lr", "1e-3", "--quiet", "--json"]
+
+
+def train(tmp_path, name, *args):
+    r = run_cli("train", *COMMON, *args, "--out", str(tmp_path / name))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.slow
+def test_frozen_pretrained_beats_scratch_and_fine_tuning_keeps_it(tmp_path):
+    frozen = train(tmp_path, "frozen", "--pretrained", "efficientnet_lite0", "--freeze-backbone", "--epochs", "5")
+    m = frozen["metrics"]
+    print(f"frozen: {m['test_accuracy']:.4f} on val in {m['train_seconds']:.0f} s")
+    assert m["test_accuracy"] >= 0.90 and m["train_seconds"] < 300
+    assert m["test_split"] == "val" and m["test_n"] == 153
+    meta_pretrained = json.loads((tmp_path / "frozen" / "config.json").read_text())["pretrained"]
+    assert meta_pretrained == "efficientnet_lite0"
+
+    scratch = train(tmp_path, "scratch", "--epochs", "5")["metrics"]
+    print(f"scratch: {scratch['test_accuracy']:.4f}")
+    assert scratch["test_accuracy"] < m["test_accuracy"] - 0.2
+
+    tuned = train(tmp_path, "tuned", "--pretrained", "efficientnet_lite0", "--fine-tune", "--epochs", "5",
+                  "--fine-tune-epochs", "3")
+    phases = [h["epoch"] for h in tuned["history"]]
+    print(f"fine-tune: {tuned['metrics']['test_accuracy']:.4f} in {tuned['metrics']['train_seconds']:.0f} s")
+    assert phases == list(range(1, 9))
+    assert tuned["metrics"]["test_accuracy"] >= m["test_accuracy"]
+    # the fine-tuning phase really trained the backbone: its weights moved away from the package's
+    import torch
+    from cnnkit import load_model
+    from cnnkit.models.pretrained import read_state_dict
+    model, meta = load_model(tmp_path / "tuned")
+    assert meta["pretrained"]["mean"] == pytest.approx([127 / 255] * 3)
+    original, _, _ = read_state_dict("efficientnet_lite0")
+    if meta["metrics"]["best_epoch"] > 5:
+        assert not torch.equal(model.state_dict()["_blocks.3._project_conv.weight"], original["_blocks.3._project_conv.weight"])
