@@ -62,6 +62,95 @@ def load_model_arg(model: str, input_shape: tuple[int, ...] | None, num_classes:
     return build_model(spec, num_classes, in_channels=c, image_size=(h, w))
 
 
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    import csv
+    import io
+
+    from .utils import write_text_atomic
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def cmd_evaluate(args) -> int:
+    from . import evaluate as ev
+    from . import report
+    from .modelfile import load_model, resolve_model_path
+    from .utils import write_text_atomic
+
+    model, meta = load_model(args.model)
+    split, names = ev.load_split_for(meta, args.data, args.split, args.data_dir)
+    metrics, _ = ev.evaluate(model, meta, split, names)
+    out = Path(args.out) if args.out else resolve_model_path(args.model).parent / f"evaluate-{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    cm = metrics["confusion_matrix"]
+    write_csv(out / "confusion_matrix.csv", ["true \\ predicted", *names], [[n, *row] for n, row in zip(names, cm)])
+    report.plot_confusion_matrix(cm, names, out / "confusion_matrix.png")
+    report.plot_confusion_matrix(metrics["confusion_matrix_normalized"], names, out / "confusion_matrix_normalized.png",
+                                 normalized=True)
+    mis = metrics["misclassified"]
+    write_csv(out / "misclassified.csv", ["path", "index", "true", "predicted", "probability", "loss"],
+              [[m["path"], m["index"], m["true"], m["predicted"], f"{m['probability']:.6f}", f"{m['loss']:.6f}"]
+               for m in mis])
+    report.plot_misclassified(split.images, mis[:36], out / "misclassified.png")
+    report.plot_reliability(metrics["reliability"], metrics["ece"], out / "reliability.png")
+    metrics.update({"split": args.split, "data": args.data, "out": str(out)})
+    write_text_atomic(out / "evaluation.json", json.dumps(metrics, indent=2))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    top5 = f", top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
+    print(f"{args.split} split of {args.data}: {metrics['n']} images, accuracy {metrics['accuracy']:.4f}{top5}, "
+          f"loss {metrics['loss']:.4f}, ECE {metrics['ece']:.4f}")
+    width = max(max(len(n) for n in names), len("weighted avg")) + 2
+    print(f"{'class':<{width}} precision  recall      f1  support")
+    for c in metrics["per_class"]:
+        print(f"{c['class']:<{width}} {c['precision']:9.4f} {c['recall']:7.4f} {c['f1']:7.4f} {c['support']:8d}")
+    for avg, v in metrics["averages"].items():
+        print(f"{avg + ' avg':<{width}} {v['precision']:9.4f} {v['recall']:7.4f} {v['f1']:7.4f} {metrics['n']:8d}")
+    if metrics["most_confused"]:
+        print("most confused: " + ", ".join(f"{m['true']}→{m['predicted']} ({m['count']})" for m in metrics["most_confused"][:5]))
+    print(f"wrote confusion matrix, misclassified gallery and reliability diagram to {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .evaluate import predict_files
+    from .modelfile import load_model
+    from .utils import write_text_atomic
+
+    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+        raise CnnkitError("--min-confidence must be a probability between 0 and 1")
+    model, meta = load_model(args.model)
+    rows = predict_files(model, meta, args.paths, top_k=args.top_k, min_confidence=args.min_confidence)
+    if not rows:
+        raise CnnkitError(f"no files found in {' '.join(args.paths)}")
+    k = max((len(r.get("labels", [])) for r in rows), default=0)
+    if args.out:
+        out = Path(args.out)
+        if out.suffix == ".json":
+            write_text_atomic(out, json.dumps(rows, indent=2))
+        else:
+            header = ["path"] + [f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")] + ["error"]
+            write_csv(out, header, [[r["path"], *[v for lab, p in zip(r.get("labels", []), r.get("probabilities", []))
+                                                  for v in (lab, f"{p:.6f}")], *([""] * 2 * (k - len(r.get("labels", [])))),
+                                     r.get("error", "")] for r in rows])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            if "error" in r:
+                print(f"{r['path']}: error: {r['error']}")
+            else:
+                print(f"{r['path']}: " + ", ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probabilities"])))
+    bad = sum("error" in r for r in rows)
+    if bad:
+        print(f"{bad} of {len(rows)} file(s) could not be read", file=sys.stderr)
+    return 0
+
+
 def cmd_math(args) -> int:
     from . import teach
 
@@ -227,6 +316,24 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--target", type=int, required=True, help="1/0 (binary) or the class index")
     lo.add_argument("--json", action="store_true")
     mp.set_defaults(func=cmd_math)
+
+    ev = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix, mistakes, calibration")
+    ev.add_argument("model", help="model file or run folder")
+    ev.add_argument("--data", required=True, help="the dataset the model was trained on (name or folder)")
+    ev.add_argument("--split", choices=["test", "val", "train"], default="test")
+    ev.add_argument("--data-dir", default=None)
+    ev.add_argument("--out", default=None, help="output folder (default: RUN/evaluate-<split>)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="classify image files and folders (recursively)")
+    pr.add_argument("model", help="model file or run folder")
+    pr.add_argument("paths", nargs="+", metavar="PATH")
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--min-confidence", type=float, default=None, help="label top predictions below this 'unknown'")
+    pr.add_argument("--out", default=None, help="FILE.csv or FILE.json")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_predict)
 
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("--json", action="store_true")

@@ -66,3 +66,57 @@ def draw_conv_steps(result: dict, path: str | Path, max_panels: int = 16) -> Pat
         ax.axis("off")
     fig.suptitle(f"{result['mode'].replace('_', '-')}, stride {result['stride']}, padding {result['padding']}", fontsize=10)
     return save_figure(fig, path)
+
+
+def plot_confusion_matrix(cm, class_names: list[str], path: str | Path, normalized: bool = False) -> Path:
+    """Counts (or row-normalized rates) with the true class on rows, as the notes draw it."""
+    import numpy as np
+    cm = np.asarray(cm, dtype=float)
+    k = len(class_names)
+    size = min(max(4.0, 0.55 * k + 2), 14)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=100)
+    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1 if normalized else None)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 20:
+        top = cm.max() if cm.size else 1
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, f"{v:.2f}" if normalized else f"{int(v)}", ha="center", va="center", fontsize=8,
+                    color="white" if v > 0.6 * top else "black")
+    ax.set_title("confusion matrix" + (" (row-normalized)" if normalized else ""))
+    return save_figure(fig, path)
+
+
+def plot_misclassified(images, rows: list[dict], path: str | Path, columns: int = 6) -> Path:
+    """The worst mistakes: each image titled true -> predicted (probability)."""
+    n = max(1, len(rows))
+    r = (n + columns - 1) // columns
+    fig, axes = plt.subplots(r, columns, figsize=(columns * 1.9, r * 2.2), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, row in zip(axes.ravel(), rows):
+        img = images[row["index"]]  # (C, H, W) uint8
+        ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None)
+        ax.set_title(f"{row['true']} → {row['predicted']}\n{row['probability']:.2f}", fontsize=8)
+    if not rows:
+        axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center")
+    return save_figure(fig, path)
+
+
+def plot_reliability(rows: list[dict], ece: float, path: str | Path) -> Path:
+    """Accuracy against confidence per bin; the diagonal is perfect calibration."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
+    centers = [(r["low"] + r["high"]) / 2 for r in rows]
+    ax.bar(centers, [r["accuracy"] for r in rows], width=1 / 15, edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o", color="tab:red", label="mean confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability diagram (ECE {ece:.4f})")
+    ax.legend(loc="upper left", fontsize=8)
+    return save_figure(fig, path)

@@ -1,0 +1,166 @@
+"""Evaluation and prediction: numbers only (pictures are in report.py).
+
+Everything here reads a model file: its architecture, class names, input size and normalization, so
+the preprocessing is the one training used.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Split, load_dataset
+from .data.folder import decode_image
+from .errors import CnnkitError
+from .train import Normalizer, predict_logits
+
+ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017
+
+
+def normalizer_of(meta: dict) -> Normalizer:
+    return Normalizer(meta["preprocessing"]["mean"], meta["preprocessing"]["std"])
+
+
+def load_split_for(meta: dict, data: str, split: str, data_dir=None) -> tuple[Split, list[str]]:
+    """The dataset split a model is evaluated on, decoded and split exactly as in training."""
+    cfg = meta.get("training", {})
+    inp = meta["input"]
+    ds = load_dataset(data, data_dir=data_dir or cfg.get("data_dir"), image_size=inp["height"],
+                      channels=inp["channels"], val_split=cfg.get("val_split", 0.1),
+                      test_split=cfg.get("test_split", 0.2), seed=cfg.get("seed", 0), quiet=True)
+    if ds.class_names != meta["class_names"]:
+        raise CnnkitError(f"{data} has classes {ds.class_names[:5]}..., the model was trained on "
+                          f"{meta['class_names'][:5]}...: evaluate on the data it was trained for")
+    if split not in ("train", "val", "test"):
+        raise CnnkitError("--split must be train, val or test")
+    return getattr(ds, split), ds.class_names
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
+    """Top-1/top-5 accuracy, per-class precision/recall/F1/support with macro and weighted averages,
+    the confusion matrix (rows: true class, columns: predicted), and calibration (ECE)."""
+    k = len(class_names)
+    preds = probs.argmax(1)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (labels, preds), 1)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    per_class = [{"class": c, "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                  "support": int(support[i])} for i, c in enumerate(class_names)]
+    weights = support / max(support.sum(), 1)
+    averages = {"macro": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
+                "weighted": {"precision": float((precision * weights).sum()), "recall": float((recall * weights).sum()),
+                             "f1": float((f1 * weights).sum())}}
+    row_sums = cm.sum(1, keepdims=True)
+    off = [(int(cm[i, j]), class_names[i], class_names[j]) for i in range(k) for j in range(k) if i != j and cm[i, j]]
+    confused = [{"true": t, "predicted": p, "count": n} for n, t, p in sorted(off, key=lambda x: -x[0])[:10]]
+    result = {"n": int(len(labels)), "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
+              "per_class": per_class, "averages": averages, "confusion_matrix": cm.tolist(),
+              "confusion_matrix_normalized": np.divide(cm, row_sums, out=np.zeros((k, k)), where=row_sums > 0).tolist(),
+              "most_confused": confused, **calibration(probs, labels)}
+    if k >= 5:
+        top5 = np.argsort(-probs, axis=1)[:, :5]
+        result["top5_accuracy"] = float((top5 == labels[:, None]).any(1).mean())
+    return result
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict:
+    """Expected calibration error: the support-weighted gap between confidence and accuracy per bin."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    rows, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            acc, mean_conf = float(correct[inside].mean()), float(conf[inside].mean())
+            ece += inside.mean() * abs(acc - mean_conf)
+            rows.append({"low": float(lo), "high": float(hi), "count": int(inside.sum()), "accuracy": acc,
+                         "confidence": mean_conf})
+    return {"ece": float(ece), "reliability": rows}
+
+
+def misclassified(probs: np.ndarray, labels: np.ndarray, class_names: list[str], paths: list[str] | None,
+                  limit: int = 50) -> list[dict]:
+    """The worst mistakes, by cross-entropy loss: highest first."""
+    preds = probs.argmax(1)
+    wrong = np.flatnonzero(preds != labels)
+    loss = -np.log(np.clip(probs[wrong, labels[wrong]], 1e-12, 1))
+    order = wrong[np.argsort(-loss)][:limit]
+    return [{"index": int(i), "path": paths[i] if paths else "", "true": class_names[labels[i]],
+             "predicted": class_names[preds[i]], "probability": float(probs[i, preds[i]]),
+             "true_probability": float(probs[i, labels[i]]),
+             "loss": float(-np.log(max(probs[i, labels[i]], 1e-12)))} for i in order]
+
+
+def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list[str],
+             device: torch.device = torch.device("cpu")) -> tuple[dict, np.ndarray]:
+    """(metrics, probabilities (N, K)) of `model` on `split`, in fp32."""
+    logits = predict_logits(model, split.images, normalizer_of(meta), device)
+    probs = F.softmax(logits, dim=1).numpy().astype(np.float64)
+    labels = split.labels.numpy()
+    metrics = classification_metrics(probs, labels, class_names)
+    metrics["loss"] = float(F.cross_entropy(logits, split.labels).item())
+    metrics["misclassified"] = misclassified(probs, labels, class_names, split.paths)
+    return metrics, probs
+
+
+# ----------------------------------------------------------------------------- predict
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """Files as given; folders searched recursively for files (hidden ones skipped), sorted."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                out += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+        else:
+            out.append(p)
+    return out
+
+
+def predict_files(model: torch.nn.Module, meta: dict, paths: list[str], top_k: int = 3,
+                  min_confidence: float | None = None, batch_size: int = 64,
+                  device: torch.device = torch.device("cpu")) -> list[dict]:
+    """One row per file: {path, labels, probabilities} or {path, error}. A bad file never stops the batch."""
+    inp = meta["input"]
+    if inp["height"] != inp["width"]:
+        raise CnnkitError("predict supports square model inputs only")
+    names = meta["class_names"]
+    k = min(top_k, len(names))
+    norm = normalizer_of(meta)
+    rows: list[dict] = []
+    files = expand_paths(paths)
+    for start in range(0, len(files), batch_size):
+        chunk, arrays, slots = files[start:start + batch_size], [], []
+        for path in chunk:
+            row = {"path": path}
+            try:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError("no such file")
+                arrays.append(decode_image(path, inp["height"], inp["channels"]))
+                slots.append(row)
+            except Exception as e:  # any decode failure is this file's error, not the batch's
+                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            rows.append(row)
+        if arrays:
+            images = torch.from_numpy(np.stack(arrays))
+            probs = F.softmax(predict_logits(model, images, norm, device), dim=1)
+            top = probs.topk(k, dim=1)
+            for row, values, indices in zip(slots, top.values.tolist(), top.indices.tolist()):
+                row["labels"] = [names[i] for i in indices]
+                row["probabilities"] = values
+                if min_confidence is not None and values[0] < min_confidence:
+                    row["labels"][0] = "unknown"
+    return rows
