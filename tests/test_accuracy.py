@@ -18,3 +18,31 @@ def test_mnist_two_epochs_reaches_the_notes_accuracy(tmp_path, model, target):
     print(f"{model}: test accuracy {metrics['test_accuracy']:.4f} in {metrics['train_seconds']:.0f} s")
     assert metrics["test_split"] == "test" and metrics["test_n"] == 10000
     assert metrics["test_accuracy"] >= target
+
+
+@pytest.mark.slow
+def test_tta_and_temperature_on_mnist(tmp_path):
+    """TTA never lowers MNIST test accuracy by more than noise; both figures are reported."""
+    run = tmp_path / "run"
+    r = run_cli("train", "--data", "mnist", "--data-dir", str(shared()), "--model", "seed-mnist-keras", "--epochs", "2",
+                "--out", str(run), "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("evaluate", str(run), "--data", "mnist", "--data-dir", str(shared()), "--tta", "--json")
+    m = json.loads(r.stdout)
+    print(f"MNIST seed-mnist-keras: accuracy {m['accuracy']:.4f}, with TTA {m['tta_accuracy']:.4f}; "
+          f"ECE {m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} at T={m['temperature']:.3f}")
+    # one standard error of a 99% accuracy on 10,000 images is 0.1 point: allow two
+    assert m["tta_accuracy"] >= m["accuracy"] - 0.002
+    assert sum(map(sum, m["confusion_matrix"])) == 10_000
+
+
+@pytest.mark.slow
+def test_temperature_scaling_lowers_ece_on_cifar10(tmp_path):
+    run = tmp_path / "run"
+    data = ["--data", "cifar10", "--data-dir", str(shared("cifar10-subset-bin"))]
+    r = run_cli("train", *data, "--model", "seed-cifar10", "--epochs", "10", "--out", str(run), "--quiet")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(run_cli("evaluate", str(run), *data, "--json").stdout)
+    print(f"CIFAR-10 subset seed-cifar10: ECE {m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} at T={m['temperature']:.3f}")
+    assert m["temperature"] > 1  # the network is over-confident after training
+    assert m["ece"] < m["ece_uncalibrated"]

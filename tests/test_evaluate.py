@@ -85,3 +85,22 @@ def test_predict_folder_with_bad_files(tmp_path):
     assert right >= 5 and all(rows[p]["error"] == "" for p in expected)
     r = run_cli("predict", str(run.run_dir), str(folder / "digit0.png"), "--min-confidence", "1.0", "--json")
     assert json.loads(r.stdout)[0]["labels"][0] == "unknown"
+
+
+def test_fit_temperature_recovers_known_overconfidence():
+    """Labels drawn from softmax(z); the model reports 3z. The fitted temperature undoes the 3."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20_000, 5, generator=g) * 1.5
+    labels = torch.multinomial(torch.softmax(z, 1), 1, generator=g).squeeze(1)
+    assert ev.fit_temperature(3 * z, labels) == pytest.approx(3.0, rel=0.05)
+    assert ev.fit_temperature(z, labels) == pytest.approx(1.0, rel=0.05)
+
+
+def test_tta_views_follow_the_data():
+    import torch
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    digits, photos = ev.tta_views(x, hflip=False), ev.tta_views(x, hflip=True)
+    assert len(digits) == 5 and len(photos) == 6  # no mirror image for digits
+    assert torch.equal(photos[1], x.flip(3)) and all(v.shape == x.shape for v in photos)
+    assert torch.equal(digits[1][:, :, 2:, :], x[:, :, :2, :])  # shifted down by 2 rows

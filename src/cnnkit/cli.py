@@ -82,7 +82,7 @@ def cmd_evaluate(args) -> int:
 
     model, meta = load_model(args.model)
     split, names = ev.load_split_for(meta, args.data, args.split, args.data_dir)
-    metrics, _ = ev.evaluate(model, meta, split, names)
+    metrics, _ = ev.evaluate(model, meta, split, names, tta=args.tta)
     out = Path(args.out) if args.out else resolve_model_path(args.model).parent / f"evaluate-{args.split}"
     out.mkdir(parents=True, exist_ok=True)
     cm = metrics["confusion_matrix"]
@@ -102,8 +102,10 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(metrics, indent=2))
         return 0
     top5 = f", top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
-    print(f"{args.split} split of {args.data}: {metrics['n']} images, accuracy {metrics['accuracy']:.4f}{top5}, "
-          f"loss {metrics['loss']:.4f}, ECE {metrics['ece']:.4f}")
+    tta = f" ({metrics['tta_accuracy']:.4f} with TTA)" if args.tta else ""
+    print(f"{args.split} split of {args.data}: {metrics['n']} images, accuracy {metrics['accuracy']:.4f}{tta}{top5}, "
+          f"loss {metrics['loss']:.4f}, ECE {metrics['ece']:.4f} at temperature {metrics['temperature']:.3f} "
+          f"({metrics['ece_uncalibrated']:.4f} before)")
     width = max(max(len(n) for n in names), len("weighted avg")) + 2
     print(f"{'class':<{width}} precision  recall      f1  support")
     for c in metrics["per_class"]:
@@ -124,7 +126,7 @@ def cmd_predict(args) -> int:
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         raise CnnkitError("--min-confidence must be a probability between 0 and 1")
     model, meta = load_model(args.model)
-    rows = predict_files(model, meta, args.paths, top_k=args.top_k, min_confidence=args.min_confidence)
+    rows = predict_files(model, meta, args.paths, top_k=args.top_k, min_confidence=args.min_confidence, tta=args.tta)
     if not rows:
         raise CnnkitError(f"no files found in {' '.join(args.paths)}")
     k = max((len(r.get("labels", [])) for r in rows), default=0)
@@ -323,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["test", "val", "train"], default="test")
     ev.add_argument("--data-dir", default=None)
     ev.add_argument("--out", default=None, help="output folder (default: RUN/evaluate-<split>)")
+    ev.add_argument("--tta", action="store_true", help="test-time augmentation: average over flipped and shifted copies")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -332,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--min-confidence", type=float, default=None, help="label top predictions below this 'unknown'")
     pr.add_argument("--out", default=None, help="FILE.csv or FILE.json")
+    pr.add_argument("--tta", action="store_true", help="test-time augmentation")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .data import Split, load_dataset
 from .data.folder import decode_image
 from .errors import CnnkitError
-from .train import Normalizer, predict_logits
+from .train import Normalizer
 
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017
 
@@ -100,14 +100,66 @@ def misclassified(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
              "loss": float(-np.log(max(probs[i, labels[i]], 1e-12)))} for i in order]
 
 
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T minimizing the NLL of softmax(logits / T) (Guo et al. 2017), fitted on the
+    validation split: one number that makes the probabilities honest without changing any argmax."""
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return float(log_t.exp().clamp(0.05, 20).item())
+
+
+def tta_views(x: torch.Tensor, hflip: bool, shift_pixels: int = 2) -> list[torch.Tensor]:
+    """The notes' test-time augmentation: the image, its mirror (unless flipping changes the class,
+    as for digits), and copies shifted by a few pixels in four directions (edges replicated)."""
+    views = [x, x.flip(3)] if hflip else [x]
+    h, w = x.shape[2:]
+    s = shift_pixels
+    padded = F.pad(x, (s, s, s, s), mode="replicate")
+    for dy, dx in ((0, s), (2 * s, s), (s, 0), (s, 2 * s)):  # offsets into padded: content moves down, up, right, left
+        views.append(padded[:, :, dy:dy + h, dx:dx + w])
+    return views
+
+
+@torch.no_grad()
+def probabilities(model: torch.nn.Module, meta: dict, images: torch.Tensor, tta: bool = False,
+                  calibrated: bool = True, device: torch.device = torch.device("cpu"),
+                  batch_size: int = 256) -> np.ndarray:
+    """softmax(logits / T) for uint8 images (N, C, H, W), averaged over TTA views if asked, in fp32."""
+    temperature = meta.get("calibration", {}).get("temperature", 1.0) if calibrated else 1.0
+    hflip = meta.get("tta", {}).get("hflip", True)
+    norm = normalizer_of(meta)
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = norm(images[i:i + batch_size].to(device))
+        views = tta_views(x, hflip) if tta else [x]
+        out.append(torch.stack([F.softmax(model(v).float() / temperature, dim=1) for v in views]).mean(0).cpu())
+    return torch.cat(out).numpy().astype(np.float64)
+
+
 def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list[str],
-             device: torch.device = torch.device("cpu")) -> tuple[dict, np.ndarray]:
-    """(metrics, probabilities (N, K)) of `model` on `split`, in fp32."""
-    logits = predict_logits(model, split.images, normalizer_of(meta), device)
-    probs = F.softmax(logits, dim=1).numpy().astype(np.float64)
+             device: torch.device = torch.device("cpu"), tta: bool = False) -> tuple[dict, np.ndarray]:
+    """(metrics, probabilities (N, K)) of `model` on `split`, in fp32, with the model file's
+    temperature. Also reports ECE before temperature scaling, and with tta the TTA accuracy beside."""
     labels = split.labels.numpy()
+    raw = probabilities(model, meta, split.images, calibrated=False, device=device)
+    probs = probabilities(model, meta, split.images, device=device)
     metrics = classification_metrics(probs, labels, class_names)
-    metrics["loss"] = float(F.cross_entropy(logits, split.labels).item())
+    metrics["temperature"] = meta.get("calibration", {}).get("temperature", 1.0)
+    metrics["ece_uncalibrated"] = calibration(raw, labels)["ece"]
+    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean()) if len(labels) else 0.0
+    if tta:  # reported beside, not instead: TTA averages make probabilities less confident
+        tta_probs = probabilities(model, meta, split.images, tta=True, device=device)
+        metrics["tta_accuracy"] = float((tta_probs.argmax(1) == labels).mean())
+        if len(class_names) >= 5:
+            metrics["tta_top5_accuracy"] = float((np.argsort(-tta_probs, 1)[:, :5] == labels[:, None]).any(1).mean())
     metrics["misclassified"] = misclassified(probs, labels, class_names, split.paths)
     return metrics, probs
 
@@ -131,7 +183,7 @@ def expand_paths(paths: list[str]) -> list[str]:
 
 
 def predict_files(model: torch.nn.Module, meta: dict, paths: list[str], top_k: int = 3,
-                  min_confidence: float | None = None, batch_size: int = 64,
+                  min_confidence: float | None = None, batch_size: int = 64, tta: bool = False,
                   device: torch.device = torch.device("cpu")) -> list[dict]:
     """One row per file: {path, labels, probabilities} or {path, error}. A bad file never stops the batch."""
     inp = meta["input"]
@@ -139,7 +191,6 @@ def predict_files(model: torch.nn.Module, meta: dict, paths: list[str], top_k: i
         raise CnnkitError("predict supports square model inputs only")
     names = meta["class_names"]
     k = min(top_k, len(names))
-    norm = normalizer_of(meta)
     rows: list[dict] = []
     files = expand_paths(paths)
     for start in range(0, len(files), batch_size):
@@ -156,7 +207,7 @@ def predict_files(model: torch.nn.Module, meta: dict, paths: list[str], top_k: i
             rows.append(row)
         if arrays:
             images = torch.from_numpy(np.stack(arrays))
-            probs = F.softmax(predict_logits(model, images, norm, device), dim=1)
+            probs = torch.from_numpy(probabilities(model, meta, images, tta=tta, device=device))
             top = probs.topk(k, dim=1)
             for row, values, indices in zip(slots, top.values.tolist(), top.indices.tolist()):
                 row["labels"] = [names[i] for i in indices]

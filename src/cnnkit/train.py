@@ -425,6 +425,12 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
     best, _ = load_model(run_dir / MODEL_FILE, device)
     test = metrics_from_logits(predict_logits(best, ds.test.images, norm, device, "fp32"), ds.test.labels)
     metrics = {"test_" + k: v for k, v in test.items()}
+    # Temperature scaling on the validation split: calibrated probabilities, the same predictions.
+    from .evaluate import fit_temperature
+    val_logits = predict_logits(best, ds.val.images, norm, device, "fp32")
+    meta["calibration"] = {"temperature": fit_temperature(val_logits, ds.val.labels), "fitted_on": "val"}
+    # Test-time augmentation mirrors images unless that changes the class (digits: 2 vs 5-like shapes).
+    meta["tta"] = {"hflip": ds.name not in ("mnist", "digits"), "shift_pixels": 2}
     metrics.update({"test_split": ds.test_source, "best_epoch": best_epoch, "val_accuracy": best_val,
                     "train_seconds": sum(r["seconds"] for r in history), "device": device.type, "precision": precision,
                     "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
