@@ -46,3 +46,14 @@ def test_temperature_scaling_lowers_ece_on_cifar10(tmp_path):
     print(f"CIFAR-10 subset seed-cifar10: ECE {m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} at T={m['temperature']:.3f}")
     assert m["temperature"] > 1  # the network is over-confident after training
     assert m["ece"] < m["ece_uncalibrated"]
+
+
+@pytest.mark.slow
+def test_pixel_svm_baseline_on_mnist_loses_to_the_cnn(tmp_path):
+    """The notes' point: the pre-deep-learning linear SVM on pixels against the CNN (>= 99.0%)."""
+    r = run_cli("train", "--data", "mnist", "--data-dir", str(shared()), "--model", "svm", "--out",
+                str(tmp_path / "svm"), "--quiet", "--json")
+    assert r.returncode == 0, r.stderr
+    svm = json.loads(r.stdout)["metrics"]["test_accuracy"]
+    print(f"MNIST linear SVM on pixels: {svm:.4f} (the CNNs above: >= 0.99)")
+    assert 0.88 < svm < 0.985

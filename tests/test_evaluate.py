@@ -104,3 +104,19 @@ def test_tta_views_follow_the_data():
     assert len(digits) == 5 and len(photos) == 6  # no mirror image for digits
     assert torch.equal(photos[1], x.flip(3)) and all(v.shape == x.shape for v in photos)
     assert torch.equal(digits[1][:, :, 2:, :], x[:, :, :2, :])  # shifted down by 2 rows
+
+
+def test_svm_baseline_model_file_predicts_what_scikit_learn_predicts(tmp_path):
+    from sklearn.svm import LinearSVC
+
+    from cnnkit.train import Normalizer
+    result = cnnkit.train(cnnkit.TrainConfig(data="digits", model="svm", out=str(tmp_path / "svm")), quiet=True)
+    model, meta = cnnkit.load_model(tmp_path / "svm")
+    ds = result.dataset
+    norm = Normalizer.fit(ds.train.images)
+    reference = LinearSVC(C=0.01, dual=False, max_iter=200, random_state=0).fit(
+        norm(ds.train.images).flatten(1).numpy(), ds.train.labels.numpy())
+    ours = ev.probabilities(model, meta, ds.test.images).argmax(1)
+    theirs = reference.predict(norm(ds.test.images).flatten(1).numpy())
+    assert (ours == theirs).mean() == 1.0
+    assert 0.85 < result.metrics["test_accuracy"] < 0.99

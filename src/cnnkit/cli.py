@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on a dataset and write a run folder",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--data", default=d.data, help="mnist, fashion-mnist, cifar10, digits, or a folder of images")
-    t.add_argument("--model", default=d.model, help="registered model name (see `cnnkit models`) or YAML spec file")
+    t.add_argument("--model", default=d.model, help="registered model name (see `cnnkit models`), YAML spec file, or svm (linear SVM on pixels)")
     t.add_argument("--epochs", type=int, default=d.epochs)
     t.add_argument("--batch-size", type=int, default=d.batch_size)
     t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warmup, then linear decay)")

@@ -299,16 +299,20 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
         cfg.out = str(run_dir)
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise CnnkitError("--epochs, --batch-size and --lr must be positive")
-    device = pick_device(cfg.device)
-    precision = pick_precision(cfg.precision, device)
-    ds, model, spec = prepare(cfg, quiet)  # before the run folder exists: a bad --data or --model leaves nothing
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     def log(msg: str) -> None:
         if echo is not None and not quiet:
             echo(msg)
         with open(run_dir / "train.log", "a", encoding="utf-8") as f:
             f.write(msg + "\n")
+
+    if cfg.model == "svm":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        return train_svm(cfg, run_dir, log, quiet)
+    device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
+    ds, model, spec = prepare(cfg, quiet)  # before the run folder exists: a bad --data or --model leaves nothing
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     write_text_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
     info = summary(model)
@@ -444,6 +448,63 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
     log(f"test accuracy {metrics['test_accuracy']:.4f}{top5} on {metrics['test_n']} {ds.test_source} images "
         f"(best epoch {best_epoch}); run folder {run_dir}")
     return RunResult(run_dir, best, ds, history, metrics, cfg, meta)
+
+
+def train_svm(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None], quiet: bool) -> RunResult:
+    """The notes' pre-deep-learning baseline: scikit-learn's linear SVM on normalized, flattened pixels.
+
+    A linear SVM is a linear model, so its weights go into the `linear` spec network
+    (flatten -> dense): the model file, evaluate, predict and calibration all work unchanged."""
+    from sklearn.svm import LinearSVC
+
+    from .evaluate import fit_temperature
+    from .report import plot_curves
+
+    spec = get_spec("linear")
+    ds = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
+                      channels=cfg.channels, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, quiet=quiet)
+    norm = Normalizer.fit(ds.train.images)
+    flat = lambda images: norm(images).flatten(1).numpy()  # noqa: E731  (N, C*H*W) float32
+    c, h, w = ds.input_shape
+    log(f"data {ds.name}: {ds.sizes()} images of {c}x{h}x{w}, {ds.num_classes} classes; "
+        f"fitting a linear SVM (one-vs-rest, squared hinge, C=0.01) on {c * h * w} pixels")
+    t0 = time.perf_counter()
+    # dual=False: the primal solver is the fast one when samples outnumber pixels
+    svm = LinearSVC(C=0.01, dual=False, max_iter=200, random_state=cfg.seed).fit(flat(ds.train.images),
+                                                                                 ds.train.labels.numpy())
+    seconds = time.perf_counter() - t0
+    model = build_model(spec, ds.num_classes, in_channels=c, image_size=(h, w))
+    weight, bias = torch.from_numpy(svm.coef_).float(), torch.from_numpy(svm.intercept_).float()
+    if ds.num_classes == 2:  # one decision function f: logits (-f/2, f/2) give the same argmax
+        weight, bias = torch.cat([-weight / 2, weight / 2]), torch.cat([-bias / 2, bias / 2])
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
+    device = torch.device("cpu")
+    val = metrics_from_logits(predict_logits(model, ds.val.images, norm, device), ds.val.labels)
+    test = metrics_from_logits(predict_logits(model, ds.test.images, norm, device), ds.test.labels)
+    history = [{"epoch": 1, "train_loss": float("nan"), "train_acc": float(svm.score(flat(ds.train.images),
+                ds.train.labels.numpy())), "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": 0.0, "seconds": seconds}]
+    metrics = {"test_" + k: v for k, v in test.items()}
+    metrics.update({"test_split": ds.test_source, "best_epoch": 1, "val_accuracy": val["accuracy"],
+                    "train_seconds": seconds, "device": "cpu", "precision": "fp64 (scikit-learn)",
+                    "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
+    meta = {"architecture": architecture_record(model), "class_names": ds.class_names,
+            "input": dict(zip(("channels", "height", "width"), ds.input_shape)),
+            "preprocessing": {"resize": RESIZE_METHOD, "scale": 255, "mean": norm.mean, "std": norm.std},
+            "training": cfg.to_dict(), "metrics": metrics,
+            "calibration": {"temperature": fit_temperature(predict_logits(model, ds.val.images, norm, device),
+                                                           ds.val.labels), "fitted_on": "val"},
+            "tta": {"hflip": ds.name not in ("mnist", "digits"), "shift_pixels": 2},
+            "data": {"name": ds.name, "source": ds.source, "sizes": ds.sizes(), "test_source": ds.test_source,
+                     "skipped": [list(x) for x in ds.skipped]}}
+    save_model(run_dir / MODEL_FILE, model, meta)
+    write_history(run_dir / "history.csv", history)
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    plot_curves(history, run_dir / "curves.png", title=f"linear SVM on {ds.name}")
+    log(f"test accuracy {metrics['test_accuracy']:.4f} on {metrics['test_n']} {ds.test_source} images "
+        f"(linear SVM, {seconds:.1f} s); run folder {run_dir}")
+    return RunResult(run_dir, model, ds, history, metrics, cfg, meta)
 
 
 def write_history(path: Path, history: list[dict]) -> None:
