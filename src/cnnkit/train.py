@@ -252,6 +252,29 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule:
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
+def model_meta(model: nn.Module, ds: Dataset, norm: Normalizer, cfg: TrainConfig) -> dict:
+    """What a model file records about a run besides weights and metrics: enough to rebuild the
+    model and preprocess new images exactly as in training."""
+    return {
+        "architecture": architecture_record(model),
+        "class_names": ds.class_names,
+        "input": dict(zip(("channels", "height", "width"), ds.input_shape)),
+        "preprocessing": {"resize": RESIZE_METHOD, "scale": 255, "mean": norm.mean, "std": norm.std},
+        "training": cfg.to_dict(),
+        # Test-time augmentation mirrors images unless that changes the class (digits).
+        "tta": {"hflip": ds.name not in ("mnist", "digits"), "shift_pixels": 2},
+        "data": {"name": ds.name, "source": ds.source, "sizes": ds.sizes(), "test_source": ds.test_source,
+                 "skipped": [list(x) for x in ds.skipped]},
+    }
+
+
+def fitted_calibration(model: nn.Module, ds: Dataset, norm: Normalizer, device: torch.device) -> dict:
+    """Temperature scaling on the validation split: calibrated probabilities, the same predictions."""
+    from .evaluate import fit_temperature
+    logits = predict_logits(model, ds.val.images, norm, device, "fp32")
+    return {"temperature": fit_temperature(logits, ds.val.labels), "fitted_on": "val"}
+
+
 def default_run_dir(cfg: TrainConfig) -> Path:
     data = Path(cfg.data).name if Path(cfg.data).is_dir() else cfg.data
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -363,16 +386,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
         first_epoch = start_state["epoch"] + 1
         log(f"resuming {run_dir} after epoch {start_state['epoch']}")
 
-    meta = {
-        "architecture": architecture_record(model),
-        "class_names": ds.class_names,
-        "input": dict(zip(("channels", "height", "width"), ds.input_shape)),
-        "preprocessing": {"resize": RESIZE_METHOD, "scale": 255, "mean": norm.mean, "std": norm.std},
-        "training": cfg.to_dict(),
-        "pretrained": pretrained,
-        "data": {"name": ds.name, "source": ds.source, "sizes": ds.sizes(), "test_source": ds.test_source,
-                 "skipped": [list(s) for s in ds.skipped]},
-    }
+    meta = {**model_meta(model, ds, norm, cfg), "pretrained": pretrained}
     train_images = ds.train.images.to(device)
     train_labels = ds.train.labels.to(device)
     n = len(train_labels)
@@ -429,12 +443,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
     best, _ = load_model(run_dir / MODEL_FILE, device)
     test = metrics_from_logits(predict_logits(best, ds.test.images, norm, device, "fp32"), ds.test.labels)
     metrics = {"test_" + k: v for k, v in test.items()}
-    # Temperature scaling on the validation split: calibrated probabilities, the same predictions.
-    from .evaluate import fit_temperature
-    val_logits = predict_logits(best, ds.val.images, norm, device, "fp32")
-    meta["calibration"] = {"temperature": fit_temperature(val_logits, ds.val.labels), "fitted_on": "val"}
-    # Test-time augmentation mirrors images unless that changes the class (digits: 2 vs 5-like shapes).
-    meta["tta"] = {"hflip": ds.name not in ("mnist", "digits"), "shift_pixels": 2}
+    meta["calibration"] = fitted_calibration(best, ds, norm, device)
     metrics.update({"test_split": ds.test_source, "best_epoch": best_epoch, "val_accuracy": best_val,
                     "train_seconds": sum(r["seconds"] for r in history), "device": device.type, "precision": precision,
                     "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
@@ -457,7 +466,6 @@ def train_svm(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None], quiet
     (flatten -> dense): the model file, evaluate, predict and calibration all work unchanged."""
     from sklearn.svm import LinearSVC
 
-    from .evaluate import fit_temperature
     from .report import plot_curves
 
     spec = get_spec("linear")
@@ -489,15 +497,8 @@ def train_svm(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None], quiet
     metrics.update({"test_split": ds.test_source, "best_epoch": 1, "val_accuracy": val["accuracy"],
                     "train_seconds": seconds, "device": "cpu", "precision": "fp64 (scikit-learn)",
                     "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
-    meta = {"architecture": architecture_record(model), "class_names": ds.class_names,
-            "input": dict(zip(("channels", "height", "width"), ds.input_shape)),
-            "preprocessing": {"resize": RESIZE_METHOD, "scale": 255, "mean": norm.mean, "std": norm.std},
-            "training": cfg.to_dict(), "metrics": metrics,
-            "calibration": {"temperature": fit_temperature(predict_logits(model, ds.val.images, norm, device),
-                                                           ds.val.labels), "fitted_on": "val"},
-            "tta": {"hflip": ds.name not in ("mnist", "digits"), "shift_pixels": 2},
-            "data": {"name": ds.name, "source": ds.source, "sizes": ds.sizes(), "test_source": ds.test_source,
-                     "skipped": [list(x) for x in ds.skipped]}}
+    meta = {**model_meta(model, ds, norm, cfg), "metrics": metrics,
+            "calibration": fitted_calibration(model, ds, norm, device)}
     save_model(run_dir / MODEL_FILE, model, meta)
     write_history(run_dir / "history.csv", history)
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
