@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .data import Split, load_dataset
 from .data.folder import decode_image
 from .errors import CnnkitError
-from .train import Normalizer
+from .train import Normalizer, predict_logits
 
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017
 
@@ -133,13 +133,15 @@ def probabilities(model: torch.nn.Module, meta: dict, images: torch.Tensor, tta:
                   batch_size: int = 256) -> np.ndarray:
     """softmax(logits / T) for uint8 images (N, C, H, W), averaged over TTA views if asked, in fp32."""
     temperature = meta.get("calibration", {}).get("temperature", 1.0) if calibrated else 1.0
-    hflip = meta.get("tta", {}).get("hflip", True)
     norm = normalizer_of(meta)
+    if not tta:
+        logits = predict_logits(model, images, norm, device, batch_size=batch_size)
+        return F.softmax(logits / temperature, dim=1).numpy().astype(np.float64)
+    hflip = meta.get("tta", {}).get("hflip", True)
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = norm(images[i:i + batch_size].to(device))
-        views = tta_views(x, hflip) if tta else [x]
+        views = tta_views(norm(images[i:i + batch_size].to(device)), hflip)
         out.append(torch.stack([F.softmax(model(v).float() / temperature, dim=1) for v in views]).mean(0).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
@@ -149,10 +151,12 @@ def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list
     """(metrics, probabilities (N, K)) of `model` on `split`, in fp32, with the model file's
     temperature. Also reports ECE before temperature scaling, and with tta the TTA accuracy beside."""
     labels = split.labels.numpy()
-    raw = probabilities(model, meta, split.images, calibrated=False, device=device)
-    probs = probabilities(model, meta, split.images, device=device)
+    temperature = meta.get("calibration", {}).get("temperature", 1.0)
+    logits = predict_logits(model, split.images, normalizer_of(meta), device)  # one pass, both calibrations
+    raw = F.softmax(logits, dim=1).numpy().astype(np.float64)
+    probs = F.softmax(logits / temperature, dim=1).numpy().astype(np.float64)
     metrics = classification_metrics(probs, labels, class_names)
-    metrics["temperature"] = meta.get("calibration", {}).get("temperature", 1.0)
+    metrics["temperature"] = temperature
     metrics["ece_uncalibrated"] = calibration(raw, labels)["ece"]
     metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean()) if len(labels) else 0.0
     if tta:  # reported beside, not instead: TTA averages make probabilities less confident

@@ -101,10 +101,6 @@ def conv_steps(x: np.ndarray, w: np.ndarray, padding: str | int = 0, stride: int
             terms = " + ".join(f"{_signed(a)}·{_signed(b)}" for a, b in zip(window.ravel(), k.ravel()))
             steps.append({"i": i, "j": j, "row": i * stride, "col": j * stride, "window": window.tolist(),
                           "value": out[i, j], "sum": f"out[{i},{j}] = {terms} = {fmt(out[i, j])}"})
-    # the oracle check: the same numbers from the reference conv2d
-    ref = R.conv2d(x, w, stride=stride, padding=padding, mode=mode) if not (x.shape[0] == 1 and w.shape[0] == 1) \
-        else R.conv1d(x[0], w[0], stride=stride, padding=padding, mode=mode)[None]
-    assert np.allclose(ref, out)
     return {"mode": mode, "padding": padding, "stride": stride, "input": x.tolist(), "kernel": w.tolist(),
             "kernel_used": k.tolist(), "padded_input": xp.tolist(), "output": out.tolist(),
             "output_shape": [oh, ow], "steps": steps}
