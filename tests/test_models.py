@@ -17,6 +17,7 @@ SEEDS = {  # name: (input, classes, published total parameters)
     "seed-mnist-torch": ("1x28x28", 10, 3_274_634),
     "seed-cifar10": ("3x32x32", 10, 2_397_226),
     "seed-patch64": ("3x64x64", 5, 30_485),
+    "mnist-examples": ("1x28x28", 10, 1_199_882),  # pytorch/examples mnist/main.py's Net
 }
 
 

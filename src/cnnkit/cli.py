@@ -62,42 +62,16 @@ def load_model_arg(model: str, input_shape: tuple[int, ...] | None, num_classes:
     return build_model(spec, num_classes, in_channels=c, image_size=(h, w))
 
 
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    import csv
-    import io
-
-    from .utils import write_text_atomic
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
-
-
 def cmd_evaluate(args) -> int:
     from . import evaluate as ev
-    from . import report
     from .modelfile import load_model, resolve_model_path
-    from .utils import write_text_atomic
+    from .report import evaluate_and_report
 
     model, meta = load_model(args.model)
     split, names = ev.load_split_for(meta, args.data, args.split, args.data_dir)
-    metrics, _ = ev.evaluate(model, meta, split, names, tta=args.tta)
     out = Path(args.out) if args.out else resolve_model_path(args.model).parent / f"evaluate-{args.split}"
-    out.mkdir(parents=True, exist_ok=True)
-    cm = metrics["confusion_matrix"]
-    write_csv(out / "confusion_matrix.csv", ["true \\ predicted", *names], [[n, *row] for n, row in zip(names, cm)])
-    report.plot_confusion_matrix(cm, names, out / "confusion_matrix.png")
-    report.plot_confusion_matrix(metrics["confusion_matrix_normalized"], names, out / "confusion_matrix_normalized.png",
-                                 normalized=True)
-    mis = metrics["misclassified"]
-    write_csv(out / "misclassified.csv", ["path", "index", "true", "predicted", "probability", "loss"],
-              [[m["path"], m["index"], m["true"], m["predicted"], f"{m['probability']:.6f}", f"{m['loss']:.6f}"]
-               for m in mis])
-    report.plot_misclassified(split.images, mis[:36], out / "misclassified.png")
-    report.plot_reliability(metrics["reliability"], metrics["ece"], out / "reliability.png")
-    metrics.update({"split": args.split, "data": args.data, "out": str(out)})
-    write_text_atomic(out / "evaluation.json", json.dumps(metrics, indent=2))
+    metrics, files = evaluate_and_report(model, meta, split, out, data_name=args.data, split_name=args.split, tta=args.tta)
+    metrics["files"] = {k: str(v) for k, v in files.items()}
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -114,14 +88,32 @@ def cmd_evaluate(args) -> int:
         print(f"{avg + ' avg':<{width}} {v['precision']:9.4f} {v['recall']:7.4f} {v['f1']:7.4f} {metrics['n']:8d}")
     if metrics["most_confused"]:
         print("most confused: " + ", ".join(f"{m['true']}→{m['predicted']} ({m['count']})" for m in metrics["most_confused"][:5]))
-    print(f"wrote confusion matrix, misclassified gallery and reliability diagram to {out}")
+    print(f"report: {files['report']} (confusion matrix, misclassified gallery and reliability diagram in {out})")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .modelfile import load_model
+    from .report import explain_to_folder
+
+    model, meta = load_model(args.model)
+    out = Path(args.out) if args.out else Path(f"explain-{Path(args.image).stem}")
+    info = explain_to_folder(model, meta, args.image, out, class_name=args.class_name)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['image']}: " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in info["top"][:3]))
+    print(f"first-layer kernels {'x'.join(map(str, info['kernels_shape']))}: {info['files']['kernels']}")
+    for layer in info["feature_maps"]:
+        print(f"feature maps of {layer['name']} ({'x'.join(map(str, layer['shape']))}): {layer['file']}")
+    print(f"Grad-CAM on {info['gradcam_layer']['name']} for {', '.join(info['gradcam_classes'])}: {info['files']['gradcam']}")
     return 0
 
 
 def cmd_predict(args) -> int:
     from .evaluate import predict_files
     from .modelfile import load_model
-    from .utils import write_text_atomic
+    from .utils import write_csv, write_text_atomic
 
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         raise CnnkitError("--min-confidence must be a probability between 0 and 1")
@@ -338,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tta", action="store_true", help="test-time augmentation")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+    xp = sub.add_parser("explain", help="first-layer kernels, feature maps and a Grad-CAM heatmap for one image")
+    xp.add_argument("model", help="model file or run folder")
+    xp.add_argument("image", help="an image file")
+    xp.add_argument("--out", default=None, help="output folder (default: explain-<image name>)")
+    xp.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                    help="also draw the heatmap for this class (default: the predicted class only)")
+    xp.add_argument("--json", action="store_true")
+    xp.set_defaults(func=cmd_explain)
 
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("--json", action="store_true")

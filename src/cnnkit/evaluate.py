@@ -137,11 +137,11 @@ def probabilities(model: torch.nn.Module, meta: dict, images: torch.Tensor, tta:
     if not tta:
         logits = predict_logits(model, images, norm, device, batch_size=batch_size)
         return F.softmax(logits / temperature, dim=1).numpy().astype(np.float64)
-    hflip = meta.get("tta", {}).get("hflip", True)
+    hflip, shift = meta.get("tta", {}).get("hflip", True), meta.get("tta", {}).get("shift_pixels", 2)
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        views = tta_views(norm(images[i:i + batch_size].to(device)), hflip)
+        views = tta_views(norm(images[i:i + batch_size].to(device)), hflip, shift)
         out.append(torch.stack([F.softmax(model(v).float() / temperature, dim=1) for v in views]).mean(0).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 

@@ -90,19 +90,88 @@ def plot_confusion_matrix(cm, class_names: list[str], path: str | Path, normaliz
     return save_figure(fig, path)
 
 
-def plot_misclassified(images, rows: list[dict], path: str | Path, columns: int = 6) -> Path:
-    """The worst mistakes: each image titled true -> predicted (probability)."""
+def show_image(ax, img, heatmap=None) -> None:
+    """A uint8 image (C, H, W) on an axis, with a Grad-CAM heatmap (H, W) in [0, 1] over it if given."""
+    img = img.numpy()  # matplotlib wants NumPy arrays, not tensors
+    ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None,
+              vmin=0, vmax=255)
+    if heatmap is not None:
+        ax.imshow(heatmap.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_misclassified(images, rows: list[dict], path: str | Path, columns: int = 6, heatmaps=None) -> Path:
+    """The worst mistakes: each image titled true -> predicted (probability); with `heatmaps` (one
+    (H, W) map per row), each image is followed by its Grad-CAM for the predicted class."""
     n = max(1, len(rows))
-    r = (n + columns - 1) // columns
+    per_item = 1 if heatmaps is None else 2
+    columns -= columns % per_item
+    r = (n * per_item + columns - 1) // columns
     fig, axes = plt.subplots(r, columns, figsize=(columns * 1.9, r * 2.2), dpi=100, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, row in zip(axes.ravel(), rows):
+    cells = iter(axes.ravel())
+    for i, row in enumerate(rows):
         img = images[row["index"]]  # (C, H, W) uint8
-        ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None)
+        ax = next(cells)
+        ax.axis("on")
+        show_image(ax, img)
         ax.set_title(f"{row['true']} → {row['predicted']}\n{row['probability']:.2f}", fontsize=8)
+        if heatmaps is not None:
+            ax = next(cells)
+            ax.axis("on")
+            show_image(ax, img, heatmaps[i])
+            ax.set_title(f"Grad-CAM\n{row['predicted']}", fontsize=8)
     if not rows:
         axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center")
+    return save_figure(fig, path)
+
+
+def plot_kernels(weights, path: str | Path, max_kernels: int = 64) -> Path:
+    """First-layer kernels (F, C, kh, kw): in colour for RGB input, else grey (averaged over input
+    channels), each scaled to its own range, as the notes show AlexNet's edge and colour detectors."""
+    w = weights[:max_kernels].float()
+    n = len(w)
+    cols = min(8, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.2 + 0.4), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, (ax, k) in enumerate(zip(axes.ravel(), w)):
+        k = (k - k.min()) / (k.max() - k.min()).clamp_min(1e-12)
+        ax.imshow((k.permute(1, 2, 0) if k.shape[0] == 3 else k.mean(0)).numpy(), cmap=None if k.shape[0] == 3 else "gray",
+                  interpolation="nearest")
+        ax.set_title(str(i), fontsize=7)
+    fig.suptitle(f"first-layer kernels: {weights.shape[0]} of {weights.shape[1]}x{weights.shape[2]}x{weights.shape[3]}",
+                 fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_feature_maps(maps, title: str, path: str | Path, max_channels: int = 16) -> Path:
+    """One layer's output (C, H, W) for one image: the channels with the highest mean activation."""
+    order = maps.flatten(1).mean(1).argsort(descending=True)[:max_channels]
+    cols = min(8, len(order))
+    rows = (len(order) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.45 + 0.4), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, c in zip(axes.ravel(), order.tolist()):
+        ax.imshow(maps[c].numpy(), cmap="viridis")
+        ax.set_title(f"ch {c}", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_gradcam(image, heatmaps: dict[str, object], path: str | Path) -> Path:
+    """The input, then the Grad-CAM heatmap over it for each named class."""
+    n = 1 + len(heatmaps)
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.3), dpi=100, squeeze=False)
+    show_image(axes[0, 0], image)
+    axes[0, 0].set_title("input", fontsize=9)
+    for ax, (label, heat) in zip(axes[0, 1:], heatmaps.items()):
+        show_image(ax, image, heat)
+        ax.set_title(f"Grad-CAM: {label}", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -120,3 +189,137 @@ def plot_reliability(rows: list[dict], ece: float, path: str | Path) -> Path:
     ax.set_title(f"reliability diagram (ECE {ece:.4f})")
     ax.legend(loc="upper left", fontsize=8)
     return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- an evaluation's files
+GALLERY_SIZE = 24  # mistakes drawn in misclassified.png (misclassified.csv lists up to 50)
+
+
+def gallery_heatmaps(model, meta: dict, images, rows: list[dict]):
+    """Grad-CAM for the predicted class of each gallery image, or None for a model without convolutions."""
+    import torch
+
+    from . import explain
+    from .errors import CnnkitError
+    from .evaluate import normalizer_of
+    if not rows:
+        return None
+    device = next(model.parameters()).device
+    x = normalizer_of(meta)(images[torch.tensor([r["index"] for r in rows])]).to(device)
+    names = meta["class_names"]
+    try:
+        heat, _ = explain.gradcam(model.eval(), x, torch.tensor([names.index(r["predicted"]) for r in rows]))
+    except CnnkitError:  # linear, MLP and SVM models: nothing spatial to explain
+        return None
+    return heat.cpu()
+
+
+def write_evaluation(out: str | Path, model, meta: dict, split, metrics: dict) -> dict[str, Path]:
+    """The files of an evaluation: confusion matrix (PNG, row-normalized PNG, CSV), the misclassified
+    gallery with Grad-CAM heatmaps (PNG) and list (CSV), the reliability diagram. {name: path}."""
+    from .utils import write_csv
+    out = Path(out)
+    names = meta["class_names"]
+    cm = metrics["confusion_matrix"]
+    files = {"confusion_matrix_csv": out / "confusion_matrix.csv", "misclassified_csv": out / "misclassified.csv"}
+    write_csv(files["confusion_matrix_csv"], ["true \\ predicted", *names], [[n, *row] for n, row in zip(names, cm)])
+    mis = metrics["misclassified"]
+    write_csv(files["misclassified_csv"], ["path", "index", "true", "predicted", "probability", "loss"],
+              [[m["path"], m["index"], m["true"], m["predicted"], f"{m['probability']:.6f}", f"{m['loss']:.6f}"]
+               for m in mis])
+    files["confusion_matrix"] = plot_confusion_matrix(cm, names, out / "confusion_matrix.png")
+    files["confusion_matrix_normalized"] = plot_confusion_matrix(
+        metrics["confusion_matrix_normalized"], names, out / "confusion_matrix_normalized.png", normalized=True)
+    gallery = mis[:GALLERY_SIZE]
+    files["misclassified"] = plot_misclassified(split.images, gallery, out / "misclassified.png", columns=6,
+                                                heatmaps=gallery_heatmaps(model, meta, split.images, gallery))
+    files["reliability"] = plot_reliability(metrics["reliability"], metrics["ece"], out / "reliability.png")
+    return files
+
+
+def evaluate_and_report(model, meta: dict, split, out: str | Path, *, data_name: str, split_name: str = "test",
+                        tta: bool = False, device=None, title: str | None = None) -> tuple[dict, dict[str, Path]]:
+    """Evaluate `model` on `split` and write everything into `out`: the files of write_evaluation,
+    curves.png (when the model file holds a training history), evaluation.json and report.html.
+    Returns (metrics, {name: path})."""
+    import json
+    import time
+
+    import torch
+
+    from .evaluate import evaluate
+    from .models.summary import summary
+    from .report_html import environment, write_report
+    from .utils import write_text_atomic
+    device = device or next(model.parameters()).device
+    out = Path(out)
+    t0 = time.perf_counter()
+    metrics, _ = evaluate(model, meta, split, meta["class_names"], device=torch.device(device), tta=tta)
+    evaluate_seconds = time.perf_counter() - t0
+    files = write_evaluation(out, model, meta, split, metrics)
+    arch = meta["architecture"].get("name") or meta["architecture"].get("kind", "model")
+    if meta.get("history"):
+        files["curves"] = plot_curves(meta["history"], out / "curves.png", title=f"{arch} on {data_name}")
+    metrics.update({"split": split_name, "data": data_name, "out": str(out), "evaluate_seconds": evaluate_seconds})
+    files["evaluation_json"] = out / "evaluation.json"
+    write_text_atomic(files["evaluation_json"], json.dumps(metrics, indent=2))
+    training = meta.get("metrics", {})
+    files["report"] = write_report(
+        out / "report.html", title=title or f"{arch} on {data_name}: {split_name} split",
+        model_info=summary(model), meta=meta, evaluation=metrics, files=files,
+        timing={"train_seconds": training.get("train_seconds"), "evaluate_seconds": evaluate_seconds},
+        env={**environment(str(device)), **({"precision (training)": training["precision"]} if "precision" in training else {})})
+    return metrics, files
+
+
+def explain_to_folder(model, meta: dict, image_path: str | Path, out: str | Path,
+                      class_name: str | None = None, top_k: int = 5) -> dict:
+    """`cnnkit explain`: kernels.png, one feature-map figure per conv layer (or stage), gradcam.png
+    and explain.json in `out`, for one image file. Returns explain.json's dict."""
+    import json
+    import re
+
+    import torch
+
+    from .data.folder import decode_image
+    from .errors import CnnkitError
+    from .explain import explain_image
+    from .utils import write_text_atomic
+    inp, names = meta["input"], meta["class_names"]
+    if inp["height"] != inp["width"]:
+        raise CnnkitError("explain supports square model inputs only")
+    class_index = None
+    if class_name is not None:
+        if class_name not in names:
+            raise CnnkitError(f"--class {class_name!r} is not one of the model's classes: {', '.join(names[:20])}"
+                              + (" ..." if len(names) > 20 else ""))
+        class_index = names.index(class_name)
+    try:
+        image = torch.from_numpy(decode_image(str(image_path), inp["height"], inp["channels"]).copy())  # (C, H, W) uint8
+    except FileNotFoundError:
+        raise CnnkitError(f"no such image file: {image_path}") from None
+    except Exception as e:  # any decoder failure: the user's file, not our bug
+        raise CnnkitError(f"cannot read {image_path} as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    result = explain_image(model.eval(), meta, image, class_index)
+    out = Path(out)
+    probs = result["probabilities"]
+    top = probs.topk(min(top_k, len(names)))
+    predicted = names[result["predicted"]]
+    files = {"kernels": plot_kernels(result["kernels"], out / "kernels.png")}
+    layers = []
+    for i, (site, maps) in enumerate(result["layers"], 1):
+        title = f"layer {site.name}: {maps.shape[0]} maps of {maps.shape[1]}x{maps.shape[2]} (most active shown)"
+        file = plot_feature_maps(maps, title, out / f"feature_maps_{i}_{re.sub(r'[^A-Za-z0-9]+', '_', site.name)}.png")
+        layers.append({"name": site.name, "shape": list(site.shape), "file": str(file)})
+    heat = {f"{names[c]} ({probs[c]:.2f})": h for c, h in result["heatmaps"].items()}
+    files["gradcam"] = plot_gradcam(image, heat, out / "gradcam.png")
+    site = result["gradcam_site"]
+    info = {"image": str(image_path), "predicted": predicted, "probability": float(probs[result["predicted"]]),
+            "top": [{"label": names[i], "probability": float(p)} for p, i in zip(top.values.tolist(), top.indices.tolist())],
+            "gradcam_classes": [names[c] for c in result["heatmaps"]],
+            "gradcam_layer": {"name": site.name, "shape": list(site.shape)},
+            "kernels_shape": list(result["kernels"].shape), "feature_maps": layers,
+            "files": {"kernels": str(files["kernels"]), "gradcam": str(files["gradcam"]),
+                      "json": str(out / "explain.json")}}
+    write_text_atomic(out / "explain.json", json.dumps(info, indent=2))
+    return info

@@ -261,8 +261,9 @@ def model_meta(model: nn.Module, ds: Dataset, norm: Normalizer, cfg: TrainConfig
         "input": dict(zip(("channels", "height", "width"), ds.input_shape)),
         "preprocessing": {"resize": RESIZE_METHOD, "scale": 255, "mean": norm.mean, "std": norm.std},
         "training": cfg.to_dict(),
-        # Test-time augmentation mirrors images unless that changes the class (digits).
-        "tta": {"hflip": ds.name not in ("mnist", "digits"), "shift_pixels": 2},
+        # Test-time augmentation mirrors images unless that changes the class (digits), and shifts
+        # them by 1/14 of their side: the notes' 2 pixels on 28x28, 1 on 8x8 digits, 16 on 224x224.
+        "tta": {"hflip": ds.name not in ("mnist", "digits"), "shift_pixels": max(1, round(min(ds.input_shape[1:]) / 14))},
         "data": {"name": ds.name, "source": ds.source, "sizes": ds.sizes(), "test_source": ds.test_source,
                  "skipped": [list(x) for x in ds.skipped]},
     }
@@ -447,16 +448,24 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
     metrics.update({"test_split": ds.test_source, "best_epoch": best_epoch, "val_accuracy": best_val,
                     "train_seconds": sum(r["seconds"] for r in history), "device": device.type, "precision": precision,
                     "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
-    meta["metrics"] = metrics
+    meta["metrics"], meta["history"] = metrics, history
     save_model(run_dir / MODEL_FILE, best, meta)
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    from .report import plot_curves  # matplotlib is imported only when a run ends: faster start-up
-    plot_curves(history, run_dir / "curves.png", title=f"{spec.get('name')} on {ds.name}")
+    report_files = write_run_report(run_dir, best, meta, ds, device)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is complete: model.safetensors is the result
     top5 = f", top-5 {metrics['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in metrics else ""
     log(f"test accuracy {metrics['test_accuracy']:.4f}{top5} on {metrics['test_n']} {ds.test_source} images "
-        f"(best epoch {best_epoch}); run folder {run_dir}")
+        f"(best epoch {best_epoch}); report {report_files['report']}")
     return RunResult(run_dir, best, ds, history, metrics, cfg, meta)
+
+
+def write_run_report(run_dir: Path, model: nn.Module, meta: dict, ds: Dataset, device: torch.device) -> dict:
+    """The end of every run: the test split evaluated (with and without TTA) into the run folder,
+    with report.html. matplotlib is imported only here: faster start-up."""
+    from .report import evaluate_and_report
+    _, files = evaluate_and_report(model, meta, ds.test, run_dir, data_name=ds.name, split_name=ds.test_source,
+                                   tta=True, device=device)
+    return files
 
 
 def train_svm(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None], quiet: bool) -> RunResult:
@@ -465,8 +474,6 @@ def train_svm(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None], quiet
     A linear SVM is a linear model, so its weights go into the `linear` spec network
     (flatten -> dense): the model file, evaluate, predict and calibration all work unchanged."""
     from sklearn.svm import LinearSVC
-
-    from .report import plot_curves
 
     spec = get_spec("linear")
     ds = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
@@ -497,14 +504,15 @@ def train_svm(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None], quiet
     metrics.update({"test_split": ds.test_source, "best_epoch": 1, "val_accuracy": val["accuracy"],
                     "train_seconds": seconds, "device": "cpu", "precision": "fp64 (scikit-learn)",
                     "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
-    meta = {**model_meta(model, ds, norm, cfg), "metrics": metrics,
+    meta = {**model_meta(model, ds, norm, cfg), "metrics": metrics, "history": history,
             "calibration": fitted_calibration(model, ds, norm, device)}
+    meta["architecture"]["name"] = "linear SVM"
     save_model(run_dir / MODEL_FILE, model, meta)
     write_history(run_dir / "history.csv", history)
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    plot_curves(history, run_dir / "curves.png", title=f"linear SVM on {ds.name}")
+    report_files = write_run_report(run_dir, model, meta, ds, device)
     log(f"test accuracy {metrics['test_accuracy']:.4f} on {metrics['test_n']} {ds.test_source} images "
-        f"(linear SVM, {seconds:.1f} s); run folder {run_dir}")
+        f"(linear SVM, {seconds:.1f} s); report {report_files['report']}")
     return RunResult(run_dir, model, ds, history, metrics, cfg, meta)
 
 

@@ -1,4 +1,4 @@
-"""Small helpers shared by every module: atomic writes and file hashing."""
+"""Small helpers shared by every module: atomic writes (text and CSV) and file hashing."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +29,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_csv(path: str | os.PathLike, header: list[str], rows: list[list]) -> None:
+    import csv
+    import io
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def hash_bytes(data: bytes, algorithm: str = "md5") -> str:

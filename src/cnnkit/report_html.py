@@ -1,0 +1,215 @@
+"""report.html: one self-contained page per run or evaluation.
+
+Every picture is embedded as a base64 PNG and the style is inline, so the file opens offline, can be
+mailed or attached to an issue, and needs no server. No JavaScript. The layout is one column that
+narrows to a phone's width; wide tables scroll sideways inside their own box.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import os
+import platform
+import statistics
+from datetime import datetime
+from pathlib import Path
+
+from . import __version__
+from .utils import write_text_atomic
+
+STYLE = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1b1f24;margin:0 auto;max-width:1000px;padding:12px}
+h1{font-size:1.45em;margin:.3em 0}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #d0d7de;padding-bottom:.2em}
+img{max-width:100%;height:auto;display:block;margin:.5em 0}
+.scroll{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;font-size:.9em;margin:.4em 0}
+th,td{padding:3px 8px;border-bottom:1px solid #eaeef2;text-align:right;white-space:nowrap}
+th.text,td.text{text-align:left}
+th.wrap,td.wrap{white-space:normal;overflow-wrap:anywhere;min-width:12em;text-align:left}
+.cards{display:flex;flex-wrap:wrap;gap:8px}
+.card{flex:1 1 130px;border:1px solid #d0d7de;border-radius:6px;padding:6px 10px}
+.card b{display:block;font-size:1.3em}
+.muted{color:#57606a;font-size:.9em}
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def image_tag(path: str | Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
+
+
+def table(header: list[str], rows: list[list], text_columns: tuple[int, ...] = (0,),
+          wrap_columns: tuple[int, ...] = ()) -> str:
+    """An HTML table: numbers right-aligned, text_columns left-aligned, wrap_columns (long paths)
+    allowed to wrap inside a column at least 12em wide."""
+    def cls(i: int) -> str:
+        names = [n for n, cols in (("text", text_columns), ("wrap", wrap_columns)) if i in cols]
+        return f' class="{" ".join(names)}"' if names else ""
+    head = "".join(f"<th{cls(i)}>{esc(h)}</th>" for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f"<td{cls(i)}>{esc(v)}</td>" for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def relative(path: str, root: str) -> str:
+    """A file's path inside the dataset folder: short enough to read on a phone."""
+    try:
+        return str(Path(path).relative_to(root)) if path and root else path
+    except ValueError:
+        return path
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def environment(device: str = "cpu") -> dict:
+    """Versions and hardware, as a reader needs them to reproduce a figure."""
+    import numpy
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    env = {"cnnkit": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+           "python": platform.python_version(), "os": platform.platform(), "cpu": cpu,
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def write_report(path: str | Path, *, title: str, model_info: dict, meta: dict, evaluation: dict,
+                 files: dict[str, Path], timing: dict, env: dict) -> Path:
+    """Write report.html. model_info: models.summary's dict; meta: the model file's metadata (config,
+    data, history, calibration); evaluation: evaluate.evaluate's metrics plus 'split' and 'data';
+    files: PNGs by name (curves, confusion_matrix, confusion_matrix_normalized, misclassified,
+    reliability); timing: {train_seconds, evaluate_seconds, ...}."""
+    ev, names = evaluation, meta["class_names"]
+    data, cfg = meta.get("data", {}), meta.get("training", {})
+    arch = meta["architecture"].get("name") or meta["architecture"].get("kind", "model")
+    parts = [f"<h1>{esc(title)}</h1>",
+             f'<p class="muted">{esc(arch)} · {len(names)} classes · input {esc("x".join(str(meta["input"][k]) for k in ("channels", "height", "width")))}'
+             f' · {esc(ev.get("split", "test"))} split of {esc(ev.get("data", data.get("name", "")))} ({ev["n"]:,} images)'
+             f' · written {datetime.now().strftime("%Y-%m-%d %H:%M")} by cnnkit {esc(__version__)}</p>']
+
+    cards = [("accuracy", pct(ev["accuracy"]))]
+    if "tta_accuracy" in ev:
+        cards.append(("accuracy with TTA", pct(ev["tta_accuracy"])))
+    if "top5_accuracy" in ev:
+        cards.append(("top-5 accuracy", pct(ev["top5_accuracy"])))
+    cards += [("macro F1", f'{ev["averages"]["macro"]["f1"]:.4f}'),
+              ("ECE (calibrated)", f'{ev["ece"]:.4f}'),
+              ("parameters", f'{model_info["parameters"]:,}')]
+    if timing.get("train_seconds") is not None:
+        cards.append(("training time", f'{timing["train_seconds"]:.1f} s'))
+    parts.append('<div class="cards">' + "".join(f'<div class="card">{esc(k)}<b>{esc(v)}</b></div>' for k, v in cards) + "</div>")
+
+    # -- metrics
+    parts.append("<h2>Per-class metrics</h2>")
+    rows = [[c["class"], f'{c["precision"]:.4f}', f'{c["recall"]:.4f}', f'{c["f1"]:.4f}', c["support"]] for c in ev["per_class"]]
+    rows += [[f"{k} avg", f'{v["precision"]:.4f}', f'{v["recall"]:.4f}', f'{v["f1"]:.4f}', ev["n"]] for k, v in ev["averages"].items()]
+    parts.append(table(["class", "precision", "recall", "F1", "support"], rows))
+    if "tta_accuracy" in ev:
+        tta = meta.get("tta", {})
+        parts.append(f'<p>Test-time augmentation (the image{", its mirror" if tta.get("hflip", True) else ""} '
+                     f'and four {tta.get("shift_pixels", 2)}-pixel shifts, softmax averaged): accuracy {pct(ev["tta_accuracy"])} '
+                     f'against {pct(ev["accuracy"])} without.</p>')
+
+    parts.append("<h2>Confusion matrix</h2>")
+    parts.append('<p class="muted">Rows: true class; columns: predicted. Counts, then each row divided by its total (recall on the diagonal).</p>')
+    for key in ("confusion_matrix", "confusion_matrix_normalized"):
+        if key in files:
+            parts.append(image_tag(files[key], key.replace("_", " ")))
+    if ev["most_confused"]:
+        parts.append("<p>Most confused pairs:</p>" + table(["true", "predicted as", "count"],
+                                                          [[m["true"], m["predicted"], m["count"]] for m in ev["most_confused"]],
+                                                          text_columns=(0, 1)))
+
+    parts.append("<h2>Misclassified</h2>")
+    mis = ev["misclassified"]
+    if mis:
+        parts.append(f'<p class="muted">The {min(len(mis), 24)} worst mistakes by loss, each beside its Grad-CAM heatmap for the '
+                     'predicted class (where the network found its evidence). The table lists up to 50.</p>')
+        if "misclassified" in files:
+            parts.append(image_tag(files["misclassified"], "misclassified gallery"))
+        parts.append(table(["#", "true", "predicted", "probability", "loss", f"file (in {data.get('source', '')})"],
+                           [[m["index"], m["true"], m["predicted"], f'{m["probability"]:.3f}', f'{m["loss"]:.3f}',
+                             relative(m["path"], data.get("source", "")) or "–"] for m in mis],
+                           text_columns=(1, 2), wrap_columns=(5,)))
+    else:
+        parts.append("<p>No mistakes on this split.</p>")
+
+    parts.append("<h2>Calibration</h2>")
+    parts.append(f'<p>Temperature {ev["temperature"]:.3f} (fitted on the validation split at the end of training): expected '
+                 f'calibration error {ev["ece"]:.4f}, against {ev["ece_uncalibrated"]:.4f} before scaling (15 equal-width bins). '
+                 'A calibrated model that says 0.8 is right 80% of the time.</p>')
+    if "reliability" in files:
+        parts.append(image_tag(files["reliability"], "reliability diagram"))
+
+    # -- training
+    history = meta.get("history") or []
+    parts.append("<h2>Training</h2>")
+    if "curves" in files:
+        parts.append(image_tag(files["curves"], "training curves"))
+    if history:
+        parts.append(table(["epoch", "train loss", "train acc", "val loss", "val acc", "lr", "seconds"],
+                           [[r["epoch"], f'{r["train_loss"]:.4f}', f'{r["train_acc"]:.4f}', f'{r["val_loss"]:.4f}',
+                             f'{r["val_acc"]:.4f}', f'{r["lr"]:.3g}', f'{r["seconds"]:.1f}'] for r in history]))
+    if cfg:
+        parts.append("<details><summary>configuration</summary>" +
+                     table(["field", "value"], [[k, v] for k, v in cfg.items()], wrap_columns=(1,)) + "</details>")
+    if meta.get("pretrained"):
+        p = meta["pretrained"]
+        parts.append(f'<p>Pretrained weights: {esc(p.get("source"))} ({p.get("loaded_tensors")} tensors).</p>')
+
+    parts.append("<h2>Model</h2>")
+    parts.append(table(["#", "layer", "output shape", "params", "mult-adds"],
+                       [[l["index"], l["layer"], "x".join(map(str, l["output_shape"])), f'{l["params"]:,}',
+                         f'{l["macs"]:,}' if l["macs"] else ""] for l in model_info["layers"]], text_columns=(1,)))
+    parts.append(f'<p>{model_info["parameters"]:,} parameters ({model_info["trainable_params"]:,} trainable, counting '
+                 f'BatchNorm statistics as the notes do: {model_info["total_params"]:,} in all); '
+                 f'{model_info["macs_per_image"]:,} multiply-adds per image.</p>')
+
+    parts.append("<h2>Data</h2>")
+    sizes = data.get("sizes", {})
+    parts.append(table(["split", "images"], [[k, f"{v:,}"] for k, v in sizes.items()]))
+    parts.append(f'<p>Source: {esc(data.get("source", "?"))}.'
+                 + (" The data has no test split: test figures are on the validation split." if data.get("test_source") == "val" else "")
+                 + "</p>")
+    skipped = data.get("skipped") or []
+    if skipped:
+        parts.append(f"<p>{len(skipped)} file(s) skipped because they could not be decoded:</p>"
+                     + table(["file", "reason"], skipped, text_columns=(), wrap_columns=(0, 1)))
+    else:
+        parts.append("<p>No files were skipped.</p>")
+
+    parts.append("<h2>Timing</h2>")
+    seconds = [r["seconds"] for r in history]
+    trow = []
+    if timing.get("train_seconds") is not None:
+        trow.append(["training", f'{timing["train_seconds"]:.1f} s'])
+    if seconds:
+        trow.append(["median epoch", f"{statistics.median(seconds):.2f} s"])
+        if sizes.get("train"):
+            trow.append(["training throughput", f'{sizes["train"] / statistics.median(seconds):,.0f} images/s'])
+    if timing.get("evaluate_seconds") is not None:
+        trow.append(["this evaluation", f'{timing["evaluate_seconds"]:.1f} s for {ev["n"]:,} images'
+                     + (" (with TTA)" if "tta_accuracy" in ev else "")])
+    parts.append(table(["what", "time"], trow))
+
+    parts.append("<h2>Environment</h2>")
+    parts.append(table(["component", "value"], [[k, v] for k, v in env.items()], wrap_columns=(1,)))
+
+    page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
+            + "\n".join(parts) + "</body></html>\n")
+    path = Path(path)
+    write_text_atomic(path, page)
+    return path
