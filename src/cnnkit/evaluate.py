@@ -157,13 +157,16 @@ def probabilities(model: torch.nn.Module, meta: dict, images: torch.Tensor, tta:
 
 
 def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list[str],
-             device: torch.device = torch.device("cpu"), tta: bool = False) -> tuple[dict, np.ndarray]:
+             device: torch.device = torch.device("cpu"), tta: bool = False,
+             logits: torch.Tensor | None = None) -> tuple[dict, np.ndarray]:
     """(metrics, probabilities (N, K)) of `model` on `split`, in fp32, with the model file's
-    temperature. Also reports ECE before temperature scaling, and with tta the TTA accuracy beside."""
+    temperature. Also reports ECE before temperature scaling, and with tta the TTA accuracy beside.
+    logits: the split's fp32 logits when the caller has them already (train's test pass)."""
     labels = split.labels.numpy()
     temperature = meta.get("calibration", {}).get("temperature", 1.0)
     model = model.eval().to(memory_format=torch.channels_last)
-    logits = predict_logits(model, split.images, normalizer_of(meta), device, channels_last=True)  # one pass, both calibrations
+    if logits is None:  # one pass serves both calibrations
+        logits = predict_logits(model, split.images, normalizer_of(meta), device, channels_last=True)
     raw = F.softmax(logits, dim=1).numpy().astype(np.float64)
     probs = F.softmax(logits / temperature, dim=1).numpy().astype(np.float64)
     metrics = classification_metrics(probs, labels, class_names)

@@ -198,13 +198,14 @@ def explain_image(model: nn.Module, meta: dict, image: torch.Tensor, class_index
     x = normalizer_of(meta)(image[None])  # (1, C, H, W) float
     sites = trace(model, tuple(x.shape[1:]))
     target = gradcam_site(sites)
+    geometry = grid_geometry(model, tuple(x.shape[1:]), target)  # measured once for both heatmaps
     temperature = meta.get("calibration", {}).get("temperature", 1.0)
-    heat, logits = gradcam(model, x, site=target)
+    heat, logits = gradcam(model, x, site=target, geometry=geometry)
     probs = F.softmax(logits[0] / temperature, dim=0)
     predicted = int(probs.argmax())
     heatmaps = {predicted: heat[0]}
     if class_index is not None and class_index != predicted:
-        heatmaps[class_index] = gradcam(model, x, torch.tensor([class_index]), site=target)[0][0]
+        heatmaps[class_index] = gradcam(model, x, torch.tensor([class_index]), site=target, geometry=geometry)[0][0]
     layers = conv_layers(sites)
     return {"probabilities": probs, "predicted": predicted, "kernels": first_conv(model).weight.detach().float().cpu(),
             "layers": list(zip(layers, feature_maps(model, x, layers))), "gradcam_site": target, "heatmaps": heatmaps}

@@ -238,10 +238,11 @@ def write_evaluation(out: str | Path, model, meta: dict, split, metrics: dict) -
 
 
 def evaluate_and_report(model, meta: dict, split, out: str | Path, *, data_name: str, split_name: str = "test",
-                        tta: bool = False, device=None, title: str | None = None) -> tuple[dict, dict[str, Path]]:
+                        tta: bool = False, device=None, title: str | None = None,
+                        logits=None) -> tuple[dict, dict[str, Path]]:
     """Evaluate `model` on `split` and write everything into `out`: the files of write_evaluation,
     curves.png (when the model file holds a training history), evaluation.json and report.html.
-    Returns (metrics, {name: path})."""
+    logits: the split's fp32 logits if already computed. Returns (metrics, {name: path})."""
     import json
     import time
 
@@ -254,7 +255,7 @@ def evaluate_and_report(model, meta: dict, split, out: str | Path, *, data_name:
     device = device or next(model.parameters()).device
     out = Path(out)
     t0 = time.perf_counter()
-    metrics, _ = evaluate(model, meta, split, meta["class_names"], device=torch.device(device), tta=tta)
+    metrics, _ = evaluate(model, meta, split, meta["class_names"], device=torch.device(device), tta=tta, logits=logits)
     evaluate_seconds = time.perf_counter() - t0
     files = write_evaluation(out, model, meta, split, metrics)
     arch = meta["architecture"].get("name") or meta["architecture"].get("kind", "model")

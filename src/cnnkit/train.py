@@ -443,8 +443,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
     # The best model, tested on the held-out split (in fp32: the figure users will quote).
     best, _ = load_model(run_dir / MODEL_FILE, device)
     best = best.to(memory_format=torch.channels_last)  # faster fp32 inference too (evaluate.probabilities)
-    test = metrics_from_logits(predict_logits(best, ds.test.images, norm, device, "fp32", channels_last=True),
-                               ds.test.labels)
+    test_logits = predict_logits(best, ds.test.images, norm, device, "fp32", channels_last=True)  # (N, K)
+    test = metrics_from_logits(test_logits, ds.test.labels)
     metrics = {"test_" + k: v for k, v in test.items()}
     meta["calibration"] = fitted_calibration(best, ds, norm, device)
     metrics.update({"test_split": ds.test_source, "best_epoch": best_epoch, "val_accuracy": best_val,
@@ -453,7 +453,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
     meta["metrics"], meta["history"] = metrics, history
     save_model(run_dir / MODEL_FILE, best, meta)
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    report_files = write_run_report(run_dir, best, meta, ds, device)
+    report_files = write_run_report(run_dir, best, meta, ds, device, test_logits)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is complete: model.safetensors is the result
     top5 = f", top-5 {metrics['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in metrics else ""
     log(f"test accuracy {metrics['test_accuracy']:.4f}{top5} on {metrics['test_n']} {ds.test_source} images "
@@ -461,12 +461,13 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
     return RunResult(run_dir, best, ds, history, metrics, cfg, meta)
 
 
-def write_run_report(run_dir: Path, model: nn.Module, meta: dict, ds: Dataset, device: torch.device) -> dict:
+def write_run_report(run_dir: Path, model: nn.Module, meta: dict, ds: Dataset, device: torch.device,
+                     test_logits: torch.Tensor | None = None) -> dict:
     """The end of every run: the test split evaluated (with and without TTA) into the run folder,
     with report.html. matplotlib is imported only here: faster start-up."""
     from .report import evaluate_and_report
     _, files = evaluate_and_report(model, meta, ds.test, run_dir, data_name=ds.name, split_name=ds.test_source,
-                                   tta=True, device=device)
+                                   tta=True, device=device, logits=test_logits)
     return files
 
 
@@ -499,7 +500,8 @@ def train_svm(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None], quiet
         model.head.bias.copy_(bias)
     device = torch.device("cpu")
     val = metrics_from_logits(predict_logits(model, ds.val.images, norm, device), ds.val.labels)
-    test = metrics_from_logits(predict_logits(model, ds.test.images, norm, device), ds.test.labels)
+    test_logits = predict_logits(model, ds.test.images, norm, device)  # (N, K) fp32
+    test = metrics_from_logits(test_logits, ds.test.labels)
     history = [{"epoch": 1, "train_loss": float("nan"), "train_acc": float(svm.score(flat(ds.train.images),
                 ds.train.labels.numpy())), "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": 0.0, "seconds": seconds}]
     metrics = {"test_" + k: v for k, v in test.items()}
@@ -512,7 +514,7 @@ def train_svm(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None], quiet
     save_model(run_dir / MODEL_FILE, model, meta)
     write_history(run_dir / "history.csv", history)
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    report_files = write_run_report(run_dir, model, meta, ds, device)
+    report_files = write_run_report(run_dir, model, meta, ds, device, test_logits)
     log(f"test accuracy {metrics['test_accuracy']:.4f} on {metrics['test_n']} {ds.test_source} images "
         f"(linear SVM, {seconds:.1f} s); report {report_files['report']}")
     return RunResult(run_dir, model, ds, history, metrics, cfg, meta)
