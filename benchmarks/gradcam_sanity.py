@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 import cnnkit
-from cnnkit import evaluate as ev
 from cnnkit import explain as ex
 from cnnkit.models import build_model, get_spec
 
@@ -42,7 +41,7 @@ def main() -> None:
                                                   out=str(Path(tmp) / "run")), quiet=True)
             model, meta = cnnkit.load_model(run.run_dir)
         test = run.dataset.test
-        x = ev.normalizer_of(meta)(test.images[:400])
+        x = cnnkit.Preprocess.from_meta(meta)(test.images[:400])
         labels, masks = test.labels[:400], test.images[:400, 0] > 0
         site = ex.gradcam_site(ex.trace(model, (1, 28, 28)))
         trained = mean_mass(model, x, labels, masks)

@@ -3,7 +3,7 @@ by side in one run, medians of several repeats.
 
   notes : a DataLoader over a TensorDataset of normalized float tensors, batch 64, fp32, Adam 1e-3,
           the network written as a plain nn.Module as in the notes.
-  cnnkit: cnnkit.train.run_epoch (the loop `cnnkit train` runs) with its defaults: uint8 tensors
+  cnnkit: cnnkit.training.run_epoch (the loop `cnnkit train` runs) with its defaults: uint8 tensors
           sliced by a shuffled index, whole-batch normalization, bf16 autocast where the CPU has it,
           channels-last, fused Adam, batch 128.
 
@@ -26,7 +26,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cnnkit import build_model, load_dataset, summary
 from cnnkit.config import TrainConfig
-from cnnkit.train import Normalizer, make_optimizer, pick_precision, run_epoch
+from cnnkit.inference import pick_precision
+from cnnkit.preprocess import Preprocess
+from cnnkit.training import make_optimizer, run_epoch
 
 
 class NotesNet(nn.Module):
@@ -73,9 +75,9 @@ def cnnkit_way(images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int = 
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(TrainConfig(optimizer="adam", lr=1e-3), model) if fused else \
         torch.optim.Adam(model.parameters(), lr=1e-3)
-    norm = Normalizer.fit(images_u8[:5000])
+    norm = Preprocess.fit(images_u8[:5000], channels_last=channels_last)
     precision = pick_precision(precision, torch.device("cpu"))
-    kw = dict(batch_size=batch_size, lr_fn=lambda i: 1e-3, precision=precision, channels_last=channels_last)
+    kw = dict(batch_size=batch_size, lr_fn=lambda i: 1e-3, precision=precision)
     run_epoch(model, opt, images_u8, labels, torch.randperm(len(labels))[: warmup_steps * batch_size], norm, **kw)
     start = time.perf_counter()
     _, _, seen, _ = run_epoch(model, opt, images_u8, labels, torch.randperm(len(labels)), norm, **kw)

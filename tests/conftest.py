@@ -71,3 +71,18 @@ class CodePayload:
     def __reduce__(self):
         import os
         return (os.system, (f"touch {self.marker}",))
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run folders hold the same test metrics and, bit for bit, the same weights."""
+    import json
+
+    import torch
+
+    from cnnkit import load_model
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    for key in ("test_accuracy", "test_loss", "val_accuracy", "best_epoch"):
+        assert ma[key] == mb[key], key
+    wa, wb = load_model(a)[0], load_model(b)[0]
+    for (k, va), vb in zip(wa.state_dict().items(), wb.state_dict().values()):
+        assert torch.equal(va, vb), k

@@ -73,9 +73,7 @@ def test_efficientnet_lite0_package_weights_load_strictly_and_know_ants_from_bee
     model.load_state_dict(lite0_state(), strict=True)
     info = load_pretrained(model, "efficientnet_lite0")
     ds = cnnkit.load_dataset(shared("hymenoptera"), image_size=224)
-    from cnnkit.train import Normalizer
-    norm = Normalizer(info["mean"], info["std"])
-    top = cnnkit.predict_logits(model, ds.val.images, norm, torch.device("cpu")).argmax(1)
+    top = cnnkit.predict_logits(model, ds.val.images, cnnkit.Preprocess(info["mean"], info["std"])).argmax(1)
     ants, bees = top[ds.val.labels == 0], top[ds.val.labels == 1]
     assert (ants == 310).float().mean() > 0.5  # ImageNet class 310: ant
     assert (bees == 309).float().mean() > 0.5  # ImageNet class 309: bee

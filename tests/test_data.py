@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import io
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,59 @@ def test_unknown_dataset_and_model_list_the_known_ones():
     assert "mnist, fashion-mnist, cifar10, digits" in r.stderr
     r = run_cli("train", "--model", "resnet9000")
     assert r.returncode == 2 and "seed-mnist-keras" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST verification
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file of unsigned bytes: magic 0x00000800 + ndim, big-endian dims, data."""
+    head = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return head + array.astype(np.uint8).tobytes()
+
+
+def test_fashion_mnist_accepts_the_archive_a_recompressed_and_an_uncompressed_copy(tmp_path, monkeypatch):
+    """Issue 10: a copy is accepted by the published archive md5 OR the md5 of its content, so a
+    re-compressed (`gzip -n`) or uncompressed copy of the same bytes loads, and one flipped byte is
+    refused by name of the content check. The IDX files are built here, their md5s put in place of
+    the real ones."""
+    import hashlib
+
+    from cnnkit.data import builtin
+    rng = np.random.default_rng(0)
+    contents = {"train_images": idx_bytes(rng.integers(0, 256, (40, 28, 28))),
+                "train_labels": idx_bytes(np.arange(40) % 10),
+                "test_images": idx_bytes(rng.integers(0, 256, (20, 28, 28))),
+                "test_labels": idx_bytes(np.arange(20) % 10)}
+    archives = {k: gzip.compress(v, mtime=1_000_000) for k, v in contents.items()}  # "the official .gz"
+    md5 = lambda b: hashlib.md5(b).hexdigest()  # noqa: E731
+    monkeypatch.setattr(builtin, "FASHION_FILES", {
+        k: builtin.Remote(r.name, md5(archives[k]), md5(contents[k])) for k, r in builtin.FASHION_FILES.items()})
+    names = {k: r.name for k, r in builtin.FASHION_FILES.items()}
+
+    def folder(name: str, files: dict[str, tuple[str, bytes]]) -> Path:
+        d = tmp_path / name / "fashion-mnist"
+        d.mkdir(parents=True)
+        for file_name, blob in files.values():
+            (d / file_name).write_bytes(blob)
+        return d.parent
+
+    original = folder("original", {k: (names[k], archives[k]) for k in names})
+    recompressed = folder("recompressed", {k: (names[k], gzip.compress(v, mtime=0)) for k, v in contents.items()})
+    assert all(md5((recompressed / "fashion-mnist" / names[k]).read_bytes()) != md5(archives[k]) for k in names)
+    plain = folder("plain", {k: (names[k][:-3], v) for k, v in contents.items()})  # train-images-idx3-ubyte
+    for d in (original, recompressed, plain):
+        ds = load_dataset("fashion-mnist", data_dir=d, download=False)
+        assert len(ds.train) + len(ds.val) == 40 and ds.test.labels.tolist() == list(np.arange(20) % 10)
+        assert ds.class_names[0] == "T-shirt/top"
+
+    flipped = bytearray(contents["test_images"])
+    flipped[500] ^= 0xFF
+    bad = folder("bad", {**{k: (names[k], archives[k]) for k in names},
+                         "test_images": (names["test_images"], gzip.compress(bytes(flipped)))})
+    with pytest.raises(CnnkitError) as err:
+        load_dataset("fashion-mnist", data_dir=bad, download=False)
+    msg = str(err.value)
+    assert "decompressed content md5" in msg and md5(contents["test_images"]) in msg and "archive md5" in msg
+    assert "truncated" not in msg  # it is not truncated: the message must not say so
+    (plain / "fashion-mnist" / names["test_images"][:-3]).write_bytes(bytes(flipped))
+    with pytest.raises(CnnkitError, match="content md5"):
+        load_dataset("fashion-mnist", data_dir=plain, download=False)

@@ -11,6 +11,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 import cnnkit
 from cnnkit import evaluate as ev
+from cnnkit.inference import tta_views
 from conftest import run_cli, shared
 
 
@@ -85,6 +86,11 @@ def test_predict_folder_with_bad_files(tmp_path):
     assert right >= 5 and all(rows[p]["error"] == "" for p in expected)
     r = run_cli("predict", str(run.run_dir), str(folder / "digit0.png"), "--min-confidence", "1.0", "--json")
     assert json.loads(r.stdout)[0]["labels"][0] == "unknown"
+    # Issue 10: a batch that could read none of its inputs has failed (exit 2), with its error rows.
+    for bad in ([str(tmp_path / "nonexistent")], [str(folder / "corrupt.png"), str(folder / "notes.txt")]):
+        r = run_cli("predict", str(run.run_dir), *bad, "--json")
+        assert r.returncode == 2, (bad, r.returncode, r.stderr)
+        assert all("error" in row for row in json.loads(r.stdout)) and "could not be read" in r.stderr
 
 
 def test_fit_temperature_recovers_known_overconfidence():
@@ -100,7 +106,7 @@ def test_fit_temperature_recovers_known_overconfidence():
 def test_tta_views_follow_the_data():
     import torch
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
-    digits, photos = ev.tta_views(x, hflip=False), ev.tta_views(x, hflip=True)
+    digits, photos = tta_views(x, hflip=False), tta_views(x, hflip=True)
     assert len(digits) == 5 and len(photos) == 6  # no mirror image for digits
     assert torch.equal(photos[1], x.flip(3)) and all(v.shape == x.shape for v in photos)
     assert torch.equal(digits[1][:, :, 2:, :], x[:, :, :2, :])  # shifted down by 2 rows
@@ -109,11 +115,10 @@ def test_tta_views_follow_the_data():
 def test_svm_baseline_model_file_predicts_what_scikit_learn_predicts(tmp_path):
     from sklearn.svm import LinearSVC
 
-    from cnnkit.train import Normalizer
     result = cnnkit.train(cnnkit.TrainConfig(data="digits", model="svm", out=str(tmp_path / "svm")), quiet=True)
     model, meta = cnnkit.load_model(tmp_path / "svm")
     ds = result.dataset
-    norm = Normalizer.fit(ds.train.images)
+    norm = cnnkit.Preprocess.fit(ds.train.images)
     reference = LinearSVC(C=0.01, dual=False, max_iter=200, random_state=0).fit(
         norm(ds.train.images).flatten(1).numpy(), ds.train.labels.numpy())
     ours = ev.probabilities(model, meta, ds.test.images).argmax(1)

@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cnnkit
-from cnnkit import evaluate as ev
 from cnnkit import explain as ex
 from cnnkit.models import build_model, get_spec
 from conftest import shared
@@ -86,7 +85,7 @@ def test_gradcam_points_at_the_digit_on_mnist(tmp_path):
                                           out=str(tmp_path / "run")), quiet=True)
     model, meta = cnnkit.load_model(run.run_dir)
     test = run.dataset.test
-    x = ev.normalizer_of(meta)(test.images[:400])
+    x = cnnkit.Preprocess.from_meta(meta)(test.images[:400])
     masks = test.images[:400, 0] > 0
 
     def mean_mass(net) -> float:

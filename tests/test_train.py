@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cnnkit
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_same_run, run_cli
 
 # A small CPU run whose epochs take a fraction of a second: digits upscaled to 16 px.
 SMALL = ["--data", "digits", "--model", "seed-digits", "--image-size", "16", "--batch-size", "64", "--quiet"]
@@ -81,14 +81,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
 
     r = run_cli("train", "--resume", str(killed), "--quiet")
     assert r.returncode == 0, r.stderr
-    a = json.loads((whole / "metrics.json").read_text())
-    b = json.loads((killed / "metrics.json").read_text())
-    for key in ("test_accuracy", "test_loss", "val_accuracy", "best_epoch"):
-        assert a[key] == b[key], key
-    wa, _ = cnnkit.load_model(whole)
-    wb, _ = cnnkit.load_model(killed)
-    for (k, va), vb in zip(wa.state_dict().items(), wb.state_dict().values()):
-        assert torch.equal(va, vb), k
+    assert_same_run(whole, killed)
 
 
 def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
@@ -121,9 +114,7 @@ def test_python_api_mirrors_the_cli(tmp_path):
     result = cnnkit.train(cfg, quiet=True)
     assert isinstance(result.model, torch.nn.Module) and result.metrics["test_accuracy"] > 0.8
     model, meta = cnnkit.load_model(result.run_dir / "model.safetensors")
-    from cnnkit.train import Normalizer, predict_logits
-    norm = Normalizer(meta["preprocessing"]["mean"], meta["preprocessing"]["std"])
-    logits = predict_logits(model, result.dataset.test.images, norm, torch.device("cpu"))
+    logits = cnnkit.predict_logits(model, result.dataset.test.images, cnnkit.Preprocess.from_meta(meta))
     acc = (logits.argmax(1) == result.dataset.test.labels).float().mean().item()
     assert acc == pytest.approx(result.metrics["test_accuracy"])
 
@@ -141,7 +132,8 @@ def test_checkpoint_round_trip_continues_bit_exactly(tmp_path):
     """Weights and optimizer state restored from a checkpoint give the very same next steps, also for
     channels-last conv weights under fused Adam (whose CPU kernel needs state and parameter strides
     to agree)."""
-    from cnnkit.train import load_checkpoint, make_optimizer, save_checkpoint
+    from cnnkit.runfolder import load_checkpoint, save_checkpoint
+    from cnnkit.training import make_optimizer
 
     def fresh():
         torch.manual_seed(0)
@@ -186,3 +178,30 @@ def test_fine_tune_run_resumed_after_kill_equals_uninterrupted(tmp_path):
     a = json.loads((whole / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     assert (a["test_loss"], a["best_epoch"]) == (b["test_loss"], b["best_epoch"])
+
+
+def test_progress_off_a_terminal_is_a_few_plain_lines(tmp_path):
+    """Issue 10: with stderr a pipe (CI logs, `2> file`), no carriage-return bar updates: the epoch
+    lines, and at most one progress line per PROGRESS_LINE_SECONDS of a long epoch."""
+    args = [a for a in SMALL if a != "--quiet"]
+    r = run_cli("train", *args, "--epochs", "3", "--no-report", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "\r" not in out and "\x1b[" not in out
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3 and len(out.splitlines()) < 60
+
+
+def test_line_progress_prints_whole_lines_at_its_interval(monkeypatch):
+    import io
+
+    from cnnkit import utils
+    buf = io.StringIO()
+    bar = utils.LineProgress(100, "epoch 1/2", "step", buf)
+    for _ in range(50):
+        bar.update(1)
+    assert buf.getvalue() == ""  # less than PROGRESS_LINE_SECONDS: nothing
+    monkeypatch.setattr(utils, "PROGRESS_LINE_SECONDS", 0.0)
+    bar.set_postfix(loss="0.1234")
+    bar.update(1)
+    assert buf.getvalue() == "epoch 1/2: 51/100 step loss 0.1234\n"

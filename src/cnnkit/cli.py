@@ -65,7 +65,7 @@ def load_model_arg(model: str, input_shape: tuple[int, ...] | None, num_classes:
 def cmd_evaluate(args) -> int:
     from . import evaluate as ev
     from .modelfile import load_model, resolve_model_path
-    from .report import evaluate_and_report
+    from .run import evaluate_and_report
 
     model, meta = load_model(args.model)
     split, names = ev.load_split_for(meta, args.data, args.split, args.data_dir)
@@ -94,7 +94,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_explain(args) -> int:
     from .modelfile import load_model
-    from .report import explain_to_folder
+    from .run import explain_to_folder
 
     model, meta = load_model(args.model)
     out = Path(args.out) if args.out else Path(f"explain-{Path(args.image).stem}")
@@ -115,8 +115,10 @@ def cmd_predict(args) -> int:
     from .modelfile import load_model
     from .utils import write_csv, write_text_atomic
 
-    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:  # nan fails both comparisons
         raise CnnkitError("--min-confidence must be a probability between 0 and 1")
+    if args.top_k < 1:
+        raise CnnkitError("--top-k must be at least 1")
     model, meta = load_model(args.model)
     rows = predict_files(model, meta, args.paths, top_k=args.top_k, min_confidence=args.min_confidence, tta=args.tta)
     if not rows:
@@ -142,7 +144,9 @@ def cmd_predict(args) -> int:
     bad = sum("error" in r for r in rows)
     if bad:
         print(f"{bad} of {len(rows)} file(s) could not be read", file=sys.stderr)
-    return 0
+    # A batch job that could read none of its inputs has failed; with some read, the error rows say
+    # which were not, and the job succeeded.
+    return EXIT_ERROR if bad == len(rows) else 0
 
 
 def cmd_math(args) -> int:
@@ -205,62 +209,63 @@ def cmd_models(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import TrainConfig
-    from .train import train
+    import dataclasses
 
+    from .config import TrainConfig
+    from .run import train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields}  # only the flags typed (defaults are SUPPRESSed)
     out = sys.stderr if args.json else sys.stdout  # with --json, stdout holds only the JSON
     echo = lambda msg: print(msg, file=out, flush=True)  # noqa: E731
     if args.resume:
+        if given or args.config:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given) or "--config"
+            raise CnnkitError(f"--resume continues a run with its own config.json; drop {flags}")
         result = train(resume=args.resume, quiet=args.quiet, echo=echo)
     else:
-        fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
-        result = train(TrainConfig(**fields), quiet=args.quiet, echo=echo)
+        base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+        cfg = TrainConfig.from_dict({**base, **given}, source=f"config file {args.config}" if args.config else "the flags")
+        result = train(cfg, quiet=args.quiet, echo=echo)
     if args.json:
         print(json.dumps({"run_dir": str(result.run_dir), "metrics": result.metrics, "history": result.history,
                           "skipped": [list(s) for s in result.dataset.skipped]}, indent=2))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .config import TrainConfig
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, its help text the field's comment: the config is the one
+    place an option is defined. Defaults are SUPPRESSed, so cmd_train sees only the flags a user
+    typed and a --config file keeps every value they do not override."""
+    import dataclasses
 
-    d = TrainConfig()
+    from .config import CHOICES, FIELD_TYPES, TrainConfig, field_help
+
+    helps, defaults = field_help(), TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag, kind, default = "--" + f.name.replace("_", "-"), FIELD_TYPES[f.name], getattr(defaults, f.name)
+        text = f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        else:
+            choices = [c for c in CHOICES.get(f.name, ()) if c is not None] or None
+            parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
+                                metavar=None if choices else f.name.upper(), help=text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .version import __version__
+
     p = argparse.ArgumentParser(prog="cnnkit", description="Train, evaluate and use CNN image classifiers.")
     p.add_argument("--version", action="version", version=f"cnnkit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model on a dataset and write a run folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--data", default=d.data, help="mnist, fashion-mnist, cifar10, digits, or a folder of images")
-    t.add_argument("--model", default=d.model, help="registered model name (see `cnnkit models`), YAML spec file, or svm (linear SVM on pixels)")
-    t.add_argument("--epochs", type=int, default=d.epochs)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warmup, then linear decay)")
-    t.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    t.add_argument("--schedule", choices=["linear", "constant"], default=d.schedule)
-    t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    t.add_argument("--val-split", type=float, default=d.val_split, help="validation fraction when the data has none")
-    t.add_argument("--test-split", type=float, default=d.test_split, help="test fraction when the data has no split")
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--image-size", type=int, default=None, help="square side in pixels (default: the data's own)")
-    t.add_argument("--channels", type=int, choices=[1, 3], default=None, help="convert images to 1 or 3 channels")
-    t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision)
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
-    t.add_argument("--data-dir", default=None, help="folder holding dataset files already on disk")
-    t.add_argument("--no-download", dest="download", action="store_false", default=None,
-                   help="never download; fail if the files are not on disk")
-    t.add_argument("--out", default=None, help="run folder (default runs/<data>-<model>-<time>)")
-    t.add_argument("--pretrained", metavar="FILE_OR_NAME", default=None,
-                   help="ImageNet weights: a .pth/.pt/.safetensors state dict, or efficientnet_lite0 (installed package)")
-    t.add_argument("--freeze-backbone", action="store_true", default=None,
-                   help="train only a new classifier head on the frozen pretrained features")
-    t.add_argument("--fine-tune", action="store_true", default=None,
-                   help="after the frozen phase (--epochs), unfreeze everything for --fine-tune-epochs more")
-    t.add_argument("--fine-tune-epochs", type=int, default=None, help="epochs of the unfrozen phase (default: --epochs)")
-    t.add_argument("--fine-tune-lr-factor", type=float, default=d.fine_tune_lr_factor,
-                   help="unfrozen phase: head at lr x factor, backbone at lr x factor x 0.1")
+                       description="Every option below is a TrainConfig field; --config FILE.yaml sets any of them "
+                                   "and the flags typed override it. A run's own config.json re-runs it.")
+    t.add_argument("--config", metavar="FILE.yaml", default=None,
+                   help="a YAML (or JSON) file of config fields, e.g. a recipe or a run's config.json")
+    add_config_flags(t)
     t.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run folder to its end")
     t.add_argument("--json", action="store_true", help="print the result as JSON on stdout (progress goes to stderr)")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")

@@ -1,15 +1,25 @@
-"""One config object per job. Every field says what it means and its unit; the resolved config is
-saved with each run as config.json, and `--resume` reads it back."""
+"""One config object per job. Every field says what it means and its unit in its comment; the
+`cnnkit train` flags are derived from these fields and comments (cli.py), `--config FILE.yaml` sets
+any of them, and the resolved config is saved with each run as config.json, which `--config` and
+`--resume` read back. So a recipe is a file a user can read and share.
+"""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import inspect
+import io
+import math
+import tokenize
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CnnkitError
 
 
 @dataclass
 class TrainConfig:
-    data: str = "digits"  # dataset name (mnist, fashion-mnist, cifar10, digits) or folder path
-    model: str = "seed-digits"  # registry name or YAML spec path
+    data: str = "digits"  # dataset name (mnist, fashion-mnist, cifar10, digits) or a folder DIR/<class>/* or DIR/{train,val,test}/<class>/*
+    model: str = "seed-digits"  # registered name (see `cnnkit models`), YAML spec file, or svm (linear SVM on pixels)
     epochs: int = 10  # passes over the training split
     batch_size: int = 128  # images per optimizer step
     lr: float = 2e-3  # peak learning rate (reached after warmup, then decayed linearly to 0)
@@ -35,11 +45,105 @@ class TrainConfig:
     fine_tune: bool = False  # after the frozen phase (--epochs), unfreeze everything for fine_tune_epochs more
     fine_tune_epochs: int | None = None  # epochs of the unfrozen phase; None: the same as epochs
     fine_tune_lr_factor: float = 0.1  # unfrozen phase: head at lr x factor, backbone at lr x factor x 0.1
+    report: bool = True  # after testing, write report.html with its pictures (the evaluation of the test split, with TTA)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict, source: str = "the config") -> "TrainConfig":
+        """A config from a dict, refusing keys that are not fields (a typo would otherwise be ignored)."""
+        if not isinstance(d, dict):
+            raise CnnkitError(f"{source} must be a mapping of field: value, not {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CnnkitError(f"{source} has unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        """A YAML (or JSON: YAML reads it too) file of fields, e.g. a run's own config.json."""
+        import yaml
+        try:
+            d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError, UnicodeError) as e:
+            raise CnnkitError(f"cannot read config file {path}: {str(e).splitlines()[0]}") from None
+        return cls.from_dict(d, source=f"config file {path}")
+
+    def validate(self) -> "TrainConfig":
+        """Refuse values that cannot work, up front, each with a one-line message naming the flag."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), FIELD_TYPES[f.name]
+            flag = "--" + f.name.replace("_", "-")
+            if value is None:
+                if not OPTIONAL[f.name]:
+                    raise CnnkitError(f"{flag} needs a value")
+                continue
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise CnnkitError(f"{flag} must be true or false, not {value!r}")
+            elif kind is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise CnnkitError(f"{flag} must be a whole number, not {value!r}")
+            elif kind is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise CnnkitError(f"{flag} must be a finite number, not {value!r}")
+            elif not isinstance(value, str):
+                raise CnnkitError(f"{flag} must be text, not {value!r}")
+        for name, (low, high, closed) in RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            ok = (value >= low if closed[0] else value > low) and (high is None or (value <= high if closed[1] else value < high))
+            if not ok:
+                lo, hi = ("[" if closed[0] else "("), ("]" if closed[1] else ")")
+                raise CnnkitError(f"--{name.replace('_', '-')} must be in {lo}{low}, {'∞' if high is None else high}{hi}, not {value}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise CnnkitError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, not {getattr(self, name)!r}")
+        return self
+
+
+# Allowed values: (low, high or None, (low closed, high closed)).
+RANGES = {
+    "epochs": (1, None, (True, False)), "batch_size": (1, None, (True, False)),
+    "lr": (0, None, (False, False)), "momentum": (0, 1, (True, False)), "weight_decay": (0, None, (True, False)),
+    "warmup_epochs": (0, None, (True, False)), "label_smoothing": (0, 1, (True, False)),
+    "val_split": (0, 1, (True, False)), "test_split": (0, 1, (True, False)), "seed": (0, None, (True, False)),
+    "image_size": (1, None, (True, False)), "fine_tune_epochs": (1, None, (True, False)),
+    "fine_tune_lr_factor": (0, None, (False, False)),
+}
+CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("linear", "constant"), "precision": ("auto", "bf16", "fp32"),
+           "device": ("auto", "cpu", "cuda"), "channels": (None, 1, 3)}
+
+
+def _field_types() -> tuple[dict[str, type], dict[str, bool]]:
+    """{field: int | float | str | bool} and {field: whether None is allowed}, from the annotations."""
+    types, optional = {}, {}
+    for f in dataclasses.fields(TrainConfig):
+        ann = str(f.type)
+        optional[f.name] = "None" in ann
+        base = ann.replace("| None", "").strip()
+        types[f.name] = {"int": int, "float": float, "str": str, "bool": bool}[base]
+    return types, optional
+
+
+FIELD_TYPES, OPTIONAL = _field_types()
+
+
+def field_help() -> dict[str, str]:
+    """{field: its comment} read from this file's source: the help text of each `cnnkit train` flag,
+    so the meaning and unit are written once, beside the field."""
+    try:
+        source = inspect.getsource(TrainConfig)
+    except (OSError, TypeError):  # no source (a frozen install): flags without help text
+        return {}
+    comments: dict[str, str] = {}
+    line_field: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
+            line_field[tok.start[0]] = tok.string
+        elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
+            comments[line_field[tok.start[0]]] = tok.string.lstrip("#").strip()
+    return comments

@@ -15,13 +15,10 @@ import torch.nn.functional as F
 from .data import Split, load_dataset
 from .data.folder import decode_image
 from .errors import CnnkitError
-from .train import Normalizer, predict_logits
+from .inference import predict_logits, probabilities, temperature_of, top_k_accuracy
+from .preprocess import Preprocess
 
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017
-
-
-def normalizer_of(meta: dict) -> Normalizer:
-    return Normalizer(meta["preprocessing"]["mean"], meta["preprocessing"]["std"])
 
 
 def load_split_for(meta: dict, data: str, split: str, data_dir=None) -> tuple[Split, list[str]]:
@@ -66,8 +63,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: l
               "confusion_matrix_normalized": np.divide(cm, row_sums, out=np.zeros((k, k)), where=row_sums > 0).tolist(),
               "most_confused": confused, **calibration(probs, labels)}
     if k >= 5:
-        top5 = np.argsort(-probs, axis=1)[:, :5]
-        result["top5_accuracy"] = float((top5 == labels[:, None]).any(1).mean())
+        result["top5_accuracy"] = top_k_accuracy(probs, labels, 5)
     return result
 
 
@@ -115,47 +111,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.exp().clamp(0.05, 20).item())
 
 
-def tta_views(x: torch.Tensor, hflip: bool, shift_pixels: int = 2) -> list[torch.Tensor]:
-    """The notes' test-time augmentation: the image, its mirror (unless flipping changes the class,
-    as for digits), and copies shifted by a few pixels in four directions (edges replicated)."""
-    views = [x, x.flip(3)] if hflip else [x]
-    h, w = x.shape[2:]
-    s = shift_pixels
-    padded = F.pad(x, (s, s, s, s), mode="replicate")
-    for dy, dx in ((0, s), (2 * s, s), (s, 0), (s, 2 * s)):  # offsets into padded: content moves down, up, right, left
-        views.append(padded[:, :, dy:dy + h, dx:dx + w])
-    return views
-
-
-@torch.no_grad()
-def probabilities(model: torch.nn.Module, meta: dict, images: torch.Tensor, tta: bool = False,
-                  calibrated: bool = True, device: torch.device = torch.device("cpu"),
-                  batch_size: int = 256, logits: torch.Tensor | None = None) -> np.ndarray:
-    """softmax(logits / T) for uint8 images (N, C, H, W), averaged over TTA views if asked, in fp32.
-    logits: the plain view's logits when the caller has them already (one pass fewer).
-
-    Channels-last activations: 1.5-2x faster fp32 inference on the CPU, results equal to 1e-5
-    (measured on seed-mnist-torch, MNIST test)."""
-    temperature = meta.get("calibration", {}).get("temperature", 1.0) if calibrated else 1.0
-    norm = normalizer_of(meta)
-    model = model.eval().to(memory_format=torch.channels_last)
-    if logits is None:
-        logits = predict_logits(model, images, norm, device, batch_size=batch_size, channels_last=True)
-    probs = F.softmax(logits / temperature, dim=1)  # (N, K)
-    if not tta:
-        return probs.numpy().astype(np.float64)
-    hflip, shift = meta.get("tta", {}).get("hflip", True), meta.get("tta", {}).get("shift_pixels", 2)
-    total = probs.clone()
-    views = 1
-    for i in range(0, len(images), batch_size):
-        others = tta_views(norm(images[i:i + batch_size].to(device), channels_last=True), hflip, shift)[1:]
-        views = 1 + len(others)
-        for v in others:  # the mirror and the four shifts; the plain view is `probs`
-            v = v.contiguous(memory_format=torch.channels_last)
-            total[i:i + batch_size] += F.softmax(model(v).float() / temperature, dim=1).cpu()
-    return (total / views).numpy().astype(np.float64)
-
-
 def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list[str],
              device: torch.device = torch.device("cpu"), tta: bool = False,
              logits: torch.Tensor | None = None) -> tuple[dict, np.ndarray]:
@@ -163,10 +118,10 @@ def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list
     temperature. Also reports ECE before temperature scaling, and with tta the TTA accuracy beside.
     logits: the split's fp32 logits when the caller has them already (train's test pass)."""
     labels = split.labels.numpy()
-    temperature = meta.get("calibration", {}).get("temperature", 1.0)
+    temperature = temperature_of(meta)
     model = model.eval().to(memory_format=torch.channels_last)
     if logits is None:  # one pass serves both calibrations
-        logits = predict_logits(model, split.images, normalizer_of(meta), device, channels_last=True)
+        logits = predict_logits(model, split.images, Preprocess.from_meta(meta, channels_last=True).to(device), device)
     raw = F.softmax(logits, dim=1).numpy().astype(np.float64)
     probs = F.softmax(logits / temperature, dim=1).numpy().astype(np.float64)
     metrics = classification_metrics(probs, labels, class_names)
@@ -177,7 +132,7 @@ def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list
         tta_probs = probabilities(model, meta, split.images, tta=True, device=device, logits=logits)
         metrics["tta_accuracy"] = float((tta_probs.argmax(1) == labels).mean())
         if len(class_names) >= 5:
-            metrics["tta_top5_accuracy"] = float((np.argsort(-tta_probs, 1)[:, :5] == labels[:, None]).any(1).mean())
+            metrics["tta_top5_accuracy"] = top_k_accuracy(tta_probs, labels, 5)
     metrics["misclassified"] = misclassified(probs, labels, class_names, split.paths)
     return metrics, probs
 

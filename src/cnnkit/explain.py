@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CnnkitError
+from .models.layers import Conv
+from .preprocess import Preprocess
 
 MAX_FEATURE_LAYERS = 8  # feature-map figures per image: every conv layer when there are at most this many
 
@@ -96,7 +98,6 @@ def conv_layers(sites: list[Site]) -> list[Site]:
     """The convolution outputs to draw: each conv layer's, or, for deep networks, the last conv layer
     of each resolution stage (so ResNet-50 shows 5 stages, not 53 layers). A conv inside a cnnkit
     Conv block is replaced by the block, whose output is after the activation."""
-    from .models.layers import Conv
     convs = [s for s in sites if s.is_conv]
     blocks = {id(s.module.conv): s for s in sites if isinstance(s.module, Conv)}
     convs = [blocks.get(id(s.module), s) for s in convs]
@@ -189,17 +190,17 @@ def feature_maps(model: nn.Module, x: torch.Tensor, sites: list[Site]) -> list[t
     return [m[0].float() for m in maps]
 
 
-def explain_image(model: nn.Module, meta: dict, image: torch.Tensor, class_index: int | None = None) -> dict:
-    """Everything `cnnkit explain` draws, for one uint8 image (C, H, W) preprocessed as in training:
+def explain_image(model: nn.Module, preprocess: Preprocess, image: torch.Tensor, class_index: int | None = None,
+                  temperature: float = 1.0) -> dict:
+    """Everything `cnnkit explain` draws, for one uint8 image (C, H, W) preprocessed as in training
+    (Preprocess.from_meta) and probabilities at the model file's temperature:
     {'probabilities' (K,), 'predicted', 'kernels' (F, C, kh, kw), 'layers' [(Site, map (C, H, W))],
     'gradcam_site', 'heatmaps' {class index: (H, W)}}."""
-    from .evaluate import normalizer_of
     model.eval()
-    x = normalizer_of(meta)(image[None])  # (1, C, H, W) float
+    x = preprocess(image[None])  # (1, C, H, W) float
     sites = trace(model, tuple(x.shape[1:]))
     target = gradcam_site(sites)
     geometry = grid_geometry(model, tuple(x.shape[1:]), target)  # measured once for both heatmaps
-    temperature = meta.get("calibration", {}).get("temperature", 1.0)
     heat, logits = gradcam(model, x, site=target, geometry=geometry)
     probs = F.softmax(logits[0] / temperature, dim=0)
     predicted = int(probs.argmax())

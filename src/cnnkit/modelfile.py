@@ -15,10 +15,11 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import __version__
 from .errors import CnnkitError
+from .models.base import unwrap
 from .models.registry import build_from_record
 from .utils import atomic_path
+from .version import __version__
 
 FORMAT = "cnnkit-model"
 FORMAT_VERSION = 1
@@ -32,7 +33,8 @@ def save_model(path: str | Path, model: nn.Module, meta: dict) -> Path:
     if missing:
         raise ValueError(f"model metadata lacks {missing}")
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "cnnkit_version": __version__, **meta}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # unwrap: a compiled or data-parallel model's keys would carry `_orig_mod.` / `module.` prefixes
+    tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"cnnkit": json.dumps(header)})

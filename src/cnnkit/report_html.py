@@ -14,8 +14,8 @@ import statistics
 from datetime import datetime
 from pathlib import Path
 
-from . import __version__
 from .utils import write_text_atomic
+from .version import __version__
 
 STYLE = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1b1f24;margin:0 auto;max-width:1000px;padding:12px}

@@ -1,9 +1,11 @@
-"""Small helpers shared by every module: atomic writes (text and CSV) and file hashing."""
+"""Small helpers shared by every module: atomic writes (text and CSV), file hashing, progress bars."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -43,3 +45,49 @@ def write_csv(path: str | os.PathLike, header: list[str], rows: list[list]) -> N
 
 def hash_bytes(data: bytes, algorithm: str = "md5") -> str:
     return hashlib.new(algorithm, data).hexdigest()
+
+
+# ----------------------------------------------------------------------------- progress
+PROGRESS_LINE_SECONDS = 30.0  # off a terminal: at most one progress line per this many seconds
+
+
+class LineProgress:
+    """tqdm's update / set_postfix / close for logs and pipes: a carriage-return bar would write
+    hundreds of updates per epoch into a CI log, so this prints a plain line at most every
+    PROGRESS_LINE_SECONDS (none at all for work shorter than that)."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, file):
+        self.total, self.desc, self.unit, self.file = total, desc, unit, file
+        self.n, self.postfix = 0, ""
+        self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_LINE_SECONDS:
+            self.last = now
+            of = f"/{self.total}" if self.total else ""
+            print(f"{self.desc}: {self.n}{of} {self.unit}{' ' + self.postfix if self.postfix else ''}",
+                  file=self.file, flush=True)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = " ".join(f"{k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(total: int | None, desc: str, unit: str = "it", disable: bool = False, unit_scale: bool = False):
+    """A progress bar on stderr: tqdm on a terminal, LineProgress elsewhere, nothing when disabled."""
+    from tqdm import tqdm
+    if disable:
+        return tqdm(total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=False, dynamic_ncols=True)
+    return LineProgress(total, desc, unit, sys.stderr)

@@ -2,7 +2,6 @@
 version: raw records, no pickle) and scikit-learn's bundled 8x8 digits."""
 from __future__ import annotations
 
-import gzip
 import os
 import tarfile
 from dataclasses import dataclass
@@ -12,37 +11,44 @@ import numpy as np
 import torch
 
 from ..errors import CnnkitError
-from . import Dataset, Split, carve
-from .download import cache_dir, download, search_dirs, verify
+from .core import Dataset, Split, carve
+from .download import cache_dir, download, read_verified, search_dirs, verify
 
 
 @dataclass(frozen=True)
 class Remote:
-    name: str  # file name on the server and on disk
-    md5: str  # published checksum
-    decompressed: bool  # True: md5 is of the gunzipped content (survives re-compression)
+    name: str  # file name on the server and on disk (.gz); the uncompressed file may stand in for it
+    archive_md5: str | None  # md5 of the published .gz
+    content_md5: str | None  # md5 of the decompressed file: survives re-compression and uncompressed copies
+
+    def local_names(self) -> list[str]:
+        """The names a local copy may have: the archive, the uncompressed file, and Kaggle's spelling
+        of it (train-images.idx3-ubyte)."""
+        plain = self.name[:-3] if self.name.endswith(".gz") else self.name
+        return [self.name, plain, plain.replace("-idx", ".idx")]
 
 
 MNIST_URLS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
-# md5 of the decompressed IDX files, so a re-compressed copy of the same bytes is accepted.
 MNIST_FILES = {
-    "train_images": Remote("train-images-idx3-ubyte.gz", "6bbc9ace898e44ae57da46a324031adb", True),
-    "train_labels": Remote("train-labels-idx1-ubyte.gz", "a25bea736e30d166cdddb491f175f624", True),
-    "test_images": Remote("t10k-images-idx3-ubyte.gz", "2646ac647ad5339dbf082846283269ea", True),
-    "test_labels": Remote("t10k-labels-idx1-ubyte.gz", "27ae3e4e09519cfbb04c329615203637", True),
+    "train_images": Remote("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873", "6bbc9ace898e44ae57da46a324031adb"),
+    "train_labels": Remote("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432", "a25bea736e30d166cdddb491f175f624"),
+    "test_images": Remote("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
+    "test_labels": Remote("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637"),
 }
 FASHION_URLS = ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"]
-# Zalando publishes md5s of the .gz files only (github.com/zalandoresearch/fashion-mnist).
+# Archive md5s as Zalando publishes them (github.com/zalandoresearch/fashion-mnist); content md5s
+# measured on a re-compressed copy whose pixel mean/std (0.2860/0.3530), class counts and first
+# test labels match the published ones (issue 10).
 FASHION_FILES = {
-    "train_images": Remote("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d", False),
-    "train_labels": Remote("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe", False),
-    "test_images": Remote("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79", False),
-    "test_labels": Remote("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310", False),
+    "train_images": Remote("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+    "train_labels": Remote("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe", "9018921c3c673c538a1fc5bad174d6f9"),
+    "test_images": Remote("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
+    "test_labels": Remote("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965"),
 }
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
-CIFAR_ARCHIVE = Remote("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530", False)
+CIFAR_ARCHIVE = Remote("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530", None)
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_RECORD_BYTES = 1 + 3 * 32 * 32  # label byte, then 1024 red, 1024 green, 1024 blue
 
@@ -60,14 +66,15 @@ def parse_idx(data: bytes, path: Path) -> np.ndarray:
 
 
 def find_or_fetch(remote: Remote, urls: list[str], subdirs: list[str], data_dir, allow_download: bool,
-                  quiet: bool) -> Path:
-    """Return a verified local copy of `remote`, downloading it into the cache if it is nowhere."""
+                  quiet: bool) -> tuple[Path, bytes]:
+    """(path, verified content) of `remote`: a local copy (archive or uncompressed), else a download
+    into the cache. The content is decompressed once, for the checksum and the parser alike."""
     looked = search_dirs(data_dir, subdirs)
     for d in looked:
-        p = d / remote.name
-        if p.is_file():
-            verify(p, remote.md5, remote.decompressed)
-            return p
+        for name in remote.local_names():
+            p = d / name
+            if p.is_file():
+                return p, read_verified(p, remote.archive_md5, remote.content_md5)
     if not allow_download:
         raise CnnkitError(
             f"{remote.name} not found in {', '.join(map(str, looked))}; put the file in one of these "
@@ -75,13 +82,14 @@ def find_or_fetch(remote: Remote, urls: list[str], subdirs: list[str], data_dir,
         )
     dest = cache_dir() / subdirs[0] / remote.name
     try:
-        return download([u + remote.name if u.endswith("/") else u for u in urls], dest, remote.md5,
-                        remote.decompressed, quiet=quiet)
+        download([u + remote.name if u.endswith("/") else u for u in urls], dest,
+                 lambda p: read_verified(p, remote.archive_md5, remote.content_md5), quiet=quiet)
     except CnnkitError as e:
         raise CnnkitError(
             f"{remote.name} not found in {', '.join(map(str, looked))} and {e}; "
             f"with no network, copy the official file into {dest.parent} or pass --data-dir"
         ) from None
+    return dest, read_verified(dest, remote.archive_md5, remote.content_md5)
 
 
 def load_idx_pair(name: str, files: dict[str, Remote], urls: list[str], class_names: list[str],
@@ -89,9 +97,8 @@ def load_idx_pair(name: str, files: dict[str, Remote], urls: list[str], class_na
     subdirs = [name, name.replace("-", "_"), ""]
     arrays = {}
     for key, remote in files.items():
-        path = find_or_fetch(remote, urls, subdirs, data_dir, allow_download, quiet)
-        with gzip.open(path, "rb") as f:
-            arrays[key] = parse_idx(f.read(), path)
+        path, content = find_or_fetch(remote, urls, subdirs, data_dir, allow_download, quiet)
+        arrays[key] = parse_idx(content, path)
     splits = {}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -127,11 +134,11 @@ def load_cifar10(data_dir, allow_download: bool, quiet: bool) -> Dataset:
         archive = cache_dir() / "cifar10" / CIFAR_ARCHIVE.name
         if not archive.is_file():
             try:
-                download([CIFAR_URL], archive, CIFAR_ARCHIVE.md5, False, quiet=quiet)
+                download([CIFAR_URL], archive, lambda p: verify(p, CIFAR_ARCHIVE.archive_md5), quiet=quiet)
             except CnnkitError as e:
                 raise CnnkitError(f"CIFAR-10 not found in {', '.join(map(str, looked))} and {e}; with no "
                                   f"network, put cifar-10-binary.tar.gz in {archive.parent} or pass --data-dir") from None
-        verify(archive, CIFAR_ARCHIVE.md5, False)
+        verify(archive, CIFAR_ARCHIVE.archive_md5)
         with tarfile.open(archive, "r:gz") as tar:  # plain byte files; the 'data' filter refuses links
             tar.extractall(archive.parent, filter="data")
         folder = archive.parent / "cifar-10-batches-bin"

@@ -11,12 +11,14 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
+from typing import Callable
 
 import platformdirs
-from tqdm import tqdm
 
 from ..errors import CnnkitError
+from ..utils import progress
 
 # A mirror that replaces every official base URL (for tests against a local server, or a
 # company mirror). The file's path below the base stays the same.
@@ -45,32 +47,62 @@ def search_dirs(data_dir: str | os.PathLike | None, subdirs: list[str]) -> list[
     return out
 
 
-def md5_of_file(path: Path, decompress: bool = False) -> str:
-    """md5 of a file's bytes, or of its gzip-decompressed content."""
+def md5_of_file(path: Path) -> str:
+    """md5 of a file's bytes, streamed (the CIFAR-10 archive is 170 MB)."""
     h = hashlib.md5()
-    opener = gzip.open if decompress else open
     try:
-        with opener(path, "rb") as f:
+        with open(path, "rb") as f:
             while chunk := f.read(CHUNK_BYTES):
                 h.update(chunk)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise CnnkitError(f"{path} is corrupt ({e}); delete it and run again to download a fresh copy") from None
+    except OSError as e:
+        raise CnnkitError(f"cannot read {path} ({e})") from None
     return h.hexdigest()
 
 
-def verify(path: Path, md5: str, decompressed: bool) -> None:
-    """Refuse a file whose checksum differs from the published one."""
-    got = md5_of_file(path, decompress=decompressed)
+def verify(path: Path, md5: str) -> None:
+    """Refuse a file whose md5 differs from the published one (archives published by md5 alone)."""
+    got = md5_of_file(path)
     if got != md5:
-        what = "decompressed content" if decompressed else "file"
-        raise CnnkitError(
-            f"{path} failed its checksum (md5 of {what} is {got}, expected {md5}); "
-            "it is truncated or corrupt: delete it and run again to download a fresh copy"
-        )
+        raise CnnkitError(f"{path} failed its archive checksum (md5 {got}, expected {md5}): it is not the official "
+                          "archive; delete it and run again to download a fresh copy")
 
 
-def download(urls: list[str], dest: Path, md5: str, decompressed: bool, quiet: bool = False) -> Path:
-    """Download the first URL that answers into `dest`, verify it, rename into place."""
+def read_verified(path: Path, archive_md5: str | None, content_md5: str | None) -> bytes:
+    """The content of a dataset file (gunzipped if it is gzip), accepted if the file's md5 equals the
+    published archive md5 OR its content's md5 equals the content md5: mirrors and distributions
+    re-compress archives (`gzip -n`: a new header, the same bytes inside), and many ship the files
+    uncompressed. A failure names each check with what was found and expected."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CnnkitError(f"cannot read {path} ({e})") from None
+    compressed = raw[:2] == b"\x1f\x8b"  # the gzip magic number
+    archive_got = hashlib.md5(raw).hexdigest() if compressed else None
+    if compressed:
+        try:
+            content = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise CnnkitError(f"{path} is an incomplete or damaged gzip file ({e}): it is truncated or corrupt; "
+                              "delete it and run again to download a fresh copy") from None
+        if archive_md5 is not None and archive_got == archive_md5:
+            return content
+    else:
+        content = raw
+    content_got = hashlib.md5(content).hexdigest()
+    if content_md5 is not None and content_got == content_md5:
+        return content
+    checks = []
+    if compressed and archive_md5 is not None:
+        checks.append(f"archive md5 {archive_got}, expected {archive_md5}")
+    if content_md5 is not None:
+        checks.append(f"{'decompressed ' if compressed else ''}content md5 {content_got}, expected {content_md5}")
+    raise CnnkitError(f"{path} failed its checksum ({'; '.join(checks)}): its data differs from the official "
+                      "file; delete it and run again to download a fresh copy, or replace it with the official file")
+
+
+def download(urls: list[str], dest: Path, check: Callable[[Path], object], quiet: bool = False) -> Path:
+    """Download the first URL that answers into `dest`, `check` it (raising CnnkitError if it is not
+    the official file), then rename it into place."""
     mirror = os.environ.get(MIRROR_ENV)
     if mirror:  # same file name below the mirror's base URL
         urls = [mirror.rstrip("/") + "/" + u.rsplit("/", 1)[1] for u in urls[:1]]
@@ -81,14 +113,13 @@ def download(urls: list[str], dest: Path, md5: str, decompressed: bool, quiet: b
         try:
             with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
                 total = int(resp.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
-                          disable=quiet, leave=False) as bar:
+                with progress(total, f"download {dest.name}", unit="B", unit_scale=True, disable=quiet) as bar:
                     while chunk := resp.read(CHUNK_BYTES):
                         out.write(chunk)
                         bar.update(len(chunk))
             if total is not None and part.stat().st_size != total:
                 raise OSError(f"got {part.stat().st_size} of {total} bytes")
-            verify(part, md5, decompressed)
+            check(part)
             os.replace(part, dest)
             return dest
         except (OSError, urllib.error.URLError, CnnkitError) as e:

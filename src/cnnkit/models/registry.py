@@ -6,12 +6,14 @@ An architecture is recorded in model files as plain JSON (`architecture_record`)
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch.nn as nn
 import yaml
 
 from ..errors import CnnkitError
+from .base import unwrap
 from .spec import SpecNet, read_spec
 from .zoo import ARCHS, SMALL_INPUT_MAX_SIDE
 
@@ -95,23 +97,20 @@ def build_arch(name: str, num_classes: int, in_channels: int, image_size: tuple[
     args = dict(args)
     if arch.small_input and "small_input" not in args:
         args["small_input"] = max(image_size) <= SMALL_INPUT_MAX_SIDE
-    model = arch.build(num_classes=num_classes, in_channels=in_channels, **args)
-    model.arch_name, model.arch_args = name, args
-    model.input_shape, model.num_classes = (in_channels, *image_size), num_classes
-    return model
+    record = {"kind": "registry", "name": name, "args": args, "in_channels": in_channels,
+              "image_size": list(image_size), "num_classes": num_classes}
+    return arch.build(num_classes=num_classes, in_channels=in_channels, image_size=tuple(image_size),
+                      record=record, **args)
 
 
 def architecture_record(model: nn.Module) -> dict:
-    """JSON-able description from which build_from_record rebuilds the same module."""
-    if isinstance(model, SpecNet):
-        return {"kind": "spec", "name": model.spec.get("name"), "spec": model.spec,
-                "in_channels": model.input_shape[0], "image_size": list(model.input_shape[1:]),
-                "num_classes": model.num_classes}
-    if hasattr(model, "arch_name"):
-        return {"kind": "registry", "name": model.arch_name, "args": model.arch_args,
-                "in_channels": model.input_shape[0], "image_size": list(model.input_shape[1:]),
-                "num_classes": model.num_classes}
-    raise CnnkitError(f"cannot record architecture of {type(model).__name__}")
+    """The JSON-able record from which build_from_record rebuilds the same module (models/base.py)."""
+    model = unwrap(model)
+    record = getattr(model, "architecture", None)
+    if not isinstance(record, dict):
+        raise CnnkitError(f"cannot record the architecture of {type(model).__name__}: build it with "
+                          "cnnkit.build_model so that a model file can rebuild it")
+    return copy.deepcopy(record)  # a caller may annotate its copy (the SVM renames it) without touching the model
 
 
 def build_from_record(record: dict) -> nn.Module:

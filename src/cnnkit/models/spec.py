@@ -23,6 +23,7 @@ import torch.nn as nn
 import yaml
 
 from ..errors import CnnkitError
+from .base import Classifier
 from .layers import ACTIVATIONS, Conv, Dense, GlobalPool, Pool, output_size, resolve_padding
 
 LAYER_TYPES = ("conv", "maxpool", "avgpool", "l2pool", "globalavgpool", "globalmaxpool",
@@ -91,14 +92,15 @@ def fmt_shape(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
-class SpecNet(nn.Module):
-    """A network built from a layer spec: a plain nn.Sequential of layers, returning logits."""
+class SpecNet(Classifier):
+    """A network built from a layer spec: a plain nn.Sequential of layers, returning logits. Its
+    architecture record holds the whole spec, so a model file never needs the YAML file again."""
 
     def __init__(self, spec: dict, in_channels: int, image_size: tuple[int, int], num_classes: int):
-        super().__init__()
+        super().__init__(num_classes, (in_channels, *image_size),
+                         {"kind": "spec", "name": spec.get("name"), "spec": spec, "in_channels": in_channels,
+                          "image_size": list(image_size), "num_classes": num_classes})
         self.spec = spec
-        self.num_classes = num_classes
-        self.input_shape = (in_channels, *image_size)
         layers, self.descriptions, self.shapes = build_layers(spec, self.input_shape, num_classes)
         self.layers = nn.Sequential(*layers)
 

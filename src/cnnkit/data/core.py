@@ -1,0 +1,101 @@
+"""The data types every loader fills and every consumer reads, and the facts about the built-in
+datasets: uint8 image tensors with labels, split into train / val / test."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64, indices into Dataset.class_names
+    paths: list[str] | None = None  # source file of each image (folder datasets only)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: np.ndarray) -> "Split":
+        idx = torch.as_tensor(index, dtype=torch.long)
+        paths = [self.paths[i] for i in index] if self.paths is not None else None
+        return Split(self.images[idx], self.labels[idx], paths)
+
+
+@dataclass
+class Dataset:
+    name: str
+    class_names: list[str]
+    train: Split
+    val: Split | None  # None until load_dataset carves it from train
+    test: Split | None
+    # Which split `test` really is: "test", or "val" when the data has no held-out test split
+    # (then test metrics are measured on the validation split and say so).
+    test_source: str = "test"
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of undecodable files
+    source: str = ""  # where the files were read from
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # (C, H, W)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+BUILTIN = ("mnist", "fashion-mnist", "cifar10", "digits")  # loaded by name; anything else is a folder
+# Datasets whose classes change under a horizontal flip (a mirrored 2, 3 or 7 is no digit), so
+# neither augmentation nor test-time augmentation may mirror them. Every other dataset may be.
+FLIP_CHANGES_CLASS = ("mnist", "digits")
+
+
+def is_builtin(name: str) -> bool:
+    return str(name).lower() in BUILTIN
+
+
+def hflip_keeps_class(name: str) -> bool:
+    """Whether mirroring an image of this dataset keeps its class."""
+    return str(name).lower() not in FLIP_CHANGES_CLASS
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, holdout): `fraction` of every class held out, chosen by a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    keep, hold = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_hold = int(round(fraction * len(idx)))
+        if fraction > 0 and len(idx) > 1:
+            n_hold = min(max(n_hold, 1), len(idx) - 1)  # every class keeps and holds out at least one
+        hold.append(idx[:n_hold])
+        keep.append(idx[n_hold:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(hold))
+
+
+def carve(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    keep, hold = stratified_split(split.labels.numpy(), fraction, seed)
+    return split.subset(keep), split.subset(hold)
+
+
+def convert_images(images: torch.Tensor, channels: int | None, size: int | None) -> torch.Tensor:
+    """Change channel count (1 <-> 3) and square size of a uint8 (N, C, H, W) tensor, in chunks."""
+    n, c, h, w = images.shape
+    if (channels is None or channels == c) and (size is None or (size == h and size == w)):
+        return images
+    out = []
+    for start in range(0, n, 4096):
+        x = images[start:start + 4096].float()
+        if channels == 3 and c == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif channels == 1 and c == 3:  # ITU-R 601-2 luma, as Pillow's convert("L")
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if size is not None and (size != h or size != w):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)

@@ -1,0 +1,119 @@
+"""The forward path every command shares: device and precision, logits for uint8 images in batches,
+calibrated probabilities, test-time augmentation, top-k accuracy.
+
+This layer imports no training, evaluation or reporting code and no matplotlib: training
+(validation), evaluate, explain, predict and, later, export and serving all stand on it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import CnnkitError
+from .preprocess import Preprocess
+
+
+# ----------------------------------------------------------------------------- device and precision
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CnnkitError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """'bf16' or 'fp32'. auto: bf16 where the hardware runs it natively (AVX512-BF16/AMX CPUs,
+    Ampere+ GPUs); on other CPUs bf16 is emulated and slower than fp32."""
+    if name not in ("auto", "bf16", "fp32"):
+        raise CnnkitError(f"precision must be auto, bf16 or fp32, not {name!r}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+# ----------------------------------------------------------------------------- logits and probabilities
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, preprocess: Preprocess,
+                   device: torch.device | None = None, precision: str = "fp32", batch_size: int = 512) -> torch.Tensor:
+    """Logits (N, K) in float32 on the CPU for uint8 images (N, C, H, W), in eval mode.
+
+    device: where the model and preprocess live (default: the model's parameters' device)."""
+    model.eval()
+    if device is None:
+        device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = preprocess(images[i:i + batch_size].to(device, non_blocking=True))  # (B, C, H, W) float32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def top_k_accuracy(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, k: int = 5) -> float:
+    """The share of rows whose label is among the k highest scores (logits or probabilities)."""
+    scores, labels = torch.as_tensor(scores), torch.as_tensor(labels)
+    if len(labels) == 0:
+        return 0.0
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (N, k)
+    return (top == labels[:, None]).any(1).double().mean().item()
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """loss, accuracy, n and (with at least 5 classes) top-5 accuracy."""
+    n, k = logits.shape
+    result = {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (logits.argmax(1) == labels).float().mean().item(),
+              "n": n}
+    if k >= 5:
+        result["top5_accuracy"] = top_k_accuracy(logits, labels, 5)
+    return result
+
+
+def tta_views(x: torch.Tensor, hflip: bool, shift_pixels: int = 2) -> list[torch.Tensor]:
+    """The notes' test-time augmentation: the image, its mirror (unless flipping changes the class,
+    as for digits), and copies shifted by a few pixels in four directions (edges replicated)."""
+    views = [x, x.flip(3)] if hflip else [x]
+    h, w = x.shape[2:]
+    s = shift_pixels
+    padded = F.pad(x, (s, s, s, s), mode="replicate")
+    for dy, dx in ((0, s), (2 * s, s), (s, 0), (s, 2 * s)):  # offsets into padded: content moves down, up, right, left
+        views.append(padded[:, :, dy:dy + h, dx:dx + w])
+    return views
+
+
+def temperature_of(meta: dict) -> float:
+    """The calibration temperature a model file holds (1.0: none)."""
+    return meta.get("calibration", {}).get("temperature", 1.0)
+
+
+@torch.no_grad()
+def probabilities(model: nn.Module, meta: dict, images: torch.Tensor, tta: bool = False,
+                  calibrated: bool = True, device: torch.device = torch.device("cpu"),
+                  batch_size: int = 256, logits: torch.Tensor | None = None) -> np.ndarray:
+    """softmax(logits / T) for uint8 images (N, C, H, W), averaged over TTA views if asked, in fp32.
+    logits: the plain view's logits when the caller has them already (one pass fewer).
+
+    Channels-last activations: 1.5-2x faster fp32 inference on the CPU, results equal to 1e-5
+    (measured on seed-mnist-torch, MNIST test)."""
+    temperature = temperature_of(meta) if calibrated else 1.0
+    preprocess = Preprocess.from_meta(meta, channels_last=True).to(device)
+    model = model.eval().to(memory_format=torch.channels_last)
+    if logits is None:
+        logits = predict_logits(model, images, preprocess, device, batch_size=batch_size)
+    probs = F.softmax(logits / temperature, dim=1)  # (N, K)
+    if not tta:
+        return probs.numpy().astype(np.float64)
+    hflip, shift = meta.get("tta", {}).get("hflip", True), meta.get("tta", {}).get("shift_pixels", 2)
+    total = probs.clone()
+    views = 1
+    for i in range(0, len(images), batch_size):
+        others = tta_views(preprocess(images[i:i + batch_size].to(device)), hflip, shift)[1:]
+        views = 1 + len(others)
+        for v in others:  # the mirror and the four shifts; the plain view is `probs`
+            v = v.contiguous(memory_format=torch.channels_last)
+            total[i:i + batch_size] += F.softmax(model(v).float() / temperature, dim=1).cpu()
+    return (total / views).numpy().astype(np.float64)

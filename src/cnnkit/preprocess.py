@@ -1,0 +1,54 @@
+"""Preprocessing as a module: uint8 pixels in, the normalized float tensor a network expects out.
+
+One object serves training (every batch), evaluation, explain, predict and, through the model file,
+export and serving: `Preprocess.from_meta(meta)` rebuilds exactly the transform a model was trained
+with. Its scale and shift are buffers made once, so the training loop creates no tensors per batch,
+and `.to(device)` moves them with the model. They are not persistent: the model file records mean
+and std as JSON metadata, not as weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class Preprocess(nn.Module):
+    """(x / 255 - mean) / std per channel, computed as x * scale - shift on whole batches.
+
+    x: (N, C, H, W) uint8 -> (N, C, H, W) float32, channels-last in memory when asked (oneDNN and
+    cuDNN convolutions run faster on NHWC; see benchmarks/NOTES.md)."""
+
+    def __init__(self, mean: list[float], std: list[float], channels_last: bool = False):
+        super().__init__()
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        self.channels_last = channels_last
+        std_t = torch.tensor(self.std).view(1, -1, 1, 1)  # (1, C, 1, 1) float32
+        mean_t = torch.tensor(self.mean).view(1, -1, 1, 1)
+        # The same float32 operations, in the same order, as the inline normalization this replaced,
+        # so the same seed still gives the same run bit for bit.
+        self.register_buffer("scale", 1 / (255 * std_t), persistent=False)
+        self.register_buffer("shift", mean_t / std_t, persistent=False)
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, channels_last: bool = False) -> "Preprocess":
+        """Mean and std per channel of uint8 images (N, C, H, W), in [0, 1] units."""
+        x = images.double() / 255  # float64 keeps the sums exact enough
+        mean = x.mean(dim=(0, 2, 3))
+        std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        return cls(mean.tolist(), std.tolist(), channels_last)
+
+    @classmethod
+    def from_meta(cls, meta: dict, channels_last: bool = False) -> "Preprocess":
+        """The preprocessing a model file records (its `preprocessing` metadata)."""
+        return cls(meta["preprocessing"]["mean"], meta["preprocessing"]["std"], channels_last)
+
+    def record(self) -> dict:
+        """The model file's `preprocessing` metadata, less the decoding rule (the data layer's `resize`)."""
+        return {"scale": 255, "mean": self.mean, "std": self.std}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.float().mul_(self.scale).sub_(self.shift)  # (N, C, H, W) float32
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+    def extra_repr(self) -> str:
+        return f"mean={[round(m, 4) for m in self.mean]}, std={[round(s, 4) for s in self.std]}, channels_last={self.channels_last}"

@@ -1,0 +1,244 @@
+"""The jobs behind the commands, each from its inputs to its files:
+
+    train(cfg)                   resolve the run folder -> train (training.py) -> finish: calibrate on
+                                 validation, test, write the model file and metrics -> report
+    evaluate_and_report(...)     a model on a split: metrics (evaluate.py), pictures (report.py), report.html
+    explain_to_folder(...)       one image: kernels, feature maps, Grad-CAM (explain.py), pictures
+
+This is the one module that combines training, evaluation, explanation and reporting; those four do
+not import each other (the import-linter contract in pyproject.toml checks it). matplotlib is
+imported only when a picture is drawn, so `--no-report` runs never load it.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .config import TrainConfig
+from .data import Dataset, Split
+from .errors import CnnkitError
+from .evaluate import evaluate, fit_temperature
+from .inference import metrics_from_logits, predict_logits, temperature_of
+from .models.summary import summary
+from .preprocess import Preprocess
+from .runfolder import RunFolder
+from .training import TrainResult, fit, load_data_and_model, train_svm
+from .utils import write_csv, write_text_atomic
+from .version import __version__
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model: nn.Module
+    dataset: Dataset
+    history: list[dict]
+    metrics: dict  # test metrics of the best model, plus best_epoch / val_accuracy / timing / versions
+    config: TrainConfig
+    meta: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- the training job
+def default_run_dir(cfg: TrainConfig) -> Path:
+    data = Path(cfg.data).name if Path(cfg.data).is_dir() else cfg.data
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{data}-{Path(cfg.model).stem}-{stamp}"
+
+
+def resolve_run(cfg: TrainConfig | None, resume: str | Path | None, *, echo: Callable[[str], None] | None,
+                quiet: bool) -> tuple[TrainConfig, RunFolder]:
+    """The config and run folder: a new run's (refusing a folder that already holds one), or, with
+    resume, the interrupted run's own config.json (refusing a complete or never-started run)."""
+    if resume is not None:
+        run = RunFolder(resume, echo=echo, quiet=quiet)
+        cfg = run.read_config()
+        if not run.has_checkpoint():
+            if run.is_complete():
+                raise CnnkitError(f"{run.path} is already complete (metrics.json exists); start a new run instead")
+            raise CnnkitError(f"cannot resume {run.path}: it has no {run.checkpoint_file.name} "
+                              "(it stopped before its first epoch ended)")
+    else:
+        cfg = cfg or TrainConfig()
+        run = RunFolder(Path(cfg.out) if cfg.out else default_run_dir(cfg), echo=echo, quiet=quiet)
+        if run.has_checkpoint() or run.is_complete():
+            raise CnnkitError(f"{run.path} already holds a run; choose another --out or continue it with "
+                              f"--resume {run.path}")
+        cfg.out = str(run.path)
+    return cfg.validate(), run
+
+
+def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, quiet: bool = False,
+          echo: Callable[[str], None] | None = print) -> RunResult:
+    """Train a model, writing a run folder; see TrainConfig for the options (cfg.report: whether
+    to write report.html at the end).
+
+    resume: a run folder of an interrupted run; its config.json is used and training continues
+    from its last checkpoint to the same final epoch."""
+    cfg, run = resolve_run(cfg, resume, echo=echo, quiet=quiet)
+    if cfg.model == "svm":
+        run.create()
+        run.write_config(cfg)
+        ds, result = train_svm(cfg, run, quiet)
+    else:
+        ds, model = load_data_and_model(cfg, quiet)  # before the run folder exists: a bad --data or --model leaves nothing
+        run.create()
+        run.write_config(cfg)
+        result = fit(cfg, ds, model, run, resume=resume is not None, quiet=quiet)
+    return finish(cfg, run, ds, result)
+
+
+def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -> RunResult:
+    """The end of every run, CNN or SVM: calibrate on validation, test the best model on the held-out
+    split in fp32 (the figure users will quote), write the model file and metrics.json, then the
+    report, and remove the checkpoint."""
+    best, device = result.model, result.device
+    best = best.to(memory_format=torch.channels_last)  # faster fp32 inference too (inference.probabilities)
+    preprocess = Preprocess(result.preprocess.mean, result.preprocess.std, channels_last=True).to(device)
+    test_logits = predict_logits(best, ds.test.images, preprocess, device, "fp32")  # (N, K)
+    val_logits = predict_logits(best, ds.val.images, preprocess, device, "fp32")
+    meta = {**result.meta, "calibration": {"temperature": fit_temperature(val_logits, ds.val.labels), "fitted_on": "val"}}
+    metrics = {"test_" + k: v for k, v in metrics_from_logits(test_logits, ds.test.labels).items()}
+    metrics.update({"test_split": ds.test_source, "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc,
+                    "train_seconds": result.train_seconds, "device": device.type, "precision": result.precision,
+                    "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
+    meta["metrics"], meta["history"] = metrics, result.history
+    run.save_model(best, meta)
+    run.write_history(result.history)
+    run.write_metrics(metrics)
+    report = ""
+    if cfg.report and run.primary:
+        _, files = evaluate_and_report(best, meta, ds.test, run.path, data_name=ds.name, split_name=ds.test_source,
+                                       tta=True, device=device, logits=test_logits)
+        report = f"; report {files['report']}"
+    run.remove_checkpoint()
+    top5 = f", top-5 {metrics['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in metrics else ""
+    run.log(f"test accuracy {metrics['test_accuracy']:.4f}{top5} on {metrics['test_n']} {ds.test_source} images "
+            f"(best epoch {result.best_epoch}){report}")
+    return RunResult(run.path, best, ds, result.history, metrics, cfg, meta)
+
+
+# ----------------------------------------------------------------------------- the evaluation job
+GALLERY_SIZE = 24  # mistakes drawn in misclassified.png (misclassified.csv lists up to 50)
+
+
+def gallery_heatmaps(model: nn.Module, meta: dict, images: torch.Tensor, rows: list[dict]) -> torch.Tensor | None:
+    """Grad-CAM (N, H, W) for the predicted class of each gallery image, or None for a model without convolutions."""
+    from .explain import gradcam
+    if not rows:
+        return None
+    device = next(model.parameters()).device
+    x = Preprocess.from_meta(meta).to(device)(images[torch.tensor([r["index"] for r in rows])].to(device))
+    names = meta["class_names"]
+    try:
+        heat, _ = gradcam(model.eval(), x, torch.tensor([names.index(r["predicted"]) for r in rows], device=device))
+    except CnnkitError:  # linear, MLP and SVM models: nothing spatial to explain
+        return None
+    return heat.cpu()
+
+
+def write_evaluation(out: Path, model: nn.Module, meta: dict, split: Split, metrics: dict) -> dict[str, Path]:
+    """The files of an evaluation: confusion matrix (PNG, row-normalized PNG, CSV), the misclassified
+    gallery with Grad-CAM heatmaps (PNG) and list (CSV), the reliability diagram. {name: path}."""
+    from . import report
+    names = meta["class_names"]
+    cm = metrics["confusion_matrix"]
+    files = {"confusion_matrix_csv": out / "confusion_matrix.csv", "misclassified_csv": out / "misclassified.csv"}
+    write_csv(files["confusion_matrix_csv"], ["true \\ predicted", *names], [[n, *row] for n, row in zip(names, cm)])
+    mis = metrics["misclassified"]
+    write_csv(files["misclassified_csv"], ["path", "index", "true", "predicted", "probability", "loss"],
+              [[m["path"], m["index"], m["true"], m["predicted"], f"{m['probability']:.6f}", f"{m['loss']:.6f}"]
+               for m in mis])
+    files["confusion_matrix"] = report.plot_confusion_matrix(cm, names, out / "confusion_matrix.png")
+    files["confusion_matrix_normalized"] = report.plot_confusion_matrix(
+        metrics["confusion_matrix_normalized"], names, out / "confusion_matrix_normalized.png", normalized=True)
+    gallery = mis[:GALLERY_SIZE]
+    files["misclassified"] = report.plot_misclassified(split.images, gallery, out / "misclassified.png", columns=6,
+                                                       heatmaps=gallery_heatmaps(model, meta, split.images, gallery))
+    files["reliability"] = report.plot_reliability(metrics["reliability"], metrics["ece"], out / "reliability.png")
+    return files
+
+
+def evaluate_and_report(model: nn.Module, meta: dict, split: Split, out: str | Path, *, data_name: str,
+                        split_name: str = "test", tta: bool = False, device: torch.device | str | None = None,
+                        title: str | None = None, logits: torch.Tensor | None = None) -> tuple[dict, dict[str, Path]]:
+    """Evaluate `model` on `split` and write everything into `out`: the files of write_evaluation,
+    curves.png (when the model file holds a training history), evaluation.json and report.html.
+    logits: the split's fp32 logits if already computed. Returns (metrics, {name: path})."""
+    from .report import plot_curves
+    from .report_html import environment, write_report
+    device = torch.device(device or next(model.parameters()).device)
+    out = Path(out)
+    t0 = time.perf_counter()
+    metrics, _ = evaluate(model, meta, split, meta["class_names"], device=device, tta=tta, logits=logits)
+    evaluate_seconds = time.perf_counter() - t0
+    files = write_evaluation(out, model, meta, split, metrics)
+    arch = meta["architecture"].get("name") or meta["architecture"].get("kind", "model")
+    if meta.get("history"):
+        files["curves"] = plot_curves(meta["history"], out / "curves.png", title=f"{arch} on {data_name}")
+    metrics.update({"split": split_name, "data": data_name, "out": str(out), "evaluate_seconds": evaluate_seconds})
+    files["evaluation_json"] = out / "evaluation.json"
+    write_text_atomic(files["evaluation_json"], json.dumps(metrics, indent=2))
+    training = meta.get("metrics", {})
+    files["report"] = write_report(
+        out / "report.html", title=title or f"{arch} on {data_name}: {split_name} split",
+        model_info=summary(model), meta=meta, evaluation=metrics, files=files,
+        timing={"train_seconds": training.get("train_seconds"), "evaluate_seconds": evaluate_seconds},
+        env={**environment(str(device)), **({"precision (training)": training["precision"]} if "precision" in training else {})})
+    return metrics, files
+
+
+# ----------------------------------------------------------------------------- the explain job
+def explain_to_folder(model: nn.Module, meta: dict, image_path: str | Path, out: str | Path,
+                      class_name: str | None = None, top_k: int = 5) -> dict:
+    """`cnnkit explain`: kernels.png, one feature-map figure per conv layer (or stage), gradcam.png
+    and explain.json in `out`, for one image file. Returns explain.json's dict."""
+    from .data.folder import decode_image
+    from .explain import explain_image
+    from .report import plot_feature_maps, plot_gradcam, plot_kernels
+    inp, names = meta["input"], meta["class_names"]
+    if inp["height"] != inp["width"]:
+        raise CnnkitError("explain supports square model inputs only")
+    class_index = None
+    if class_name is not None:
+        if class_name not in names:
+            raise CnnkitError(f"--class {class_name!r} is not one of the model's classes: {', '.join(names[:20])}"
+                              + (" ..." if len(names) > 20 else ""))
+        class_index = names.index(class_name)
+    try:
+        image = torch.from_numpy(decode_image(str(image_path), inp["height"], inp["channels"]).copy())  # (C, H, W) uint8
+    except FileNotFoundError:
+        raise CnnkitError(f"no such image file: {image_path}") from None
+    except Exception as e:  # any decoder failure: the user's file, not our bug
+        raise CnnkitError(f"cannot read {image_path} as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    result = explain_image(model.eval(), Preprocess.from_meta(meta), image, class_index, temperature_of(meta))
+    out = Path(out)
+    probs = result["probabilities"]
+    top = probs.topk(min(top_k, len(names)))
+    predicted = names[result["predicted"]]
+    files = {"kernels": plot_kernels(result["kernels"], out / "kernels.png")}
+    layers = []
+    for i, (site, maps) in enumerate(result["layers"], 1):
+        title = f"layer {site.name}: {maps.shape[0]} maps of {maps.shape[1]}x{maps.shape[2]} (most active shown)"
+        file = plot_feature_maps(maps, title, out / f"feature_maps_{i}_{re.sub(r'[^A-Za-z0-9]+', '_', site.name)}.png")
+        layers.append({"name": site.name, "shape": list(site.shape), "file": str(file)})
+    heat = {f"{names[c]} ({probs[c]:.2f})": h for c, h in result["heatmaps"].items()}
+    files["gradcam"] = plot_gradcam(image, heat, out / "gradcam.png")
+    site = result["gradcam_site"]
+    info = {"image": str(image_path), "predicted": predicted, "probability": float(probs[result["predicted"]]),
+            "top": [{"label": names[i], "probability": float(p)} for p, i in zip(top.values.tolist(), top.indices.tolist())],
+            "gradcam_classes": [names[c] for c in result["heatmaps"]],
+            "gradcam_layer": {"name": site.name, "shape": list(site.shape)},
+            "kernels_shape": list(result["kernels"].shape), "feature_maps": layers,
+            "files": {"kernels": str(files["kernels"]), "gradcam": str(files["gradcam"]),
+                      "json": str(out / "explain.json")}}
+    write_text_atomic(out / "explain.json", json.dumps(info, indent=2))
+    return info

@@ -1,0 +1,170 @@
+"""The run folder: every file a training run writes, by name, and whether this process writes at all.
+
+    RUN/config.json             the resolved TrainConfig (re-runs with `--config`, resumes with `--resume`)
+    RUN/train.log               everything printed, skipped files included
+    RUN/history.csv             one row per epoch
+    RUN/checkpoint.safetensors  model + optimizer after the last finished epoch (removed when the run ends)
+    RUN/model.safetensors       the best model so far; at the end, the result
+    RUN/metrics.json            test metrics: written last, so its presence means the run is complete
+
+`primary` is whether this process writes: always true in one process; with data-parallel training
+only one process may write, and the others keep the same calls as no-ops.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import TrainConfig
+from .errors import CnnkitError
+from .modelfile import MODEL_FILE, save_model
+from .models.base import unwrap
+from .utils import atomic_path, write_text_atomic
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+class RunFolder:
+    def __init__(self, path: str | Path, *, primary: bool = True, echo: Callable[[str], None] | None = print,
+                 quiet: bool = False):
+        self.path = Path(path)
+        self.primary = primary  # whether this process writes files and prints
+        self.echo = echo if (primary and not quiet) else None
+        self.quiet = quiet
+
+    # names
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def history_file(self) -> Path:
+        return self.path / "history.csv"
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / "train.log"
+
+    # state
+    def is_complete(self) -> bool:
+        return self.metrics_file.is_file()
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_file.is_file()
+
+    def read_config(self) -> TrainConfig:
+        try:
+            return TrainConfig.from_dict(json.loads(self.config_file.read_text()), source=str(self.config_file))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CnnkitError(f"cannot resume {self.path}: no readable config.json ({e})") from None
+
+    def checkpoint_epoch(self) -> int:
+        with safe_open(self.checkpoint_file, framework="pt") as f:
+            return json.loads(f.metadata()["cnnkit_checkpoint"])["epoch"]
+
+    # writes (no-ops where this process is not the primary one)
+    def create(self) -> None:
+        if self.primary:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def log(self, msg: str) -> None:
+        if self.echo is not None:
+            self.echo(msg)
+        if self.primary:
+            with open(self.log_file, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        if self.primary:
+            write_text_atomic(self.config_file, json.dumps(cfg.to_dict(), indent=2))
+
+    def write_history(self, history: list[dict]) -> None:
+        if not self.primary:
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        write_text_atomic(self.history_file, buf.getvalue())
+
+    def save_model(self, model: nn.Module, meta: dict) -> None:
+        if self.primary:
+            save_model(self.model_file, model, meta)
+
+    def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        if self.primary:
+            save_checkpoint(self.checkpoint_file, model, optimizer, state)
+
+    def write_metrics(self, metrics: dict) -> None:
+        if self.primary:
+            write_text_atomic(self.metrics_file, json.dumps(metrics, indent=2))
+
+    def remove_checkpoint(self) -> None:
+        """The run is complete: model.safetensors is the result."""
+        if self.primary:
+            self.checkpoint_file.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Model and optimizer tensors as safetensors; everything else as JSON in its header."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict = {}
+    for pid, pstate in opt["state"].items():
+        for k, v in pstate.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    header = {**state, "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"cnnkit_checkpoint": json.dumps(header)})
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    with safe_open(path, framework="pt") as f:
+        header = json.loads(f.metadata()["cnnkit_checkpoint"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for k, v in header["optimizer"]["scalars"].items():
+        pid, name = k.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": header["optimizer"]["param_groups"]})
+    # Give each state tensor its parameter's memory layout. safetensors stores tensors contiguous
+    # (NCHW) while channels-last conv weights are NHWC, and torch 2.13's fused CPU Adam silently
+    # computes wrong updates when state and parameter strides differ (foreach Adam does not);
+    # without this, a resumed run drifts from an uninterrupted one.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    optimizer.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+    return header

@@ -1,0 +1,351 @@
+"""Training, and only training: data and model in, the best model by validation accuracy out.
+
+    load_data_and_model(cfg)        the dataset and the model fitted to it
+    setup(cfg, ds, model, run)      preprocessing, pretrained weights, transfer phases, optimizer, resume state
+    epoch_loop(session, ...)        train one epoch, validate, keep the best model, checkpoint; repeat
+    fit(...)                        the three above: a TrainResult (model, history, best epoch)
+    train_svm(...)                  the notes' linear-SVM baseline, returning the same TrainResult
+
+Batches are sliced from the dataset's uint8 tensors by a shuffled index and preprocessed on the whole
+batch; bf16 autocast and channels-last activations are on by default where the hardware supports
+them (benchmarks/NOTES.md). A checkpoint is written atomically after every epoch, so Ctrl-C or a kill
+loses at most the epoch in progress, and a resumed run continues to the same end: shuffling and
+dropout are seeded per epoch, so a resumed CPU run equals an uninterrupted one.
+
+Testing, calibration and the report are the run's next steps (run.py); this module imports none of
+them. Every file goes through the RunFolder, which knows whether this process writes.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .data import Dataset, hflip_keeps_class, is_builtin, load_dataset
+from .data.folder import RESIZE_METHOD
+from .errors import TrainingInterrupted
+from .inference import metrics_from_logits, pick_device, pick_precision, predict_logits
+from .modelfile import load_model
+from .models.registry import architecture_record, build_model, default_input, get_spec
+from .models.summary import format_summary, summary
+from .preprocess import Preprocess
+from .runfolder import RunFolder, load_checkpoint
+from .utils import progress
+
+
+# ----------------------------------------------------------------------------- data and model
+def load_data_and_model(cfg: TrainConfig, quiet: bool = False) -> tuple[Dataset, nn.Module]:
+    """Load the data and build the model fitted to it (input shape and class count from the data)."""
+    spec = get_spec(cfg.model)
+    hint = default_input(spec)
+    image_size, channels = cfg.image_size, cfg.channels
+    if not is_builtin(cfg.data) and hint is not None:  # folders are decoded straight to what the model expects
+        image_size = image_size or hint[1]
+        channels = channels or hint[0]
+    ds = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, image_size=image_size,
+                      channels=channels, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, quiet=quiet)
+    c, h, w = ds.input_shape
+    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
+    return ds, build_model(spec, ds.num_classes, in_channels=c, image_size=(h, w))
+
+
+def model_meta(model: nn.Module, ds: Dataset, preprocess: Preprocess, cfg: TrainConfig) -> dict:
+    """What a model file records about a run besides weights and metrics: enough to rebuild the
+    model and preprocess new images exactly as in training."""
+    return {
+        "architecture": architecture_record(model),
+        "class_names": ds.class_names,
+        "input": dict(zip(("channels", "height", "width"), ds.input_shape)),
+        "preprocessing": {"resize": RESIZE_METHOD, **preprocess.record()},
+        "training": cfg.to_dict(),
+        # Test-time augmentation mirrors images unless that changes the class (digits), and shifts
+        # them by 1/14 of their side: the notes' 2 pixels on 28x28, 1 on 8x8 digits, 16 on 224x224.
+        "tta": {"hflip": hflip_keeps_class(ds.name), "shift_pixels": max(1, round(min(ds.input_shape[1:]) / 14))},
+        "data": {"name": ds.name, "source": ds.source, "sizes": ds.sizes(), "test_source": ds.test_source,
+                 "skipped": [list(x) for x in ds.skipped]},
+    }
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+def set_phase(model: nn.Module, phase: str) -> None:
+    """'frozen': only the classifier head trains; 'all': everything trains.
+
+    BatchNorm layers stay in inference mode in both transfer phases (run_epoch's frozen_bn): their
+    ImageNet statistics describe the backbone's features better than a few small batches of a new
+    dataset would, and updating them while fine-tuning is a known way to wreck pretrained features."""
+    head = {id(p) for p in model.head.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(phase == "all" or id(p) in head)
+
+
+def param_groups(cfg: TrainConfig, model: nn.Module, phase: str) -> list[dict]:
+    """One group normally; in the fine-tuning phase the head at lr x factor and the backbone 10x slower."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if phase != "fine-tune":
+        return [{"params": trainable}]
+    head = {id(p) for p in model.head.parameters()}
+    return [{"params": [p for p in trainable if id(p) in head], "lr_scale": cfg.fine_tune_lr_factor},
+            {"params": [p for p in trainable if id(p) not in head], "lr_scale": cfg.fine_tune_lr_factor * 0.1}]
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module, phase: str = "train") -> torch.optim.Optimizer:
+    """Adam or Nesterov SGD, fused into one kernel where torch supports it: on 2 CPU cores the
+    per-tensor Adam took 10% of a seed-mnist-torch step, and fused Adam made the step 1.3x faster
+    (benchmarks/NOTES.md)."""
+    params = param_groups(cfg, model, phase)
+    if cfg.optimizer == "adam":
+        make = lambda **kw: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)  # noqa: E731
+    else:  # sgd (TrainConfig.validate admits no other)
+        make = lambda **kw: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,  # noqa: E731
+                                            nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay, **kw)
+    try:
+        return make(fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return make()
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
+    """Linear warmup from 0 to peak, then linear decay to 0 (or constant)."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+# ----------------------------------------------------------------------------- one epoch
+def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+              perm: torch.Tensor, preprocess: Preprocess, *, batch_size: int, lr_fn: Callable[[int], float],
+              precision: str, label_smoothing: float = 0.0, bar=None,
+              frozen_bn: bool = False) -> tuple[float, int, int, float]:
+    """One pass over images[perm] in batches; returns (summed loss, correct, seen, last lr).
+
+    images: (N, C, H, W) uint8 on the training device; batches are gathered by index and
+    preprocessed as whole batches, so no per-sample Python runs here."""
+    model.train()
+    if frozen_bn:  # transfer learning: keep the pretrained BatchNorm statistics (see set_phase)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    device = images.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, lr = 0, 0.0
+    steps = math.ceil(len(perm) / batch_size)
+    for i in range(steps):
+        lr = lr_fn(i)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # fine-tuning: backbone slower than the head
+        idx = perm[i * batch_size:(i + 1) * batch_size]
+        x = preprocess(images[idx])  # (B, C, H, W) float32
+        y = labels[idx]  # (B,)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(x)  # (B, K)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if bar is not None:
+            bar.update(1)
+            if i % 20 == 0 or i == steps - 1:  # .item() syncs a GPU: not every step
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+    return loss_sum.item(), int(correct.item()), seen, lr
+
+
+# ----------------------------------------------------------------------------- set-up
+@dataclass
+class Session:
+    """Everything the epoch loop carries from one epoch to the next."""
+    cfg: TrainConfig
+    ds: Dataset
+    run: RunFolder
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    preprocess: Preprocess  # on the training device
+    device: torch.device
+    precision: str  # 'bf16' or 'fp32'
+    transfer: bool  # a frozen-backbone phase first (and maybe a fine-tuning phase)
+    total_epochs: int
+    meta: dict  # the model file's metadata, less metrics
+    history: list[dict] = field(default_factory=list)
+    best_val: float = -1.0
+    best_epoch: int = 0
+    first_epoch: int = 1
+
+    def phase_of(self, epoch: int) -> str:
+        return "fine-tune" if epoch > self.cfg.epochs else ("frozen" if self.transfer else "train")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the best model by validation accuracy, in eval mode, on `device`
+    preprocess: Preprocess
+    history: list[dict]  # one row per epoch (history.csv)
+    best_epoch: int
+    best_val_acc: float
+    device: torch.device
+    precision: str  # what trained: 'bf16', 'fp32', or the SVM's 'fp64 (scikit-learn)'
+    train_seconds: float
+    meta: dict  # the model file's metadata, less metrics and calibration
+
+
+def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resume: bool = False) -> Session:
+    """Preprocessing, pretrained weights, transfer phases, the optimizer, and (resume) the state
+    after the last finished epoch."""
+    device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
+    info = summary(model)
+    run.log(f"data {ds.name}: {ds.sizes()} images of {'x'.join(map(str, ds.input_shape))}, {ds.num_classes} classes "
+            f"(from {ds.source})")
+    if ds.skipped:
+        run.log(f"skipped {len(ds.skipped)} file(s) that could not be decoded:")
+        for path, reason in ds.skipped:
+            run.log(f"  {path}: {reason}")
+    if ds.test_source == "val":
+        run.log("note: the data has no test split, so test metrics are measured on the validation split")
+    run.log(format_summary(info, title=f"model {model.architecture.get('name')}"))
+    run.log(f"device {device.type}, precision {precision}, {cfg.epochs} epochs of batch {cfg.batch_size}, "
+            f"{cfg.optimizer} lr {cfg.lr}")
+
+    pretrained = None
+    if cfg.pretrained:
+        from .models.pretrained import load_pretrained
+        pretrained = load_pretrained(model, cfg.pretrained)
+        run.log(f"pretrained weights from {pretrained['source']} ({pretrained['loaded_tensors']} tensors"
+                f"{', new classifier head' if pretrained['new_head'] else ''})")
+    # Pretrained weights expect the normalization they were trained with; otherwise fit it to the data.
+    preprocess = (Preprocess(pretrained["mean"], pretrained["std"], cfg.channels_last) if pretrained
+                  else Preprocess.fit(ds.train.images, cfg.channels_last))
+    transfer = cfg.freeze_backbone or cfg.fine_tune
+    fine_tune_epochs = (cfg.fine_tune_epochs or cfg.epochs) if cfg.fine_tune else 0
+    if transfer:
+        set_phase(model, "frozen")
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    meta = {**model_meta(model, ds, preprocess, cfg), "pretrained": pretrained}
+    s = Session(cfg, ds, run, model, make_optimizer(cfg, model), preprocess.to(device), device, precision, transfer,
+                cfg.epochs + fine_tune_epochs, meta)
+    if resume:
+        if s.phase_of(run.checkpoint_epoch()) == "fine-tune":  # the checkpoint holds the fine-tuning optimizer
+            set_phase(model, "all")
+            s.optimizer = make_optimizer(cfg, model, "fine-tune")
+        state = load_checkpoint(run.checkpoint_file, model, s.optimizer)
+        s.history, s.best_val, s.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
+        s.first_epoch = state["epoch"] + 1
+        run.log(f"resuming {run.path} after epoch {state['epoch']}")
+    return s
+
+
+# ----------------------------------------------------------------------------- the epoch loop
+def epoch_loop(s: Session, quiet: bool = False) -> None:
+    """Train from s.first_epoch to s.total_epochs: each epoch trains, validates, keeps the model if
+    its validation accuracy is the best so far, and writes history and checkpoint."""
+    cfg, ds, run = s.cfg, s.ds, s.run
+    train_images = ds.train.images.to(s.device)
+    train_labels = ds.train.labels.to(s.device)
+    n = len(train_labels)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    fine_tune_epochs = s.total_epochs - cfg.epochs
+    epoch = s.first_epoch
+    try:
+        for epoch in range(s.first_epoch, s.total_epochs + 1):
+            t0 = time.perf_counter()
+            phase = s.phase_of(epoch)
+            if phase == "fine-tune" and epoch == cfg.epochs + 1:
+                set_phase(s.model, "all")  # phase 2: unfreeze everything, per-group learning rates
+                s.optimizer = make_optimizer(cfg, s.model, "fine-tune")
+                run.log(f"fine-tuning everything for {fine_tune_epochs} epochs: head lr {cfg.lr * cfg.fine_tune_lr_factor:g}, "
+                        f"backbone lr {cfg.lr * cfg.fine_tune_lr_factor * 0.1:g}")
+            # each phase has its own warmup and decay
+            phase_first, phase_epochs = (cfg.epochs + 1, fine_tune_epochs) if phase == "fine-tune" else (1, cfg.epochs)
+            phase_steps = steps_per_epoch * phase_epochs
+            # Per-epoch seeds make shuffling and dropout independent of whether the run was resumed.
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=gen).to(s.device)
+            torch.manual_seed(cfg.seed * 1_000_003 + epoch + 500_000)
+            bar = progress(steps_per_epoch, f"epoch {epoch}/{s.total_epochs}", unit="step",
+                           disable=quiet or not run.primary)
+            first_step = (epoch - phase_first) * steps_per_epoch
+            loss_sum, correct, seen, lr = run_epoch(
+                s.model, s.optimizer, train_images, train_labels, perm, s.preprocess, batch_size=cfg.batch_size,
+                lr_fn=lambda i: lr_at(first_step + i, phase_steps, warmup_steps, cfg.lr, cfg.schedule),
+                precision=s.precision, label_smoothing=cfg.label_smoothing, bar=bar, frozen_bn=s.transfer)
+            bar.close()
+            val = metrics_from_logits(predict_logits(s.model, ds.val.images, s.preprocess, s.device, s.precision),
+                                      ds.val.labels)
+            row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                   "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": lr,
+                   "seconds": time.perf_counter() - t0}
+            s.history.append(row)
+            run.log(f"epoch {epoch}/{s.total_epochs}{' (' + phase + ')' if s.transfer else ''}: "
+                    f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+                    f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {row['seconds']:.1f} s")
+            if row["val_acc"] > s.best_val:  # keep the best model by validation accuracy
+                s.best_val, s.best_epoch = row["val_acc"], epoch
+                run.save_model(s.model, {**s.meta, "metrics": {"best_epoch": epoch, "val_accuracy": s.best_val}})
+            run.write_history(s.history)
+            run.save_checkpoint(s.model, s.optimizer, {"epoch": epoch, "history": s.history,
+                                                       "best_val_acc": s.best_val, "best_epoch": s.best_epoch})
+    except KeyboardInterrupt:
+        done = s.history[-1]["epoch"] if s.history else 0
+        kept = f"the checkpoint after epoch {done} is kept" if done else "no epoch had finished"
+        raise TrainingInterrupted(f"interrupted during epoch {epoch}; {kept} in {run.path}; continue with: "
+                                  f"cnnkit train --resume {run.path}") from None
+
+
+def fit(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, *, resume: bool = False,
+        quiet: bool = False) -> TrainResult:
+    """Set up, run the epochs, and return the best model (reloaded from its model file)."""
+    s = setup(cfg, ds, model, run, resume)
+    epoch_loop(s, quiet)
+    best, _ = load_model(run.model_file, s.device)
+    return TrainResult(best, s.preprocess, s.history, s.best_epoch, s.best_val, s.device, s.precision,
+                       sum(r["seconds"] for r in s.history), s.meta)
+
+
+# ----------------------------------------------------------------------------- the SVM baseline
+def train_svm(cfg: TrainConfig, run: RunFolder, quiet: bool = False) -> tuple[Dataset, TrainResult]:
+    """The notes' pre-deep-learning baseline: scikit-learn's linear SVM on normalized, flattened pixels.
+
+    A linear SVM is a linear model, so its weights go into the `linear` spec network
+    (flatten -> dense): the model file, evaluate, predict and calibration all work unchanged."""
+    from sklearn.svm import LinearSVC
+
+    ds = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
+                      channels=cfg.channels, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, quiet=quiet)
+    preprocess = Preprocess.fit(ds.train.images)
+    flat = lambda images: preprocess(images).flatten(1).numpy()  # noqa: E731  (N, C*H*W) float32
+    c, h, w = ds.input_shape
+    run.log(f"data {ds.name}: {ds.sizes()} images of {c}x{h}x{w}, {ds.num_classes} classes; "
+            f"fitting a linear SVM (one-vs-rest, squared hinge, C=0.01) on {c * h * w} pixels")
+    t0 = time.perf_counter()
+    # dual=False: the primal solver is the fast one when samples outnumber pixels
+    svm = LinearSVC(C=0.01, dual=False, max_iter=200, random_state=cfg.seed).fit(flat(ds.train.images),
+                                                                                 ds.train.labels.numpy())
+    seconds = time.perf_counter() - t0
+    model = build_model(get_spec("linear"), ds.num_classes, in_channels=c, image_size=(h, w))
+    weight, bias = torch.from_numpy(svm.coef_).float(), torch.from_numpy(svm.intercept_).float()
+    if ds.num_classes == 2:  # one decision function f: logits (-f/2, f/2) give the same argmax
+        weight, bias = torch.cat([-weight / 2, weight / 2]), torch.cat([-bias / 2, bias / 2])
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
+    model.eval()
+    val = metrics_from_logits(predict_logits(model, ds.val.images, preprocess), ds.val.labels)
+    history = [{"epoch": 1, "train_loss": float("nan"), "train_acc": float(svm.score(flat(ds.train.images),
+                ds.train.labels.numpy())), "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": 0.0, "seconds": seconds}]
+    meta = model_meta(model, ds, preprocess, cfg)
+    meta["architecture"]["name"] = "linear SVM"
+    return ds, TrainResult(model, preprocess, history, 1, val["accuracy"], torch.device("cpu"),
+                           "fp64 (scikit-learn)", seconds, meta)

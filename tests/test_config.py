@@ -1,0 +1,80 @@
+"""One config, one source of truth: `cnnkit train` flags come from TrainConfig's fields and
+comments, --config sets any field and flags override it, the saved config.json re-runs a run
+identically, and bad values are refused up front with one line and exit 2."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import cnnkit
+from cnnkit.config import TrainConfig, field_help
+from conftest import assert_same_run, run_cli
+
+SMALL = ["--data", "digits", "--model", "seed-digits", "--image-size", "16", "--batch-size", "64", "--quiet"]
+
+
+def test_every_config_field_is_a_flag_with_its_comment_as_help():
+    r = run_cli("train", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    helps = field_help()
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+        assert f.name in helps and " ".join(helps[f.name].split()[:4]) in text, f.name
+    assert "--no-report" in text and "--no-download" in text and "--config" in text
+
+
+def test_config_file_sets_fields_and_flags_override_it(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("# a recipe\ndata: digits\nmodel: seed-digits\nepochs: 2\nlr: 0.004\nimage_size: 16\n"
+                      "optimizer: sgd\nreport: false\n")
+    run = tmp_path / "run"
+    r = run_cli("train", "--config", str(recipe), "--epochs", "1", "--out", str(run), "--quiet")
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["epochs"], saved["lr"], saved["optimizer"], saved["image_size"]) == (1, 0.004, "sgd", 16)
+    assert not (run / "report.html").exists() and (run / "metrics.json").exists()  # report: false
+
+
+def test_a_run_re_runs_identically_from_its_own_config_json(tmp_path):
+    first = tmp_path / "first"
+    assert run_cli("train", *SMALL, "--epochs", "3", "--lr", "0.003", "--no-report", "--out", str(first)).returncode == 0
+    again = tmp_path / "again"
+    r = run_cli("train", "--config", str(first / "config.json"), "--out", str(again), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert_same_run(first, again)
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (first, again))
+    assert {k: v for k, v in ca.items() if k != "out"} == {k: v for k, v in cb.items() if k != "out"}
+
+
+def test_a_config_file_with_an_unknown_field_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 2\nlearning_rate: 0.1\n")
+    r = run_cli("train", "--config", str(bad), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "learning_rate" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--lr", "nan", "--lr must be a finite number"), ("--lr", "inf", "--lr must be a finite number"),
+    ("--lr", "0", "--lr must be in"), ("--lr", "-0.1", "--lr must be in"),
+    ("--epochs", "0", "--epochs must be in"), ("--epochs", "-3", "--epochs must be in"),
+    ("--batch-size", "0", "--batch-size must be in"), ("--momentum", "1.5", "--momentum must be in"),
+    ("--val-split", "1", "--val-split must be in"), ("--test-split", "-0.2", "--test-split must be in"),
+    ("--label-smoothing", "nan", "--label-smoothing must be a finite number"),
+    ("--weight-decay", "-1", "--weight-decay must be in"), ("--warmup-epochs", "inf", "--warmup-epochs must be a finite"),
+    ("--image-size", "0", "--image-size must be in"), ("--fine-tune-epochs", "0", "--fine-tune-epochs must be in"),
+    ("--fine-tune-lr-factor", "0", "--fine-tune-lr-factor must be in"), ("--seed", "-1", "--seed must be in"),
+])
+def test_numeric_flags_are_validated_up_front(tmp_path, flag, value, words):
+    r = run_cli("train", *SMALL, flag, value, "--out", str(tmp_path / "run"))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert words in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_python_api_validates_too(tmp_path):
+    with pytest.raises(cnnkit.CnnkitError, match="--lr must be a finite number"):
+        cnnkit.train(TrainConfig(lr=float("nan"), out=str(tmp_path / "run")), quiet=True)
