@@ -283,3 +283,24 @@ def test_fashion_mnist_accepts_the_archive_a_recompressed_and_an_uncompressed_co
     (plain / "fashion-mnist" / names["test_images"][:-3]).write_bytes(bytes(flipped))
     with pytest.raises(CnnkitError, match="content md5"):
         load_dataset("fashion-mnist", data_dir=plain, download=False)
+
+
+def test_decoded_idx_cache_is_used_and_follows_the_files(tmp_path, isolated_cache, monkeypatch):
+    """The second load reads the decoded tensors without verifying or gunzipping again; a changed
+    file (new size or mtime) is verified and decoded afresh, and a damaged copy is refused."""
+    from cnnkit.data import builtin
+    d = tmp_path / "mnist"
+    shutil.copytree(shared("mnist"), d)
+    first = load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert len(list((isolated_cache / "decoded").glob("mnist-*.safetensors"))) == 1
+    calls = []
+    real = builtin.read_verified
+    monkeypatch.setattr(builtin, "read_verified", lambda *a: calls.append(a) or real(*a))
+    second = load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert calls == [] and torch.equal(first.test.images, second.test.images)
+    blob = bytearray(gzip.decompress((d / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    blob[-1] = (blob[-1] + 1) % 10
+    (d / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(blob)))
+    with pytest.raises(CnnkitError, match="checksum"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert len(calls) >= 1

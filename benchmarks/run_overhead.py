@@ -1,0 +1,55 @@
+"""What a training run costs beyond its epochs: `cnnkit train --epochs 1 --no-report` as a whole
+process (start-up, imports, data, set-up, testing, calibration, the model file), against the
+epoch's own time from history.csv. Issue 9's bar: whole process <= epoch + 4 s.
+
+    python benchmarks/run_overhead.py [--repeats 5] [--model seed-mnist-torch] [--report]
+
+Each repeat is a fresh process; medians are printed. The decoded-data cache is warmed by one
+untimed run first (a user's second run onwards), and the first, cold run is shown on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def one_run(args, out: Path, cache: Path) -> tuple[float, float]:
+    cmd = [sys.executable, "-m", "cnnkit", "train", "--data", args.data, "--data-dir", args.data_dir, "--model",
+           args.model, "--epochs", "1", "--out", str(out), "--quiet", "--report" if args.report else "--no-report"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "CNNKIT_DATA": str(cache)})
+    wall = time.perf_counter() - t0
+    epoch = float(next(csv.DictReader((out / "history.csv").open()))["seconds"])
+    return wall, epoch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="mnist")
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"))
+    ap.add_argument("--model", default="seed-mnist-torch")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--report", action="store_true", help="write the report too (the default run)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        wall, epoch = one_run(args, Path(tmp) / "cold", cache)
+        print(f"cold cache: whole {wall:.2f} s, epoch {epoch:.2f} s, outside the epoch {wall - epoch:.2f} s")
+        rows = [one_run(args, Path(tmp) / f"run{i}", cache) for i in range(args.repeats)]
+    walls, epochs = [w for w, _ in rows], [e for _, e in rows]
+    overheads = [w - e for w, e in rows]
+    print(f"{args.model} on {args.data}, 1 epoch, {'with' if args.report else 'no'} report, {args.repeats} runs:")
+    print(f"  whole process {statistics.median(walls):.2f} s, epoch {statistics.median(epochs):.2f} s, "
+          f"outside the epoch {statistics.median(overheads):.2f} s (median; each run: "
+          + ", ".join(f"{o:.2f}" for o in overheads) + ")")
+
+
+if __name__ == "__main__":
+    main()
