@@ -12,7 +12,7 @@ from conftest import run_cli, shared
 @pytest.mark.parametrize("model,target", [("seed-mnist-torch", 0.990), ("seed-mnist-keras", 0.988)])
 def test_mnist_two_epochs_reaches_the_notes_accuracy(tmp_path, model, target):
     r = run_cli("train", "--data", "mnist", "--data-dir", str(shared()), "--model", model, "--epochs", "2",
-                "--out", str(tmp_path / "run"), "--quiet", "--json")
+                "--out", str(tmp_path / "run"), "--quiet", "--json", "--no-report")
     assert r.returncode == 0, r.stderr
     metrics = json.loads(r.stdout)["metrics"]
     print(f"{model}: test accuracy {metrics['test_accuracy']:.4f} in {metrics['train_seconds']:.0f} s")
@@ -25,7 +25,7 @@ def test_tta_and_temperature_on_mnist(tmp_path):
     """TTA never lowers MNIST test accuracy by more than noise; both figures are reported."""
     run = tmp_path / "run"
     r = run_cli("train", "--data", "mnist", "--data-dir", str(shared()), "--model", "seed-mnist-keras", "--epochs", "2",
-                "--out", str(run), "--quiet")
+                "--out", str(run), "--quiet", "--no-report")
     assert r.returncode == 0, r.stderr
     r = run_cli("evaluate", str(run), "--data", "mnist", "--data-dir", str(shared()), "--tta", "--json")
     m = json.loads(r.stdout)
@@ -40,7 +40,7 @@ def test_tta_and_temperature_on_mnist(tmp_path):
 def test_temperature_scaling_lowers_ece_on_cifar10(tmp_path):
     run = tmp_path / "run"
     data = ["--data", "cifar10", "--data-dir", str(shared("cifar10-subset-bin"))]
-    r = run_cli("train", *data, "--model", "seed-cifar10", "--epochs", "10", "--out", str(run), "--quiet")
+    r = run_cli("train", *data, "--model", "seed-cifar10", "--epochs", "10", "--out", str(run), "--quiet", "--no-report")
     assert r.returncode == 0, r.stderr
     m = json.loads(run_cli("evaluate", str(run), *data, "--json").stdout)
     print(f"CIFAR-10 subset seed-cifar10: ECE {m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} at T={m['temperature']:.3f}")
@@ -52,7 +52,7 @@ def test_temperature_scaling_lowers_ece_on_cifar10(tmp_path):
 def test_pixel_svm_baseline_on_mnist_loses_to_the_cnn(tmp_path):
     """The notes' point: the pre-deep-learning linear SVM on pixels against the CNN (>= 99.0%)."""
     r = run_cli("train", "--data", "mnist", "--data-dir", str(shared()), "--model", "svm", "--out",
-                str(tmp_path / "svm"), "--quiet", "--json")
+                str(tmp_path / "svm"), "--quiet", "--json", "--no-report")
     assert r.returncode == 0, r.stderr
     svm = json.loads(r.stdout)["metrics"]["test_accuracy"]
     print(f"MNIST linear SVM on pixels: {svm:.4f} (the CNNs above: >= 0.99)")

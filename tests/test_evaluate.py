@@ -19,7 +19,8 @@ from conftest import run_cli, shared
 def mnist_run(tmp_path_factory):
     """A quick MNIST model (softmax regression, 1 epoch: about 92% test accuracy)."""
     out = tmp_path_factory.mktemp("runs") / "mnist-linear"
-    cfg = cnnkit.TrainConfig(data="mnist", model="linear", epochs=1, data_dir=str(shared()), out=str(out))
+    cfg = cnnkit.TrainConfig(data="mnist", model="linear", epochs=1, data_dir=str(shared()), out=str(out),
+                             report=False)
     return cnnkit.train(cfg, quiet=True)
 
 
@@ -64,7 +65,8 @@ def test_evaluate_cli_writes_files(mnist_run, tmp_path):
 
 def test_predict_folder_with_bad_files(tmp_path):
     digits = cnnkit.load_dataset("digits")
-    run = cnnkit.train(cnnkit.TrainConfig(data="digits", model="seed-digits", epochs=8, out=str(tmp_path / "run")),
+    run = cnnkit.train(cnnkit.TrainConfig(data="digits", model="seed-digits", epochs=8, out=str(tmp_path / "run"),
+                                          report=False),
                        quiet=True)
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)
@@ -115,7 +117,7 @@ def test_tta_views_follow_the_data():
 def test_svm_baseline_model_file_predicts_what_scikit_learn_predicts(tmp_path):
     from sklearn.svm import LinearSVC
 
-    result = cnnkit.train(cnnkit.TrainConfig(data="digits", model="svm", out=str(tmp_path / "svm")), quiet=True)
+    result = cnnkit.train(cnnkit.TrainConfig(data="digits", model="svm", out=str(tmp_path / "svm"), report=False), quiet=True)
     model, meta = cnnkit.load_model(tmp_path / "svm")
     ds = result.dataset
     norm = cnnkit.Preprocess.fit(ds.train.images)

@@ -81,7 +81,7 @@ def test_gradcam_points_at_the_digit_on_mnist(tmp_path):
     """The issue's sanity check: for correctly classified MNIST test digits, at least 70% of the
     heatmap mass lies inside the bounding box of the digit's non-zero pixels (mean over 200 images);
     the same network with random weights does not manage it."""
-    run = cnnkit.train(cnnkit.TrainConfig(data="mnist", model="mnist-examples", epochs=2, data_dir=str(shared()),
+    run = cnnkit.train(cnnkit.TrainConfig(data="mnist", model="mnist-examples", epochs=2, data_dir=str(shared()), report=False,
                                           out=str(tmp_path / "run")), quiet=True)
     model, meta = cnnkit.load_model(run.run_dir)
     test = run.dataset.test

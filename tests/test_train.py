@@ -47,7 +47,8 @@ def test_cli_train_writes_a_complete_run_folder(tmp_path):
 
 
 def start_training(out, epochs: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *SMALL, "--epochs", str(epochs), "--out", str(out)],
+    return subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *SMALL, "--no-report", "--epochs", str(epochs),
+                             "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
@@ -67,7 +68,7 @@ def wait_for_checkpoint(proc, out, min_epoch: int = 1, timeout: float = 120) -> 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     epochs = 10
     whole = tmp_path / "whole"
-    r = run_cli("train", *SMALL, "--epochs", str(epochs), "--out", str(whole))
+    r = run_cli("train", *SMALL, "--no-report", "--epochs", str(epochs), "--out", str(whole))
     assert r.returncode == 0, r.stderr
 
     killed = tmp_path / "killed"
@@ -100,7 +101,7 @@ def test_resume_of_a_finished_or_missing_run_is_refused(tmp_path):
     r = run_cli("train", "--resume", str(tmp_path / "nothing"))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "config.json" in r.stderr
     run = tmp_path / "run"
-    assert run_cli("train", *SMALL, "--epochs", "1", "--out", str(run)).returncode == 0
+    assert run_cli("train", *SMALL, "--no-report", "--epochs", "1", "--out", str(run)).returncode == 0
     r = run_cli("train", "--resume", str(run))
     assert r.returncode != 0 and "already complete" in r.stderr
     r = run_cli("train", *SMALL, "--epochs", "1", "--out", str(run))
@@ -110,7 +111,7 @@ def test_resume_of_a_finished_or_missing_run_is_refused(tmp_path):
 def test_python_api_mirrors_the_cli(tmp_path):
     ds = cnnkit.load_dataset("digits")
     assert ds.train.images.dtype == torch.uint8 and ds.num_classes == 10
-    cfg = cnnkit.TrainConfig(data="digits", model="linear", epochs=15, out=str(tmp_path / "run"))
+    cfg = cnnkit.TrainConfig(data="digits", model="linear", epochs=15, out=str(tmp_path / "run"), report=False)
     result = cnnkit.train(cfg, quiet=True)
     assert isinstance(result.model, torch.nn.Module) and result.metrics["test_accuracy"] > 0.8
     model, meta = cnnkit.load_model(result.run_dir / "model.safetensors")
@@ -123,7 +124,7 @@ def test_bf16_and_fp32_both_learn(tmp_path):
     accs = {}
     for precision in ("fp32", "bf16"):
         r = cnnkit.train(cnnkit.TrainConfig(data="digits", model="seed-digits", epochs=4, precision=precision,
-                                            out=str(tmp_path / precision)), quiet=True)
+                                            out=str(tmp_path / precision), report=False), quiet=True)
         accs[precision] = r.metrics["test_accuracy"]
     assert min(accs.values()) > 0.9 and abs(accs["fp32"] - accs["bf16"]) < 0.03
 
@@ -164,7 +165,7 @@ def test_checkpoint_round_trip_continues_bit_exactly(tmp_path):
 
 def test_fine_tune_run_resumed_after_kill_equals_uninterrupted(tmp_path):
     """Two phases (frozen head, then everything at per-group rates) survive a kill between or within them."""
-    args = [*SMALL, "--freeze-backbone", "--fine-tune", "--epochs", "3", "--fine-tune-epochs", "3"]
+    args = [*SMALL, "--no-report", "--freeze-backbone", "--fine-tune", "--epochs", "3", "--fine-tune-epochs", "3"]
     whole = tmp_path / "whole"
     assert run_cli("train", *args, "--out", str(whole)).returncode == 0
     killed = tmp_path / "killed"

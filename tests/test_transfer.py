@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli, shared
 
 COMMON = ["--data", str(shared("hymenoptera")), "--model", "efficientnet_lite0", "--batch-size", "32",
-          "--lr", "1e-3", "--quiet", "--json"]
+          "--lr", "1e-3", "--quiet", "--json", "--no-report"]
 
 
 def train(tmp_path, name, *args):
