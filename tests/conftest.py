@@ -62,6 +62,23 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """`cnnkit ARGS` in this process: the same code path as the command (cli.main, its exit codes and
+    output) without a new interpreter's start-up (about 1.5 s of importing torch per call). For
+    tests that read output and exit codes; process boundaries (kill, Ctrl-C, import time) need run_cli."""
+    import contextlib
+    import io
+
+    from cnnkit.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own usage errors and --help
+            code = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess(["cnnkit", *args], code, out.getvalue(), err.getvalue())
+
+
 class CodePayload:
     """A pickle that, if ever unpickled, runs `touch marker`: loading code must never run it."""
 

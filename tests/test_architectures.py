@@ -11,7 +11,7 @@ import cnnkit
 from cnnkit import CnnkitError, build_model, summary
 from cnnkit.models.pretrained import load_pretrained, read_state_dict
 from cnnkit.models.zoo import ARCHS
-from conftest import CodePayload, run_cli, shared
+from conftest import CodePayload, run_cli, run_main, shared
 
 PUBLISHED = {name: a.published_params for name, a in ARCHS.items() if a.published_params}
 
@@ -41,7 +41,7 @@ def test_imagenet_parameter_counts_equal_published(name):
 
 @pytest.mark.parametrize("name", ["resnet18", "googlenet", "mobilenet_v2"])
 def test_summary_cli_totals_at_imagenet_setting(name):
-    r = run_cli("summary", name, "--input", "3x224x224", "--num-classes", "1000", "--json")
+    r = run_main("summary", name, "--input", "3x224x224", "--num-classes", "1000", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["parameters"] == info["trainable_params"] == PUBLISHED[name]
@@ -112,7 +112,7 @@ def test_pickle_with_code_payload_is_refused_without_running_it(tmp_path):
 
 
 def test_models_command_lists_counts_and_weights():
-    r = run_cli("models", "--json")
+    r = run_main("models", "--json")
     models = {m["name"]: m for m in json.loads(r.stdout)}
     assert models["resnet50"]["params"] == 25_557_032 and models["seed-mnist-keras"]["params"] == 93_322
     assert models["efficientnet_lite0"]["pretrained"] == "installed"

@@ -10,13 +10,13 @@ import pytest
 
 import cnnkit
 from cnnkit.config import TrainConfig, field_help
-from conftest import assert_same_run, run_cli
+from conftest import assert_same_run, run_cli, run_main
 
 SMALL = ["--data", "digits", "--model", "seed-digits", "--image-size", "16", "--batch-size", "64", "--quiet"]
 
 
 def test_every_config_field_is_a_flag_with_its_comment_as_help():
-    r = run_cli("train", "--help")
+    r = run_main("train", "--help")
     assert r.returncode == 0
     text = " ".join(r.stdout.split())  # argparse wraps lines
     helps = field_help()
@@ -69,10 +69,15 @@ def test_a_config_file_with_an_unknown_field_is_refused(tmp_path):
     ("--fine-tune-lr-factor", "0", "--fine-tune-lr-factor must be in"), ("--seed", "-1", "--seed must be in"),
 ])
 def test_numeric_flags_are_validated_up_front(tmp_path, flag, value, words):
-    r = run_cli("train", *SMALL, flag, value, "--out", str(tmp_path / "run"))
+    r = run_main("train", *SMALL, flag, value, "--out", str(tmp_path / "run"))
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert words in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_value_is_one_line_and_exit_2_from_the_real_command(tmp_path):
+    r = run_cli("train", *SMALL, "--lr", "nan", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and r.stderr.strip() == "cnnkit: error: --lr must be a finite number, not nan"
 
 
 def test_python_api_validates_too(tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 from cnnkit import CnnkitError, load_dataset
 from cnnkit.data import stratified_split
 from cnnkit.data.builtin import parse_cifar_bin, parse_idx
-from conftest import run_cli, shared
+from conftest import run_cli, run_main, shared
 
 
 # ----------------------------------------------------------------------------- MNIST and downloads
@@ -73,7 +73,7 @@ def test_missing_data_without_network_says_where_it_looked(tmp_path, http_server
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("CNNKIT_DATA_URL", http_server(empty))  # a server with nothing: like no network
-    r = run_cli("train", "--data", "fashion-mnist", "--data-dir", str(tmp_path / "nowhere"))
+    r = run_main("train", "--data", "fashion-mnist", "--data-dir", str(tmp_path / "nowhere"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     msg = r.stderr.strip().splitlines()
     assert len(msg) == 1 and "nowhere" in msg[0] and "--data-dir" in msg[0]
@@ -199,7 +199,7 @@ def test_empty_folder_and_single_class_are_refused(tmp_path):
         load_dataset(tmp_path / "empty")
     make_plain_folder(tmp_path / "one")
     shutil.rmtree(tmp_path / "one" / "b")
-    r = run_cli("train", "--data", str(tmp_path / "one"), "--model", "linear")
+    r = run_main("train", "--data", str(tmp_path / "one"), "--model", "linear")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "one class" in r.stderr
 
 
@@ -222,10 +222,10 @@ def test_cifar10_jpeg_folder_loads_all_60000_files():
 
 
 def test_unknown_dataset_and_model_list_the_known_ones():
-    r = run_cli("train", "--data", "imagenet-22k")
+    r = run_main("train", "--data", "imagenet-22k")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "mnist, fashion-mnist, cifar10, digits" in r.stderr
-    r = run_cli("train", "--model", "resnet9000")
+    r = run_main("train", "--model", "resnet9000")
     assert r.returncode == 2 and "seed-mnist-keras" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

@@ -12,7 +12,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 import cnnkit
 from cnnkit import evaluate as ev
 from cnnkit.inference import tta_views
-from conftest import run_cli, shared
+from conftest import run_cli, run_main, shared
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +79,18 @@ def test_predict_folder_with_bad_files(tmp_path):
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "pred.csv"
-    r = run_cli("predict", str(run.run_dir), str(folder), "--top-k", "2", "--out", str(out))
+    r = run_main("predict", str(run.run_dir), str(folder), "--top-k", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
     rows = {row["path"]: row for row in csv.DictReader(out.open())}
     assert len(rows) == 8
     assert rows[str(folder / "corrupt.png")]["error"] and rows[str(folder / "notes.txt")]["error"]
     right = sum(rows[p]["label_1"] == label for p, label in expected.items())
     assert right >= 5 and all(rows[p]["error"] == "" for p in expected)
-    r = run_cli("predict", str(run.run_dir), str(folder / "digit0.png"), "--min-confidence", "1.0", "--json")
+    r = run_main("predict", str(run.run_dir), str(folder / "digit0.png"), "--min-confidence", "1.0", "--json")
     assert json.loads(r.stdout)[0]["labels"][0] == "unknown"
     # Issue 10: a batch that could read none of its inputs has failed (exit 2), with its error rows.
     for bad in ([str(tmp_path / "nonexistent")], [str(folder / "corrupt.png"), str(folder / "notes.txt")]):
-        r = run_cli("predict", str(run.run_dir), *bad, "--json")
+        r = run_main("predict", str(run.run_dir), *bad, "--json")
         assert r.returncode == 2, (bad, r.returncode, r.stderr)
         assert all("error" in row for row in json.loads(r.stdout)) and "could not be read" in r.stderr
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_main as run_cli
 from test_reference import MAXPOOLED, X1, X2
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from cnnkit import CnnkitError, build_model, load_model, read_metadata, save_model
 from cnnkit.models.registry import architecture_record
-from conftest import CodePayload, run_cli
+from conftest import CodePayload, run_main
 
 META = {"class_names": [str(i) for i in range(10)], "input": {"channels": 1, "height": 28, "width": 28},
         "preprocessing": {"mean": [0.13], "std": [0.31], "scale": 255, "resize": "shorter-side-center-crop"}}
@@ -41,7 +41,7 @@ def test_pickle_payload_is_refused_without_running_it(tmp_path):
     torch_file = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(2)}, torch_file)  # a zip of pickles, as torch.save writes
     for f in (evil, torch_file):
-        r = run_cli("summary", str(f))
+        r = run_main("summary", str(f))
         assert r.returncode != 0 and "Traceback" not in r.stderr
         assert "not a cnnkit model file" in r.stderr or "not a valid safetensors" in r.stderr
     with pytest.raises(CnnkitError, match="not a cnnkit model file"):

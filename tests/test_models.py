@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cnnkit import CnnkitError, build_model, list_models, summary
 from cnnkit.models.layers import Pool
-from conftest import run_cli
+from conftest import run_main
 
 SEEDS = {  # name: (input, classes, published total parameters)
     "seed-mnist-keras": ("1x28x28", 10, 93_322),
@@ -24,7 +24,7 @@ SEEDS = {  # name: (input, classes, published total parameters)
 @pytest.mark.parametrize("name", SEEDS)
 def test_summary_json_totals_equal_the_notes(name):
     shape, k, expected = SEEDS[name]
-    r = run_cli("summary", name, "--input", shape, "--num-classes", str(k), "--json")
+    r = run_main("summary", name, "--input", shape, "--num-classes", str(k), "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["total_params"] == expected
@@ -49,7 +49,7 @@ def test_shapes_follow_the_output_size_formula():
 
 
 def test_spec_that_does_not_fit_is_refused_with_layer_and_shape():
-    r = run_cli("summary", "seed-mnist-keras", "--input", "1x8x8")
+    r = run_main("summary", "seed-mnist-keras", "--input", "1x8x8")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "layer 4 (maxpool) on input 64x1x1" in r.stderr
 

@@ -6,7 +6,6 @@ the preprocessing is the one training used.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch

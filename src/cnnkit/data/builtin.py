@@ -3,7 +3,6 @@ version: raw records, no pickle) and scikit-learn's bundled 8x8 digits."""
 from __future__ import annotations
 
 import hashlib
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path

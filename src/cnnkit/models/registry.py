@@ -10,7 +10,6 @@ import copy
 from pathlib import Path
 
 import torch.nn as nn
-import yaml
 
 from ..errors import CnnkitError
 from .base import unwrap
