@@ -119,7 +119,9 @@ def load_idx_pair(name: str, files: dict[str, Remote], urls: list[str], class_na
     tensors = None
     if cache.is_file():
         try:
-            tensors = load_file(cache)
+            # Copied out of the file's memory map: another process replacing or truncating the
+            # cache file while this run trains must not crash it (SIGBUS on a vanished page).
+            tensors = {k: v.clone() for k, v in load_file(cache).items()}
         except Exception:  # a damaged cache is rebuilt, never trusted
             tensors = None
     if tensors is None or set(tensors) != set(files):
