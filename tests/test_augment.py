@@ -81,3 +81,128 @@ def test_photometric_ops_keep_the_geometry():
     assert torch.equal(Augment(saturation=0.5)(grey, gen()), grey)  # no colour, nothing to saturate
     blurred = Augment(blur=2.0)(x, gen())
     assert blurred.std() < x.std() and abs(blurred.mean() - x.mean()) < 3
+
+
+# ----------------------------------------------------------------------------- in training
+import json  # noqa: E402
+import math  # noqa: E402
+
+import cnnkit  # noqa: E402
+from cnnkit.augment import BatchAugment  # noqa: E402
+from cnnkit.training import lr_at, update_ema  # noqa: E402
+from conftest import run_main, shared  # noqa: E402
+
+
+def count_augmented(monkeypatch) -> list[int]:
+    """Record the size of every batch augmentation sees."""
+    seen: list[int] = []
+    real = BatchAugment.__call__
+
+    def spy(self, x, labels, generator):
+        seen.append(len(x))
+        assert torch.equal(labels, labels.clone())  # labels pass through untouched
+        return real(self, x, labels, generator)
+    monkeypatch.setattr(BatchAugment, "__call__", spy)
+    return seen
+
+
+def test_only_training_batches_are_augmented_from_the_chosen_epoch(tmp_path, monkeypatch):
+    seen = count_augmented(monkeypatch)
+    cfg = cnnkit.TrainConfig(data="digits", model="seed-digits", epochs=3, augment="standard", augment_from_epoch=2,
+                             image_size=16, report=False, out=str(tmp_path / "run"))
+    result = cnnkit.train(cfg, quiet=True)
+    n_train = len(result.dataset.train)
+    assert sum(seen) == 2 * n_train  # epochs 2 and 3, every training image once; never val or test
+    model, meta = cnnkit.load_model(result.run_dir)
+    logits = cnnkit.predict_logits(model, result.dataset.test.images, cnnkit.Preprocess.from_meta(meta))
+    assert (logits.argmax(1) == result.dataset.test.labels).float().mean().item() == pytest.approx(
+        result.metrics["test_accuracy"])  # the reported test figure is of unaugmented images
+    assert "augmentation from epoch 2" in (result.run_dir / "train.log").read_text()
+
+
+def test_per_class_presets_augment_only_their_class():
+    x = batch(n=6)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    aug = BatchAugment(Augment(), ((1, Augment(brightness=0.5)),))
+    out = aug(x, labels, gen())
+    assert torch.equal(out[labels == 0], x[labels == 0].float())  # class 0: no augmentation
+    assert not torch.equal(out[labels == 1], x[labels == 1].float())
+    from cnnkit.augment import parse_class_presets
+    with pytest.raises(ValueError, match="not a class"):
+        parse_class_presets("wasps=strong", ["ants", "bees"], True)
+
+
+def write_imbalanced_folder(root) -> None:
+    """MNIST 4s against 9s, ten times fewer 9s in training; a balanced test split."""
+    from PIL import Image
+    ds = cnnkit.load_dataset("mnist", data_dir=shared(), quiet=True)
+    for split, cls, digit, n, offset in (("train", "four", 4, 600, 0), ("train", "nine", 9, 60, 0),
+                                         ("test", "four", 4, 300, 1000), ("test", "nine", 9, 300, 1000)):
+        d = root / split / cls
+        d.mkdir(parents=True)
+        for i in (ds.train.labels == digit).nonzero()[:, 0][offset:offset + n].tolist():
+            Image.fromarray(ds.train.images[i, 0].numpy()).save(d / f"{i}.png")
+
+
+def test_class_balancing_raises_the_rare_class_recall(tmp_path):
+    write_imbalanced_folder(tmp_path / "data")
+    recall = {}
+    for balance in ("none", "weights", "sampler"):
+        r = cnnkit.train(cnnkit.TrainConfig(data=str(tmp_path / "data"), model="linear", image_size=28, channels=1,
+                                            epochs=10, balance=balance, report=False, out=str(tmp_path / balance)),
+                         quiet=True)
+        model, meta = cnnkit.load_model(r.run_dir)
+        predicted = cnnkit.probabilities(model, meta, r.dataset.test.images).argmax(1)
+        labels, rare = r.dataset.test.labels.numpy(), r.dataset.class_names.index("nine")
+        recall[balance] = float((predicted[labels == rare] == rare).mean())
+    assert recall["weights"] > recall["none"] + 0.05 and recall["sampler"] > recall["none"] + 0.05, recall
+
+
+def test_schedules_have_their_shapes():
+    total, warm, peak = 1000, 100, 0.1
+    for schedule in ("linear", "cosine", "onecycle"):
+        lrs = [lr_at(i, total, warm, peak, schedule) for i in range(total)]
+        assert max(lrs) == pytest.approx(peak) and lrs.index(max(lrs)) == warm - 1
+        assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # never rises after the warmup
+        assert lrs[-1] < peak * 0.01
+    assert lr_at(0, total, warm, peak, "onecycle") == pytest.approx(peak / 25, rel=0.01)  # OneCycleLR's start
+    assert lr_at(total - 1, total, warm, peak, "cosine") == pytest.approx(peak * (1 + math.cos(math.pi * 899 / 900)) / 2)
+    assert lr_at(500, total, warm, peak, "constant") == peak
+
+
+def test_weight_average_follows_its_formula():
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = ema.weight.detach().clone()
+    update_ema(ema, model, decay=0.99, step=1000)  # past the warm-up: decay 0.99
+    assert torch.allclose(ema.weight, 0.99 * before + 0.01 * model.weight.detach())
+    update_ema(ema, model, decay=0.99, step=0)  # warm-up: decay (1 + 0) / (10 + 0) = 0.1
+    assert torch.allclose(ema.weight, model.weight.detach() * 0.9 + 0.1 * (0.99 * before + 0.01 * model.weight.detach()))
+
+
+def test_augment_preview_draws_what_training_would_see(tmp_path):
+    picture = tmp_path / "preview.png"
+    r = run_main("augment-preview", "--data", "digits", "--augment", "strong", "--picture", str(picture),
+                 "--samples", "3", "--versions", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["samples"] == 3 and "hflip" not in info["augmentation"]  # digits are never mirrored
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = run_main("augment-preview", "--data", "digits", "--augment", "wild", "--picture", str(picture))
+    assert r.returncode == 2
+
+
+def test_the_notes_cifar10_recipe_runs_its_two_phases(tmp_path, monkeypatch):
+    """The notes' recipe file, shortened to 2 epochs with augmentation from the second, on the
+    lossless CIFAR-10 subset: plain first, shifted and mirrored after, with the notes' settings."""
+    from cnnkit.config import TrainConfig, recipe_file
+    seen = count_augmented(monkeypatch)
+    recipe = TrainConfig.from_file(recipe_file("notes-cifar10", "cifar10")).to_dict()
+    assert (recipe["epochs"], recipe["augment_from_epoch"], recipe["batch_size"], recipe["lr"]) == (100, 51, 32, 0.001)
+    cfg = TrainConfig.from_dict({**recipe, "epochs": 2, "augment_from_epoch": 2, "report": False,
+                                 "data_dir": str(shared("cifar10-subset-bin")), "out": str(tmp_path / "run")})
+    result = cnnkit.train(cfg, quiet=True)
+    assert sum(seen) == len(result.dataset.train)  # the second epoch only
+    assert result.metrics["test_accuracy"] > 0.3  # it learns (10 classes: chance is 0.1)
+    log = (result.run_dir / "train.log").read_text()
+    assert "augmentation from epoch 2: shift 0.1, hflip 0.5" in log and "batch 32" in log

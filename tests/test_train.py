@@ -45,9 +45,9 @@ def test_cli_train_writes_a_complete_run_folder(tmp_path):
     assert json.loads(s.stdout)["total_params"] == cnnkit.summary(model)["total_params"]
 
 
-def start_training(out, epochs: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *SMALL, "--no-report", "--epochs", str(epochs),
-                             "--out", str(out)],
+def start_training(out, epochs: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cnnkit", "train", *SMALL, *extra, "--no-report", "--epochs",
+                             str(epochs), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
@@ -64,14 +64,19 @@ def wait_for_checkpoint(proc, out, min_epoch: int = 1, timeout: float = 120) -> 
     raise AssertionError("no checkpoint appeared")
 
 
+# Augmentation and the weight average carry random and running state across epochs: resuming must
+# restore both (the per-epoch augmentation seed, the average's weights and step count).
+AUGMENTED = ["--augment", "standard", "--ema", "0.9", "--schedule", "onecycle"]
+
+
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     epochs = 10
     whole = tmp_path / "whole"
-    r = run_cli("train", *SMALL, "--no-report", "--epochs", str(epochs), "--out", str(whole))
+    r = run_cli("train", *SMALL, *AUGMENTED, "--no-report", "--epochs", str(epochs), "--out", str(whole))
     assert r.returncode == 0, r.stderr
 
     killed = tmp_path / "killed"
-    proc = start_training(killed, epochs)
+    proc = start_training(killed, epochs, *AUGMENTED)
     wait_for_checkpoint(proc, killed, min_epoch=2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -199,3 +199,49 @@ def cutout(x: torch.Tensor, side: int, generator: torch.Generator) -> torch.Tens
     inside_r = ((rows >= top) & (rows < top + side)).view(n, 1, h, 1)
     inside_c = ((cols >= left) & (cols < left + side)).view(n, 1, 1, w)
     return torch.where(inside_r & inside_c, torch.full_like(x, 128.0), x)
+
+
+# ----------------------------------------------------------------------------- per-class augmentation
+@dataclass(frozen=True)
+class BatchAugment:
+    """The augmentation of a training batch: `default` for every image, except the classes in
+    `per_class` (class index -> its own Augment), e.g. a rare class augmented harder, as the notes
+    suggest for imbalanced data. Each group of images is augmented as one batch; labels and order
+    are kept."""
+    default: Augment
+    per_class: tuple[tuple[int, Augment], ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return self.default.active or any(a.active for _, a in self.per_class)
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not self.per_class:
+            return self.default(x, generator)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        special = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for cls, aug in self.per_class:
+            idx = (labels == cls).nonzero()[:, 0]
+            special[idx] = True
+            if len(idx):
+                out[idx] = aug(x[idx], generator)
+        idx = (~special).nonzero()[:, 0]
+        if len(idx):
+            out[idx] = self.default(x[idx], generator)
+        return out
+
+
+def parse_class_presets(text: str | None, class_names: list[str], flips_allowed: bool) -> tuple[tuple[int, Augment], ...]:
+    """"bees=strong,ants=light" -> ((class index, Augment), ...), refusing unknown classes and presets."""
+    if not text:
+        return ()
+    out = []
+    for item in text.split(","):
+        name, sep, preset = item.strip().rpartition("=")
+        if not sep or not name:
+            raise ValueError(f"--augment-class takes NAME=PRESET pairs separated by commas, not {item.strip()!r}")
+        if name not in class_names:
+            raise ValueError(f"--augment-class names {name!r}, which is not a class of the data "
+                             f"({', '.join(class_names[:10])}{' ...' if len(class_names) > 10 else ''})")
+        out.append((class_names.index(name), Augment.preset(preset.strip(), flips_allowed)))
+    return tuple(out)

@@ -208,28 +208,50 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def config_from_args(args):
+    """The TrainConfig a command's flags describe: lowest to highest precedence, the recipe, the
+    --config file, the flags typed (their defaults are SUPPRESSed, so only typed ones are here)."""
     import dataclasses
 
-    from .config import TrainConfig
+    from .config import TrainConfig, recipe_file
+
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    if args.recipe:
+        data = given.get("data") or base.get("data") or TrainConfig().data
+        base = {**TrainConfig.from_file(recipe_file(args.recipe, data)).to_dict(), **base}
+    return TrainConfig.from_dict({**base, **given}, source=f"config file {args.config}" if args.config else "the flags"), given
+
+
+def cmd_train(args) -> int:
     from .run import train
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in fields}  # only the flags typed (defaults are SUPPRESSed)
     out = sys.stderr if args.json else sys.stdout  # with --json, stdout holds only the JSON
     echo = lambda msg: print(msg, file=out, flush=True)  # noqa: E731
+    cfg, given = config_from_args(args)
     if args.resume:
-        if given or args.config:
-            flags = ", ".join("--" + k.replace("_", "-") for k in given) or "--config"
+        if given or args.config or args.recipe:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given) or ("--config" if args.config else "--recipe")
             raise CnnkitError(f"--resume continues a run with its own config.json; drop {flags}")
         result = train(resume=args.resume, quiet=args.quiet, echo=echo)
     else:
-        base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
-        cfg = TrainConfig.from_dict({**base, **given}, source=f"config file {args.config}" if args.config else "the flags")
         result = train(cfg, quiet=args.quiet, echo=echo)
     if args.json:
         print(json.dumps({"run_dir": str(result.run_dir), "metrics": result.metrics, "history": result.history,
                           "skipped": [list(s) for s in result.dataset.skipped]}, indent=2))
+    return 0
+
+
+def cmd_augment_preview(args) -> int:
+    from .run import augment_preview
+
+    cfg, _ = config_from_args(args)
+    info = augment_preview(cfg.validate(), Path(args.picture), samples=args.samples, versions=args.versions)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{info['samples']} training images of {info['data']}, each beside {info['versions']} augmented "
+              f"versions ({info['augmentation']}): {info['picture']}")
     return 0
 
 
@@ -265,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and the flags typed override it. A run's own config.json re-runs it.")
     t.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="a YAML (or JSON) file of config fields, e.g. a recipe or a run's config.json")
+    t.add_argument("--recipe", metavar="NAME", default=None,
+                   help="a shipped recipe (src/cnnkit/recipes): notes-cifar10, or fast (fast-<data>.yaml); "
+                        "--config and flags override it")
     add_config_flags(t)
     t.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run folder to its end")
     t.add_argument("--json", action="store_true", help="print the result as JSON on stdout (progress goes to stderr)")
@@ -344,6 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also draw the heatmap for this class (default: the predicted class only)")
     xp.add_argument("--json", action="store_true")
     xp.set_defaults(func=cmd_explain)
+
+    ap = sub.add_parser("augment-preview", help="a picture of training images beside their augmented versions",
+                        description="Takes every `cnnkit train` option (so --augment, --aug-*, --augment-class, "
+                                    "--recipe and --config work as in training) and draws what the network would see.")
+    ap.add_argument("--picture", metavar="FILE.png", default="augment-preview.png", help="where to write the picture")
+    ap.add_argument("--samples", type=int, default=8, help="training images shown (rows)")
+    ap.add_argument("--versions", type=int, default=6, help="augmented versions of each (columns after the original)")
+    ap.add_argument("--config", metavar="FILE.yaml", default=None, help="a config file, as for train")
+    ap.add_argument("--recipe", metavar="NAME", default=None, help="a shipped recipe, as for train")
+    ap.add_argument("--json", action="store_true")
+    add_config_flags(ap)
+    ap.set_defaults(func=cmd_augment_preview)
 
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("--json", action="store_true")

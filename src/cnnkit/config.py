@@ -23,12 +23,32 @@ class TrainConfig:
     epochs: int = 10  # passes over the training split
     batch_size: int = 128  # images per optimizer step
     lr: float = 2e-3  # peak learning rate (reached after warmup, then decayed linearly to 0)
-    optimizer: str = "adam"  # adam | sgd (SGD uses Nesterov momentum)
+    optimizer: str = "adam"  # adam | adamw (decoupled weight decay) | sgd (Nesterov momentum)
     momentum: float = 0.9  # SGD momentum (ignored by Adam)
     weight_decay: float = 0.0  # L2 penalty per step, as the optimizer applies it
     warmup_epochs: float = 0.3  # epochs of linear learning-rate warmup from 0; 0 disables it
-    schedule: str = "linear"  # learning rate after warmup: linear (decay to 0) | constant
+    schedule: str = "linear"  # learning rate after warmup: linear (decay to 0) | cosine (to 0) | onecycle (from lr/25 up, cosine down to lr/25e4) | constant
     label_smoothing: float = 0.0  # cross-entropy label smoothing, 0..1
+    ema: float = 0.0  # decay per step of a moving average of the weights (e.g. 0.999); validation, test and the model file use the average; 0: off
+    grad_clip: float = 0.0  # largest global gradient norm before each step; 0: no clipping
+    early_stop: int = 0  # stop after this many epochs without a better validation accuracy; 0: never
+    augment: str = "none"  # augmentation preset: none | light (the notes': 10% shifts, mirror) | standard | strong; see `cnnkit augment-preview`
+    augment_from_epoch: int = 1  # first epoch that augments (the notes' CIFAR-10 recipe: 51, after 50 plain epochs)
+    augment_class: str | None = None  # presets for some classes, e.g. "bees=strong,ants=light" (rare classes augmented harder)
+    aug_shift: float | None = None  # largest shift as a fraction of the side, edges replicated; None: the preset's
+    aug_hflip: float | None = None  # probability of a mirror image (never for MNIST and digits); None: the preset's
+    aug_vflip: float | None = None  # probability of an upside-down image; None: the preset's
+    aug_rotate: float | None = None  # largest rotation in degrees; None: the preset's
+    aug_scale: float | None = None  # largest zoom in or out as a fraction; None: the preset's
+    aug_shear: float | None = None  # largest shear in degrees; None: the preset's
+    aug_perspective: float | None = None  # largest corner displacement as a fraction of the side; None: the preset's
+    aug_cutout: float | None = None  # side of an erased square as a fraction of the side; None: the preset's
+    aug_brightness: float | None = None  # largest brightness change as a fraction; None: the preset's
+    aug_contrast: float | None = None  # largest contrast change as a fraction; None: the preset's
+    aug_saturation: float | None = None  # largest saturation change as a fraction; None: the preset's
+    aug_noise: float | None = None  # std of gaussian noise in pixel values (0..255); None: the preset's
+    aug_blur: float | None = None  # largest gaussian blur sigma in pixels; None: the preset's
+    balance: str = "none"  # imbalanced classes: none | weights (loss weighted by inverse class frequency) | sampler (each class drawn equally often)
     val_split: float = 0.1  # fraction of training images held out for validation, when the data has no val split
     test_split: float = 0.2  # fraction held out for testing, when the data has no test split nor val split
     seed: int = 0  # seeds splits, initialisation, shuffling and dropout: same seed, same run (on CPU)
@@ -105,6 +125,26 @@ class TrainConfig:
         return self
 
 
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_file(name: str, data: str) -> Path:
+    """The config file of a shipped recipe: NAME.yaml, or for `fast`, fast-<data>.yaml."""
+    key = f"fast-{Path(data).name if Path(data).is_dir() else data}" if name == "fast" else name
+    path = RECIPE_DIR / f"{key}.yaml"
+    if name == "fast" and not path.is_file() and Path(data).is_dir():
+        path = RECIPE_DIR / "fast-folder.yaml"
+    if not path.is_file():
+        fast = sorted(n[5:] for n in recipe_names() if n.startswith("fast-"))
+        raise CnnkitError(f"no recipe {key!r}: the recipes are {', '.join(recipe_names())}"
+                          + (f" (--recipe fast exists for {', '.join(fast)})" if fast else ""))
+    return path
+
+
 # Allowed values: (low, high or None, (low closed, high closed)).
 RANGES = {
     "epochs": (1, None, (True, False)), "batch_size": (1, None, (True, False)),
@@ -113,8 +153,14 @@ RANGES = {
     "val_split": (0, 1, (True, False)), "test_split": (0, 1, (True, False)), "seed": (0, None, (True, False)),
     "image_size": (1, None, (True, False)), "fine_tune_epochs": (1, None, (True, False)),
     "fine_tune_lr_factor": (0, None, (False, False)),
+    "ema": (0, 1, (True, False)), "grad_clip": (0, None, (True, False)), "early_stop": (0, None, (True, False)),
+    "augment_from_epoch": (1, None, (True, False)),
+    **{f"aug_{op}": (0, None, (True, False)) for op in ("shift", "rotate", "scale", "shear", "perspective", "cutout",
+                                                         "brightness", "contrast", "saturation", "noise", "blur")},
+    "aug_hflip": (0, 1, (True, True)), "aug_vflip": (0, 1, (True, True)), "aug_scale": (0, 1, (True, False)),
 }
-CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("linear", "constant"), "precision": ("auto", "bf16", "fp32"),
+CHOICES = {"optimizer": ("adam", "adamw", "sgd"), "schedule": ("linear", "cosine", "onecycle", "constant"),
+           "augment": ("none", "light", "standard", "strong"), "balance": ("none", "weights", "sampler"), "precision": ("auto", "bf16", "fp32"),
            "device": ("auto", "cpu", "cuda"), "channels": (None, 1, 3)}
 
 

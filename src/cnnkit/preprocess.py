@@ -57,7 +57,8 @@ class Preprocess(nn.Module):
         return {"scale": 255, "mean": self.mean, "std": self.std}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.float().mul_(self.scale).sub_(self.shift)  # (N, C, H, W) float32
+        out = x.float()  # uint8 -> a new tensor; float input (an augmented batch) is returned as is
+        out = (out.mul_(self.scale) if out is not x else out.mul(self.scale)).sub_(self.shift)  # (N, C, H, W) float32
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
     def extra_repr(self) -> str:

@@ -192,3 +192,25 @@ def plot_reliability(rows: list[dict], ece: float, path: str | Path) -> Path:
     ax.set_title(f"reliability diagram (ECE {ece:.4f})")
     ax.legend(loc="upper left", fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_augment_grid(grid, class_names: list[str], path: str | Path, title: str = "") -> Path:
+    """One row per image: the original, then its augmented versions. grid: (S, 1 + V, C, H, W) in 0..255."""
+    import numpy as np
+    rows, cols = grid.shape[:2]
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.6, 1.3 * rows + 0.6), squeeze=False, dpi=100)
+    for r in range(rows):
+        for c in range(cols):
+            img = np.clip(grid[r, c].permute(1, 2, 0).numpy() / 255, 0, 1)
+            ax = axes[r, c]
+            ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
+                      vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("original" if c == 0 else f"augmented {c}", fontsize=8)
+        axes[r, 0].set_ylabel(class_names[r], fontsize=8)
+    if title:
+        import textwrap
+        fig.suptitle(textwrap.fill(title, width=int(16 * cols)), fontsize=9)
+    return save_figure(fig, path)

@@ -113,9 +113,10 @@ class RunFolder:
         if self.primary:
             save_model(self.model_file, model, meta)
 
-    def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                        extra: dict[str, nn.Module] | None = None) -> None:
         if self.primary:
-            save_checkpoint(self.checkpoint_file, model, optimizer, state)
+            save_checkpoint(self.checkpoint_file, model, optimizer, state, extra)
 
     def write_metrics(self, metrics: dict) -> None:
         if self.primary:
@@ -128,9 +129,13 @@ class RunFolder:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Model and optimizer tensors as safetensors; everything else as JSON in its header."""
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    extra: dict[str, nn.Module] | None = None) -> None:
+    """Model and optimizer tensors as safetensors; everything else as JSON in its header. extra:
+    other modules to keep (the weight average), each under its name."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    for name, module in (extra or {}).items():
+        tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in unwrap(module).state_dict().items()})
     opt = optimizer.state_dict()
     scalars: dict = {}
     for pid, pstate in opt["state"].items():
@@ -144,11 +149,14 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         save_file(tensors, tmp, metadata={"cnnkit_checkpoint": json.dumps(header)})
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    extra: dict[str, nn.Module] | None = None) -> dict:
     with safe_open(path, framework="pt") as f:
         header = json.loads(f.metadata()["cnnkit_checkpoint"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     unwrap(model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    for name, module in (extra or {}).items():
+        unwrap(module).load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
     state: dict = {}
     for k, v in tensors.items():
         if k.startswith("optim."):

@@ -17,6 +17,7 @@ them. Every file goes through the RunFolder, which knows whether this process wr
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,10 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .augment import Augment, BatchAugment, parse_class_presets
 from .config import TrainConfig
 from .data import Dataset, hflip_keeps_class, is_builtin, load_dataset
 from .data.folder import RESIZE_METHOD
-from .errors import TrainingInterrupted
+from .errors import CnnkitError, TrainingInterrupted
 from .inference import metrics_from_logits, pick_device, pick_precision, predict_logits
 from .modelfile import load_model
 from .models.registry import architecture_record, build_model, default_input, get_spec
@@ -95,12 +97,13 @@ def param_groups(cfg: TrainConfig, model: nn.Module, phase: str) -> list[dict]:
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module, phase: str = "train") -> torch.optim.Optimizer:
-    """Adam or Nesterov SGD, fused into one kernel where torch supports it: on 2 CPU cores the
-    per-tensor Adam took 10% of a seed-mnist-torch step, and fused Adam made the step 1.3x faster
-    (benchmarks/NOTES.md)."""
+    """Adam, AdamW or Nesterov SGD, fused into one kernel where torch supports it: on 2 CPU cores
+    the per-tensor Adam took 10% of a seed-mnist-torch step, and fused Adam made the step 1.3x
+    faster (benchmarks/NOTES.md)."""
     params = param_groups(cfg, model, phase)
-    if cfg.optimizer == "adam":
-        make = lambda **kw: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)  # noqa: E731
+    if cfg.optimizer in ("adam", "adamw"):
+        kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        make = lambda **kw: kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)  # noqa: E731
     else:  # sgd (TrainConfig.validate admits no other)
         make = lambda **kw: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,  # noqa: E731
                                             nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay, **kw)
@@ -110,24 +113,56 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, phase: str = "train") -> 
         return make()
 
 
+ONECYCLE_START, ONECYCLE_END = 1 / 25, 1 / 25e4  # PyTorch OneCycleLR's div_factor and final_div_factor
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
-    """Linear warmup from 0 to peak, then linear decay to 0 (or constant)."""
+    """The learning rate at `step` (0-based) of `total_steps`: warmup to peak, then
+    linear: linear decay to 0; cosine: cosine decay to 0; constant: peak; onecycle (Smith 2018, as
+    PyTorch's OneCycleLR): a cosine rise from peak/25 over the warmup and a cosine fall to peak/25e4."""
+    if schedule == "onecycle":
+        if step < warmup_steps:
+            t = (step + 1) / warmup_steps
+            return peak * (ONECYCLE_START + (1 - ONECYCLE_START) * (1 - math.cos(math.pi * t)) / 2)
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return peak * (ONECYCLE_END + (1 - ONECYCLE_END) * (1 + math.cos(math.pi * t)) / 2)
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if schedule == "constant":
         return peak
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 after warmup .. 1 at the end
+    if schedule == "cosine":
+        return peak * (1 + math.cos(math.pi * min(t, 1.0))) / 2
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """ema <- decay * ema + (1 - decay) * model for every float tensor (parameters and BatchNorm
+    statistics), with TensorFlow's warm-up (decay at most (1 + step) / (10 + step)), so the first
+    steps are not averaged with the random initialisation."""
+    d = min(decay, (1 + step) / (10 + step))
+    pairs = [(e, m) for e, m in zip(ema.state_dict().values(), model.state_dict().values())]
+    floats = [(e, m) for e, m in pairs if e.is_floating_point()]
+    torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1 - d)
+    for e, m in pairs:
+        if not e.is_floating_point():
+            e.copy_(m)
 
 
 # ----------------------------------------------------------------------------- one epoch
 def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
               perm: torch.Tensor, preprocess: Preprocess, *, batch_size: int, lr_fn: Callable[[int], float],
-              precision: str, label_smoothing: float = 0.0, bar=None,
-              frozen_bn: bool = False) -> tuple[float, int, int, float]:
+              precision: str, label_smoothing: float = 0.0, bar=None, frozen_bn: bool = False,
+              augment: BatchAugment | None = None, generator: torch.Generator | None = None,
+              class_weight: torch.Tensor | None = None, grad_clip: float = 0.0,
+              after_step: Callable[[], None] | None = None) -> tuple[float, int, int, float]:
     """One pass over images[perm] in batches; returns (summed loss, correct, seen, last lr).
 
-    images: (N, C, H, W) uint8 on the training device; batches are gathered by index and
-    preprocessed as whole batches, so no per-sample Python runs here."""
+    images: (N, C, H, W) uint8 on the training device; batches are gathered by index, augmented
+    (training batches only, with `generator`), and preprocessed as whole batches, so no
+    per-sample Python runs here. class_weight (K,): the loss weight of each class (balancing).
+    after_step: called after every optimizer step (the weight average)."""
     model.train()
     if frozen_bn:  # transfer learning: keep the pretrained BatchNorm statistics (see set_phase)
         for m in model.modules():
@@ -143,14 +178,21 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # fine-tuning: backbone slower than the head
         idx = perm[i * batch_size:(i + 1) * batch_size]
-        x = preprocess(images[idx])  # (B, C, H, W) float32
         y = labels[idx]  # (B,)
+        batch = images[idx]  # (B, C, H, W) uint8
+        if augment is not None:
+            batch = augment(batch, y, generator)  # (B, C, H, W) float32 in 0..255
+        x = preprocess(batch)  # (B, C, H, W) float32, normalized
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(x)  # (B, K)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -176,6 +218,11 @@ class Session:
     transfer: bool  # a frozen-backbone phase first (and maybe a fine-tuning phase)
     total_epochs: int
     meta: dict  # the model file's metadata, less metrics
+    augment: BatchAugment  # from cfg.augment_from_epoch on
+    class_weight: torch.Tensor | None  # (K,) loss weights (balance: weights)
+    sample_weight: torch.Tensor | None  # (N,) drawing weights of the training images (balance: sampler)
+    ema: nn.Module | None  # the moving average of the weights (cfg.ema > 0): what is validated and kept
+    ema_steps: int = 0  # optimizer steps averaged so far
     history: list[dict] = field(default_factory=list)
     best_val: float = -1.0
     best_epoch: int = 0
@@ -183,6 +230,11 @@ class Session:
 
     def phase_of(self, epoch: int) -> str:
         return "fine-tune" if epoch > self.cfg.epochs else ("frozen" if self.transfer else "train")
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model that is validated, kept and tested: the weight average if there is one."""
+        return self.ema if self.ema is not None else self.model
 
 
 @dataclass
@@ -196,6 +248,26 @@ class TrainResult:
     precision: str  # what trained: 'bf16', 'fp32', or the SVM's 'fp64 (scikit-learn)'
     train_seconds: float
     meta: dict  # the model file's metadata, less metrics and calibration
+
+
+def augmentation_and_balance(cfg: TrainConfig, ds: Dataset, device: torch.device
+                             ) -> tuple[BatchAugment, torch.Tensor | None, torch.Tensor | None]:
+    """The run's augmentation (preset, fine overrides, per-class presets; flips only where the
+    dataset allows them) and class balancing: loss weights (K,) or drawing weights (N,)."""
+    flips = hflip_keeps_class(ds.name)
+    overrides = {f.name[4:]: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("aug_")}
+    try:
+        default = Augment.preset(cfg.augment, flips, **overrides)
+        per_class = parse_class_presets(cfg.augment_class, ds.class_names, flips)
+    except ValueError as e:
+        raise CnnkitError(str(e)) from None
+    counts = torch.bincount(ds.train.labels, minlength=ds.num_classes).double()  # (K,)
+    class_weight = sample_weight = None
+    if cfg.balance == "weights":  # inverse frequency, mean weight 1 over the images
+        class_weight = (counts.sum() / (ds.num_classes * counts.clamp_min(1))).float().to(device)
+    elif cfg.balance == "sampler":  # each class drawn equally often
+        sample_weight = (1 / counts.clamp_min(1))[ds.train.labels]
+    return BatchAugment(default, per_class), class_weight, sample_weight
 
 
 def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resume: bool = False) -> Session:
@@ -233,15 +305,23 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     meta = {**model_meta(model, ds, preprocess, cfg), "pretrained": pretrained}
+    augment, class_weight, sample_weight = augmentation_and_balance(cfg, ds, device)
+    if augment.active:
+        run.log(f"augmentation from epoch {cfg.augment_from_epoch}: {augment.default.describe()}"
+                + "".join(f"; {ds.class_names[c]}: {a.describe()}" for c, a in augment.per_class))
+    ema = None
+    if cfg.ema > 0:
+        import copy
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
     s = Session(cfg, ds, run, model, make_optimizer(cfg, model), preprocess.to(device), device, precision, transfer,
-                cfg.epochs + fine_tune_epochs, meta)
+                cfg.epochs + fine_tune_epochs, meta, augment, class_weight, sample_weight, ema)
     if resume:
         if s.phase_of(run.checkpoint_epoch()) == "fine-tune":  # the checkpoint holds the fine-tuning optimizer
             set_phase(model, "all")
             s.optimizer = make_optimizer(cfg, model, "fine-tune")
-        state = load_checkpoint(run.checkpoint_file, model, s.optimizer)
+        state = load_checkpoint(run.checkpoint_file, model, s.optimizer, {"ema": ema} if ema is not None else None)
         s.history, s.best_val, s.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
-        s.first_epoch = state["epoch"] + 1
+        s.first_epoch, s.ema_steps = state["epoch"] + 1, state.get("ema_steps", 0)
         run.log(f"resuming {run.path} after epoch {state['epoch']}")
     return s
 
@@ -270,9 +350,15 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
             # each phase has its own warmup and decay
             phase_first, phase_epochs = (cfg.epochs + 1, fine_tune_epochs) if phase == "fine-tune" else (1, cfg.epochs)
             phase_steps = steps_per_epoch * phase_epochs
-            # Per-epoch seeds make shuffling and dropout independent of whether the run was resumed.
+            # Per-epoch seeds make shuffling, augmentation and dropout independent of whether the run
+            # was resumed.
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n, generator=gen).to(s.device)
+            if s.sample_weight is not None:  # balance: sampler (with replacement, as many draws as images)
+                perm = torch.multinomial(s.sample_weight, n, replacement=True, generator=gen).to(s.device)
+            else:
+                perm = torch.randperm(n, generator=gen).to(s.device)
+            augment_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 250_000)
+            augment = s.augment if s.augment.active and epoch >= cfg.augment_from_epoch else None
             torch.manual_seed(cfg.seed * 1_000_003 + epoch + 500_000)
             bar = progress(steps_per_epoch, f"epoch {epoch}/{s.total_epochs}", unit="step",
                            disable=quiet or not run.primary)
@@ -280,9 +366,11 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
             loss_sum, correct, seen, lr = run_epoch(
                 s.model, s.optimizer, train_images, train_labels, perm, s.preprocess, batch_size=cfg.batch_size,
                 lr_fn=lambda i: lr_at(first_step + i, phase_steps, warmup_steps, cfg.lr, cfg.schedule),
-                precision=s.precision, label_smoothing=cfg.label_smoothing, bar=bar, frozen_bn=s.transfer)
+                precision=s.precision, label_smoothing=cfg.label_smoothing, bar=bar, frozen_bn=s.transfer,
+                augment=augment, generator=augment_gen, class_weight=s.class_weight, grad_clip=cfg.grad_clip,
+                after_step=ema_step(s) if s.ema is not None else None)
             bar.close()
-            val = metrics_from_logits(predict_logits(s.model, ds.val.images, s.preprocess, s.device, s.precision),
+            val = metrics_from_logits(predict_logits(s.evaluated, ds.val.images, s.preprocess, s.device, s.precision),
                                       ds.val.labels)
             row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                    "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": lr,
@@ -293,15 +381,27 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
                     f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {row['seconds']:.1f} s")
             if row["val_acc"] > s.best_val:  # keep the best model by validation accuracy
                 s.best_val, s.best_epoch = row["val_acc"], epoch
-                run.save_model(s.model, {**s.meta, "metrics": {"best_epoch": epoch, "val_accuracy": s.best_val}})
+                run.save_model(s.evaluated, {**s.meta, "metrics": {"best_epoch": epoch, "val_accuracy": s.best_val}})
             run.write_history(s.history)
-            run.save_checkpoint(s.model, s.optimizer, {"epoch": epoch, "history": s.history,
-                                                       "best_val_acc": s.best_val, "best_epoch": s.best_epoch})
+            run.save_checkpoint(s.model, s.optimizer, {"epoch": epoch, "history": s.history, "best_val_acc": s.best_val,
+                                                       "best_epoch": s.best_epoch, "ema_steps": s.ema_steps},
+                                {"ema": s.ema} if s.ema is not None else None)
+            if cfg.early_stop and epoch - s.best_epoch >= cfg.early_stop and epoch < s.total_epochs:
+                run.log(f"early stop: no better validation accuracy for {cfg.early_stop} epochs "
+                        f"(best {s.best_val:.4f} at epoch {s.best_epoch})")
+                break
     except KeyboardInterrupt:
         done = s.history[-1]["epoch"] if s.history else 0
         kept = f"the checkpoint after epoch {done} is kept" if done else "no epoch had finished"
         raise TrainingInterrupted(f"interrupted during epoch {epoch}; {kept} in {run.path}; continue with: "
                                   f"cnnkit train --resume {run.path}") from None
+
+
+def ema_step(s: Session) -> Callable[[], None]:
+    def step() -> None:
+        update_ema(s.ema, s.model, s.cfg.ema, s.ema_steps)
+        s.ema_steps += 1
+    return step
 
 
 def fit(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, *, resume: bool = False,
