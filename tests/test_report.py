@@ -87,7 +87,8 @@ def folder_run(tmp_path_factory):
             shutil.copy(f, root / cls / f.name)
     (root / "bees" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     out = tmp_path_factory.mktemp("runs") / "bugs"
-    cfg = cnnkit.TrainConfig(data=str(root), model="seed-patch64", epochs=2, image_size=32, out=str(out))
+    cfg = cnnkit.TrainConfig(data=str(root), model="seed-patch64", epochs=2, image_size=32, out=str(out),
+                             report_tta=True)
     return cnnkit.train(cfg, quiet=True)
 
 

@@ -100,6 +100,7 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
     """The end of every run, CNN or SVM: calibrate on validation, test the best model on the held-out
     split in fp32 (the figure users will quote), write the model file and metrics.json, then the
     report, and remove the checkpoint."""
+    t0 = time.perf_counter()
     best, device = result.model, result.device
     best = best.to(memory_format=torch.channels_last)  # faster fp32 inference too (inference.probabilities)
     preprocess = Preprocess(result.preprocess.mean, result.preprocess.std, channels_last=True).to(device)
@@ -117,12 +118,14 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
     report = ""
     if cfg.report and run.primary:
         _, files = evaluate_and_report(best, meta, ds.test, run.path, data_name=ds.name, split_name=ds.test_source,
-                                       tta=True, device=device, logits=test_logits)
+                                       tta=cfg.report_tta, device=device, logits=test_logits)
         report = f"; report {files['report']}"
     run.remove_checkpoint()
     top5 = f", top-5 {metrics['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in metrics else ""
     run.log(f"test accuracy {metrics['test_accuracy']:.4f}{top5} on {metrics['test_n']} {ds.test_source} images "
             f"(best epoch {result.best_epoch}){report}")
+    run.log(f"after the last epoch: {time.perf_counter() - t0:.1f} s to test, calibrate, save"
+            + (" and report" if report else ""))
     return RunResult(run.path, best, ds, result.history, metrics, cfg, meta)
 
 
