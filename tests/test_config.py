@@ -83,3 +83,15 @@ def test_a_bad_value_is_one_line_and_exit_2_from_the_real_command(tmp_path):
 def test_python_api_validates_too(tmp_path):
     with pytest.raises(cnnkit.CnnkitError, match="--lr must be a finite number"):
         cnnkit.train(TrainConfig(lr=float("nan"), out=str(tmp_path / "run")), quiet=True)
+
+
+def test_every_shipped_recipe_is_a_valid_config_and_fast_picks_the_dataset():
+    from cnnkit.config import recipe_file, recipe_names
+    for name in recipe_names():
+        TrainConfig.from_file(recipe_file(name, "mnist")).validate()  # unknown keys or bad values fail here
+    assert recipe_file("fast", "mnist").name == "fast-mnist.yaml"
+    assert recipe_file("best", "mnist").name == "best-mnist.yaml"
+    with pytest.raises(cnnkit.CnnkitError, match="fast exists for --data mnist"):
+        recipe_file("fast", "cifar10")
+    r = run_main("train", "--recipe", "nonsense")
+    assert r.returncode == 2 and "notes-cifar10" in r.stderr

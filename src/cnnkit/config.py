@@ -127,6 +127,7 @@ class TrainConfig:
 
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+PER_DATASET_RECIPES = ("fast", "best")  # `--recipe fast --data mnist` reads recipes/fast-mnist.yaml
 
 
 def recipe_names() -> list[str]:
@@ -134,15 +135,15 @@ def recipe_names() -> list[str]:
 
 
 def recipe_file(name: str, data: str) -> Path:
-    """The config file of a shipped recipe: NAME.yaml, or for `fast`, fast-<data>.yaml."""
-    key = f"fast-{Path(data).name if Path(data).is_dir() else data}" if name == "fast" else name
+    """The config file of a shipped recipe: NAME.yaml, or for the per-dataset kinds (fast, best),
+    <kind>-<data>.yaml."""
+    per_data = name in PER_DATASET_RECIPES
+    key = f"{name}-{Path(data).name if Path(data).is_dir() else data}" if per_data else name
     path = RECIPE_DIR / f"{key}.yaml"
-    if name == "fast" and not path.is_file() and Path(data).is_dir():
-        path = RECIPE_DIR / "fast-folder.yaml"
     if not path.is_file():
-        fast = sorted(n[5:] for n in recipe_names() if n.startswith("fast-"))
+        have = sorted(n[len(name) + 1:] for n in recipe_names() if per_data and n.startswith(name + "-"))
         raise CnnkitError(f"no recipe {key!r}: the recipes are {', '.join(recipe_names())}"
-                          + (f" (--recipe fast exists for {', '.join(fast)})" if fast else ""))
+                          + (f" (--recipe {name} exists for --data {', '.join(have)})" if have else ""))
     return path
 
 
