@@ -11,6 +11,13 @@ Count first: seed-mnist-torch is 13.9 M multiply-adds per image forward (`cnnkit
 seed-mnist-torch`), so a training step costs about 3 x 2 x 13.9 M = 83 MFLOP per image.
 
     python benchmarks/train_throughput.py [--data-dir ../shared/data] [--repeats 5] [--images 12800] [--ablation]
+    python benchmarks/train_throughput.py --all-nets [--repeats 3]
+
+--all-nets: every seed network (and the fast recipes' networks), the notes' loop (DataLoader over
+float tensors, fp32, per-tensor Adam, the notes' batch size) against cnnkit's (run_epoch, batch 128,
+bf16 where the CPU has it, channels-last, fused Adam), on random images of each network's input
+shape (dense kernels take the same time whatever the pixels), with the machine's ceilings: a
+4096^3 matmul in bf16 and in fp32. FLOP per training image is taken as 3 x 2 x multiply-adds.
 """
 from __future__ import annotations
 
@@ -84,13 +91,87 @@ def cnnkit_way(images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int = 
     return seen / (time.perf_counter() - start)
 
 
+# network -> (input shape, the notes' batch size)
+ALL_NETS = {"seed-mnist-torch": ((1, 28, 28), 64), "seed-mnist-keras": ((1, 28, 28), 128),
+            "seed-cifar10": ((3, 32, 32), 32), "seed-patch64": ((3, 64, 64), 32),
+            "fast-mnist": ((1, 28, 28), 64), "mnist-stride2": ((1, 28, 28), 64)}
+
+
+def matmul_ceiling(dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
+    """FLOP/s of an n x n x n matmul: the most the CPU's matrix units give this dtype."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def notes_loop(name: str, shape, classes: int, x: torch.Tensor, labels: torch.Tensor, batch: int,
+               warmup_steps: int = 3) -> float:
+    model = build_model(name, classes, in_channels=shape[0], image_size=shape[1:])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    seen, start = 0, None
+    for step, (xb, yb) in enumerate(DataLoader(TensorDataset(x, labels), batch_size=batch, shuffle=True)):
+        if step == warmup_steps:
+            start, seen = time.perf_counter(), 0
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen += len(yb)
+    return seen / (time.perf_counter() - start)
+
+
+def cnnkit_loop(name: str, shape, classes: int, images_u8: torch.Tensor, labels: torch.Tensor,
+                warmup_steps: int = 3) -> float:
+    model = build_model(name, classes, in_channels=shape[0], image_size=shape[1:]).to(memory_format=torch.channels_last)
+    opt = make_optimizer(TrainConfig(optimizer="adam", lr=1e-3), model)
+    pre = Preprocess.fit(images_u8[:2000], channels_last=True)
+    kw = dict(batch_size=128, lr_fn=lambda i: 1e-3, precision=pick_precision("auto", torch.device("cpu")))
+    run_epoch(model, opt, images_u8, labels, torch.randperm(len(labels))[: warmup_steps * 128], pre, **kw)
+    start = time.perf_counter()
+    _, _, seen, _ = run_epoch(model, opt, images_u8, labels, torch.randperm(len(labels)), pre, **kw)
+    return seen / (time.perf_counter() - start)
+
+
+def all_nets(repeats: int, images: int) -> None:
+    bf16, fp32 = matmul_ceiling(torch.bfloat16), matmul_ceiling(torch.float32)
+    print(f"ceilings ({torch.get_num_threads()} threads): bf16 matmul {bf16 / 1e9:.0f} GFLOP/s, "
+          f"fp32 matmul {fp32 / 1e9:.0f} GFLOP/s")
+    print(f"{'network':<18} {'MACs/img':>9} {'notes img/s':>12} {'GFLOP/s':>8} {'% fp32':>7} "
+          f"{'cnnkit img/s':>13} {'GFLOP/s':>8} {'% bf16':>7} {'ratio':>6}")
+    for name, (shape, batch) in ALL_NETS.items():
+        n = images if shape[1] <= 32 else images // 4  # 64 px images: a quarter as many
+        g = torch.Generator().manual_seed(0)
+        u8 = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, 10, (n,), generator=g)
+        x = (u8.float() / 255 - 0.5) / 0.25
+        macs = summary(build_model(name, 10, in_channels=shape[0], image_size=shape[1:]))["macs_per_image"]
+        notes, ours = [], []
+        for r in range(repeats):  # interleaved
+            torch.manual_seed(r)
+            notes.append(notes_loop(name, shape, 10, x, labels, batch))
+            ours.append(cnnkit_loop(name, shape, 10, u8, labels))
+        a, b = statistics.median(notes), statistics.median(ours)
+        fa, fb = a * 6 * macs, b * 6 * macs
+        print(f"{name:<18} {macs / 1e6:>8.1f}M {a:>12.0f} {fa / 1e9:>8.0f} {100 * fa / fp32:>6.0f}% "
+              f"{b:>13.0f} {fb / 1e9:>8.0f} {100 * fb / bf16:>6.0f}% {b / a:>5.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--images", type=int, default=12800, help="training images per timed repeat")
     ap.add_argument("--ablation", action="store_true", help="also time each of cnnkit's changes on its own")
+    ap.add_argument("--all-nets", action="store_true", help="every seed network against the machine's ceilings")
     args = ap.parse_args()
+    if args.all_nets:
+        return all_nets(args.repeats, args.images)
 
     ds = load_dataset("mnist", data_dir=args.data_dir, quiet=True)
     images, labels = ds.train.images[: args.images].contiguous(), ds.train.labels[: args.images].contiguous()
