@@ -56,15 +56,14 @@ class NotesNet(nn.Module):
         return self.fc2(x)
 
 
-def notes_way(images_u8: torch.Tensor, labels: torch.Tensor, warmup_steps: int = 5) -> float:
-    """Images per second of the notes' loop (after a few warm-up steps)."""
-    x = (images_u8.float() / 255 - 0.1307) / 0.3081  # normalized once, as ToTensor + Normalize would
-    loader = DataLoader(TensorDataset(x, labels), batch_size=64, shuffle=True)
-    model = NotesNet()
+def notes_loop(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 64,
+               warmup_steps: int = 5) -> float:
+    """Images per second of the notes' loop (after a few warm-up steps): a DataLoader over normalized
+    float tensors (as ToTensor + Normalize give), fp32, per-tensor Adam 1e-3."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     seen, start = 0, None
-    for step, (xb, yb) in enumerate(loader):
+    for step, (xb, yb) in enumerate(DataLoader(TensorDataset(x, labels), batch_size=batch_size, shuffle=True)):
         if step == warmup_steps:
             start, seen = time.perf_counter(), 0
         loss = F.cross_entropy(model(xb), yb)
@@ -75,9 +74,15 @@ def notes_way(images_u8: torch.Tensor, labels: torch.Tensor, warmup_steps: int =
     return seen / (time.perf_counter() - start)
 
 
-def cnnkit_way(images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int = 128, precision: str = "auto",
-               channels_last: bool = True, fused: bool = True, warmup_steps: int = 5) -> float:
-    model = build_model("seed-mnist-torch", 10)
+def notes_way(images_u8: torch.Tensor, labels: torch.Tensor) -> float:
+    """The notes' loop on seed-mnist-torch as the notes write it."""
+    return notes_loop(NotesNet(), (images_u8.float() / 255 - 0.1307) / 0.3081, labels)
+
+
+def cnnkit_loop(model: nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int = 128,
+                precision: str = "auto", channels_last: bool = True, fused: bool = True,
+                warmup_steps: int = 5) -> float:
+    """Images per second of cnnkit's loop (training.run_epoch) over uint8 images."""
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(TrainConfig(optimizer="adam", lr=1e-3), model) if fused else \
@@ -89,6 +94,11 @@ def cnnkit_way(images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int = 
     start = time.perf_counter()
     _, _, seen, _ = run_epoch(model, opt, images_u8, labels, torch.randperm(len(labels)), norm, **kw)
     return seen / (time.perf_counter() - start)
+
+
+def cnnkit_way(images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int = 128, precision: str = "auto",
+               channels_last: bool = True, fused: bool = True) -> float:
+    return cnnkit_loop(build_model("seed-mnist-torch", 10), images_u8, labels, batch_size, precision, channels_last, fused)
 
 
 # network -> (input shape, the notes' batch size)
@@ -109,35 +119,6 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float
     return 2 * n ** 3 / statistics.median(times)
 
 
-def notes_loop(name: str, shape, classes: int, x: torch.Tensor, labels: torch.Tensor, batch: int,
-               warmup_steps: int = 3) -> float:
-    model = build_model(name, classes, in_channels=shape[0], image_size=shape[1:])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    seen, start = 0, None
-    for step, (xb, yb) in enumerate(DataLoader(TensorDataset(x, labels), batch_size=batch, shuffle=True)):
-        if step == warmup_steps:
-            start, seen = time.perf_counter(), 0
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        seen += len(yb)
-    return seen / (time.perf_counter() - start)
-
-
-def cnnkit_loop(name: str, shape, classes: int, images_u8: torch.Tensor, labels: torch.Tensor,
-                warmup_steps: int = 3) -> float:
-    model = build_model(name, classes, in_channels=shape[0], image_size=shape[1:]).to(memory_format=torch.channels_last)
-    opt = make_optimizer(TrainConfig(optimizer="adam", lr=1e-3), model)
-    pre = Preprocess.fit(images_u8[:2000], channels_last=True)
-    kw = dict(batch_size=128, lr_fn=lambda i: 1e-3, precision=pick_precision("auto", torch.device("cpu")))
-    run_epoch(model, opt, images_u8, labels, torch.randperm(len(labels))[: warmup_steps * 128], pre, **kw)
-    start = time.perf_counter()
-    _, _, seen, _ = run_epoch(model, opt, images_u8, labels, torch.randperm(len(labels)), pre, **kw)
-    return seen / (time.perf_counter() - start)
-
-
 def all_nets(repeats: int, images: int) -> None:
     bf16, fp32 = matmul_ceiling(torch.bfloat16), matmul_ceiling(torch.float32)
     print(f"ceilings ({torch.get_num_threads()} threads): bf16 matmul {bf16 / 1e9:.0f} GFLOP/s, "
@@ -154,8 +135,9 @@ def all_nets(repeats: int, images: int) -> None:
         notes, ours = [], []
         for r in range(repeats):  # interleaved
             torch.manual_seed(r)
-            notes.append(notes_loop(name, shape, 10, x, labels, batch))
-            ours.append(cnnkit_loop(name, shape, 10, u8, labels))
+            build = lambda: build_model(name, 10, in_channels=shape[0], image_size=shape[1:])  # noqa: E731
+            notes.append(notes_loop(build(), x, labels, batch, warmup_steps=3))
+            ours.append(cnnkit_loop(build(), u8, labels, warmup_steps=3))
         a, b = statistics.median(notes), statistics.median(ours)
         fa, fb = a * 6 * macs, b * 6 * macs
         print(f"{name:<18} {macs / 1e6:>8.1f}M {a:>12.0f} {fa / 1e9:>8.0f} {100 * fa / fp32:>6.0f}% "

@@ -206,3 +206,14 @@ def test_the_notes_cifar10_recipe_runs_its_two_phases(tmp_path, monkeypatch):
     assert result.metrics["test_accuracy"] > 0.3  # it learns (10 classes: chance is 0.1)
     log = (result.run_dir / "train.log").read_text()
     assert "augmentation from epoch 2: shift 0.1, hflip 0.5" in log and "batch 32" in log
+
+
+def test_early_stopping_ends_a_run_that_stops_improving(tmp_path):
+    """A learning rate far too small to move the weights: validation accuracy never beats epoch 1, so
+    with early_stop=2 the run ends after epoch 3 of 10 and keeps epoch 1's model."""
+    cfg = cnnkit.TrainConfig(data="digits", model="seed-digits", epochs=10, lr=1e-12, warmup_epochs=0,
+                             optimizer="adamw", schedule="cosine", early_stop=2, report=False,
+                             out=str(tmp_path / "run"))
+    result = cnnkit.train(cfg, quiet=True)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.metrics["best_epoch"] == 1
+    assert "early stop: no better validation accuracy for 2 epochs" in (result.run_dir / "train.log").read_text()

@@ -40,9 +40,14 @@ def test_idx_parser_refuses_truncated_and_bad_magic(tmp_path):
 def test_download_from_local_server_verifies_decompressed_content(http_server, isolated_cache, monkeypatch):
     # ../shared/data/mnist's train-images .gz is re-compressed: only a check of the decompressed
     # content accepts it, as it must.
+    from cnnkit.data import builtin
     monkeypatch.setenv("CNNKIT_DATA_URL", http_server(shared("mnist")))
+    verified = []
+    real = builtin.read_verified
+    monkeypatch.setattr(builtin, "read_verified", lambda path, *md5: verified.append(path.name) or real(path, *md5))
     ds = load_dataset("mnist")
     assert len(ds.train) + len(ds.val) == 60000
+    assert len(verified) == 4  # each downloaded file read and decompressed once, checksum and parser alike
     files = sorted(p.name for p in (isolated_cache / "mnist").iterdir())
     assert files == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
                      "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]

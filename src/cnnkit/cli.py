@@ -256,13 +256,19 @@ def cmd_augment_preview(args) -> int:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, its help text the field's comment: the config is the one
-    place an option is defined. Defaults are SUPPRESSed, so cmd_train sees only the flags a user
-    typed and a --config file keeps every value they do not override."""
+    """--config and --recipe, then one flag per TrainConfig field, its help text the field's
+    comment: the config is the one place an option is defined. Defaults are SUPPRESSed, so
+    config_from_args sees only the flags a user typed and a --config file keeps every value they do
+    not override."""
     import dataclasses
 
-    from .config import CHOICES, FIELD_TYPES, TrainConfig, field_help
+    from .config import CHOICES, FIELD_TYPES, PER_DATASET_RECIPES, TrainConfig, field_help, recipe_names
 
+    parser.add_argument("--config", metavar="FILE.yaml", default=None,
+                        help="a YAML (or JSON) file of config fields, e.g. a recipe or a run's config.json")
+    parser.add_argument("--recipe", metavar="NAME", default=None,
+                        help=f"a shipped recipe (src/cnnkit/recipes): {', '.join(recipe_names())}, or "
+                             f"{' / '.join(PER_DATASET_RECIPES)} for the --data given; --config and flags override it")
     helps, defaults = field_help(), TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag, kind, default = "--" + f.name.replace("_", "-"), FIELD_TYPES[f.name], getattr(defaults, f.name)
@@ -285,11 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on a dataset and write a run folder",
                        description="Every option below is a TrainConfig field; --config FILE.yaml sets any of them "
                                    "and the flags typed override it. A run's own config.json re-runs it.")
-    t.add_argument("--config", metavar="FILE.yaml", default=None,
-                   help="a YAML (or JSON) file of config fields, e.g. a recipe or a run's config.json")
-    t.add_argument("--recipe", metavar="NAME", default=None,
-                   help="a shipped recipe (src/cnnkit/recipes): notes-cifar10, or fast (fast-<data>.yaml); "
-                        "--config and flags override it")
     add_config_flags(t)
     t.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run folder to its end")
     t.add_argument("--json", action="store_true", help="print the result as JSON on stdout (progress goes to stderr)")
@@ -376,8 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--picture", metavar="FILE.png", default="augment-preview.png", help="where to write the picture")
     ap.add_argument("--samples", type=int, default=8, help="training images shown (rows)")
     ap.add_argument("--versions", type=int, default=6, help="augmented versions of each (columns after the original)")
-    ap.add_argument("--config", metavar="FILE.yaml", default=None, help="a config file, as for train")
-    ap.add_argument("--recipe", metavar="NAME", default=None, help="a shipped recipe, as for train")
     ap.add_argument("--json", action="store_true")
     add_config_flags(ap)
     ap.set_defaults(func=cmd_augment_preview)

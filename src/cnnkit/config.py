@@ -66,7 +66,7 @@ class TrainConfig:
     fine_tune_epochs: int | None = None  # epochs of the unfrozen phase; None: the same as epochs
     fine_tune_lr_factor: float = 0.1  # unfrozen phase: head at lr x factor, backbone at lr x factor x 0.1
     report: bool = True  # after testing, write report.html with its pictures (the evaluation of the test split)
-    report_tta: bool = False  # the report also measures test-time augmentation accuracy: 5 more passes over the test split (6 s on MNIST for seed-mnist-torch)
+    report_tta: bool = False  # the report also measures test-time augmentation accuracy: 5 more passes over the test split (4-6 s more on MNIST for seed-mnist-torch)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

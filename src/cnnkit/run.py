@@ -103,7 +103,7 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
     t0 = time.perf_counter()
     best, device = result.model, result.device
     best = best.to(memory_format=torch.channels_last)  # faster fp32 inference too (inference.probabilities)
-    preprocess = Preprocess(result.preprocess.mean, result.preprocess.std, channels_last=True).to(device)
+    preprocess = Preprocess.from_meta(result.meta, channels_last=True).to(device)
     test_logits = predict_logits(best, ds.test.images, preprocess, device, "fp32")  # (N, K)
     val_logits = predict_logits(best, ds.val.images, preprocess, device, "fp32")
     meta = {**result.meta, "calibration": {"temperature": fit_temperature(val_logits, ds.val.labels), "fitted_on": "val"}}

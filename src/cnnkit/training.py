@@ -340,6 +340,12 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
     epoch = s.first_epoch
     try:
         for epoch in range(s.first_epoch, s.total_epochs + 1):
+            # Checked before an epoch rather than after one, so a run resumed after the decision
+            # (killed while finishing) stops too, instead of training on.
+            if cfg.early_stop and s.best_epoch and epoch - 1 - s.best_epoch >= cfg.early_stop:
+                run.log(f"early stop: no better validation accuracy for {cfg.early_stop} epochs "
+                        f"(best {s.best_val:.4f} at epoch {s.best_epoch})")
+                break
             t0 = time.perf_counter()
             phase = s.phase_of(epoch)
             if phase == "fine-tune" and epoch == cfg.epochs + 1:
@@ -386,10 +392,6 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
             run.save_checkpoint(s.model, s.optimizer, {"epoch": epoch, "history": s.history, "best_val_acc": s.best_val,
                                                        "best_epoch": s.best_epoch, "ema_steps": s.ema_steps},
                                 {"ema": s.ema} if s.ema is not None else None)
-            if cfg.early_stop and epoch - s.best_epoch >= cfg.early_stop and epoch < s.total_epochs:
-                run.log(f"early stop: no better validation accuracy for {cfg.early_stop} epochs "
-                        f"(best {s.best_val:.4f} at epoch {s.best_epoch})")
-                break
     except KeyboardInterrupt:
         done = s.history[-1]["epoch"] if s.history else 0
         kept = f"the checkpoint after epoch {done} is kept" if done else "no epoch had finished"

@@ -79,17 +79,22 @@ def locate(remote: Remote, subdirs: list[str], data_dir) -> tuple[Path | None, l
 
 
 def fetch(remote: Remote, urls: list[str], subdirs: list[str], looked: list[Path], allow_download: bool,
-          quiet: bool) -> Path:
-    """Download `remote` into the cache, verified; or say where it was looked for."""
+          quiet: bool) -> tuple[Path, bytes]:
+    """Download `remote` into the cache: (its path, its verified content, kept from the download's
+    check so the file is not read and decompressed again); or say where it was looked for."""
     if not allow_download:
         raise CnnkitError(
             f"{remote.name} not found in {', '.join(map(str, looked))}; put the file in one of these "
             "folders (or pass --data-dir), or allow downloading"
         )
     dest = cache_dir() / subdirs[0] / remote.name
+    verified: dict[str, bytes] = {}
+
+    def check(path: Path) -> None:
+        verified["content"] = read_verified(path, remote.archive_md5, remote.content_md5)
     try:
-        return download([u + remote.name if u.endswith("/") else u for u in urls], dest,
-                        lambda p: read_verified(p, remote.archive_md5, remote.content_md5), quiet=quiet)
+        return download([u + remote.name if u.endswith("/") else u for u in urls], dest, check, quiet=quiet), \
+            verified["content"]
     except CnnkitError as e:
         raise CnnkitError(
             f"{remote.name} not found in {', '.join(map(str, looked))} and {e}; "
@@ -99,8 +104,8 @@ def fetch(remote: Remote, urls: list[str], subdirs: list[str], looked: list[Path
 
 def decoded_cache_path(name: str, paths: list[Path]) -> Path:
     """Where the decoded tensors of these exact files are kept: keyed by each file's resolved path,
-    size and modification time, so a changed file is verified and decoded afresh. A one-epoch
-    MNIST run spent 0.33 s verifying and gunzipping; reading the cache takes a few milliseconds."""
+    size and modification time, so a changed file is verified and decoded afresh (load times:
+    `python benchmarks/run_overhead.py` prints them)."""
     h = hashlib.sha256(f"v{DECODED_CACHE_VERSION}\0{name}".encode())
     for p in paths:
         st = p.stat()
@@ -111,13 +116,14 @@ def decoded_cache_path(name: str, paths: list[Path]) -> Path:
 def load_idx_pair(name: str, files: dict[str, Remote], urls: list[str], class_names: list[str],
                   data_dir, allow_download: bool, quiet: bool) -> Dataset:
     subdirs = [name, name.replace("-", "_"), ""]
-    paths = {}
+    paths, contents = {}, {}  # contents: verified bytes of the files downloaded just now
     for key, remote in files.items():
-        path, looked = locate(remote, subdirs, data_dir)
-        paths[key] = path or fetch(remote, urls, subdirs, looked, allow_download, quiet)
+        paths[key], looked = locate(remote, subdirs, data_dir)
+        if paths[key] is None:
+            paths[key], contents[key] = fetch(remote, urls, subdirs, looked, allow_download, quiet)
     cache = decoded_cache_path(name, list(paths.values()))
     tensors = None
-    if cache.is_file():
+    if cache.is_file() and not contents:
         try:
             # Copied out of the file's memory map: another process replacing or truncating the
             # cache file while this run trains must not crash it (SIGBUS on a vanished page).
@@ -125,9 +131,11 @@ def load_idx_pair(name: str, files: dict[str, Remote], urls: list[str], class_na
         except Exception:  # a damaged cache is rebuilt, never trusted
             tensors = None
     if tensors is None or set(tensors) != set(files):
-        # Verified and parsed once: the content is decompressed once for checksum and parser alike.
-        tensors = {key: torch.from_numpy(parse_idx(read_verified(paths[key], r.archive_md5, r.content_md5),
-                                                   paths[key]).copy()) for key, r in files.items()}
+        # Each file decompressed once, for checksum and parser alike.
+        for key, r in files.items():
+            if key not in contents:
+                contents[key] = read_verified(paths[key], r.archive_md5, r.content_md5)
+        tensors = {key: torch.from_numpy(parse_idx(contents[key], paths[key]).copy()) for key in files}
         try:
             with atomic_path(cache) as tmp:
                 save_file(tensors, tmp)
