@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,8 @@ def test_forward_and_backward_at_smallest_size(name, channels):
     assert logits.shape == (2, 7) and torch.isfinite(logits).all()
     F.cross_entropy(logits, torch.tensor([0, 1])).backward()
     for pname, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        if p.requires_grad:  # the speedrun net's whitening filters and BatchNorm scales are frozen
+            assert p.grad is not None and torch.isfinite(p.grad).all(), pname
     with pytest.raises(CnnkitError, match="at least"):
         build_model(name, 7, in_channels=channels, image_size=size - 1)
 
@@ -116,3 +118,39 @@ def test_models_command_lists_counts_and_weights():
     models = {m["name"]: m for m in json.loads(r.stdout)}
     assert models["resnet50"]["params"] == 25_557_032 and models["seed-mnist-keras"]["params"] == 93_322
     assert models["efficientnet_lite0"]["pretrained"] == "installed"
+
+
+# ----------------------------------------------------------------------------- the speedrun net
+def cifar_subset_images(n: int) -> torch.Tensor:
+    """The first n lossless CIFAR-10 training images, (n, 3, 32, 32) float in 0..1."""
+    raw = (shared("cifar10-subset-bin") / "data_batch_1.bin").read_bytes()
+    records = torch.frombuffer(bytearray(raw[:n * 3073]), dtype=torch.uint8).view(n, 3073)
+    return records[:, 1:].reshape(n, 3, 32, 32).float() / 255
+
+
+def test_speedrun_whitening_decorrelates_real_patches():
+    """The whitening filters turn the 2x2 patches of real images into uncorrelated channels of
+    variance lambda / (lambda + eps) (1 but for the smallest eigenvalues lambda), checked against
+    NumPy's eigenvalues of the same patch covariance; the second half are the negatives of the first."""
+    images = cifar_subset_images(1000)
+    images = (images - images.mean((0, 2, 3), keepdim=True)) / images.std((0, 2, 3), keepdim=True)
+    model = build_model("speedrun", 10)
+    model.init_from_data(images)
+    with torch.no_grad():
+        out = F.conv2d(images, model.whiten.weight).double()  # (N, 24, 31, 31), no bias
+    first = out[:, :12].permute(1, 0, 2, 3).reshape(12, -1)
+    covariance = (first @ first.T / first.shape[1]).numpy()
+    patches = images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double().numpy()
+    eigenvalues = np.sort(np.linalg.eigvalsh(patches.T @ patches / len(patches)))[::-1]
+    np.testing.assert_allclose(covariance, np.diag(eigenvalues / (eigenvalues + 5e-4)), atol=2e-3)
+    assert np.diag(covariance)[:6].min() > 0.99  # the main directions: unit variance
+    assert torch.equal(out[:, 12:], -out[:, :12])
+    assert not model.whiten.weight.requires_grad
+
+
+def test_speedrun_convolutions_start_as_identities():
+    model = build_model("speedrun", 10)
+    conv = model.features[1][0]  # the first 3x3 conv: 24 -> 64 channels
+    x = torch.randn(2, conv.in_channels, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(conv(x)[:, :conv.in_channels], x)

@@ -89,7 +89,9 @@ import math  # noqa: E402
 
 import cnnkit  # noqa: E402
 from cnnkit.augment import BatchAugment  # noqa: E402
-from cnnkit.training import lr_at, update_ema  # noqa: E402
+from cnnkit.models import build_model  # noqa: E402
+from cnnkit.training import lr_at, make_optimizer, update_ema  # noqa: E402
+from cnnkit.config import TrainConfig  # noqa: E402
 from conftest import run_main, shared  # noqa: E402
 
 
@@ -217,3 +219,20 @@ def test_early_stopping_ends_a_run_that_stops_improving(tmp_path):
     result = cnnkit.train(cfg, quiet=True)
     assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.metrics["best_epoch"] == 1
     assert "early stop: no better validation accuracy for 2 epochs" in (result.run_dir / "train.log").read_text()
+
+
+def test_bias_lr_factor_gives_biases_their_own_rate_and_the_same_decay_per_step():
+    """airbench's bias scaler: 1-D parameters (biases, BatchNorm shifts) at lr x factor with weight
+    decay / factor, so lr x weight decay, the decay per step, is unchanged; the frozen whitening
+    filters and BatchNorm scales of the speedrun net are in no group."""
+    model = build_model("speedrun", 10)
+    cfg = TrainConfig(optimizer="sgd", lr=0.5, weight_decay=1e-3, bias_lr_factor=64)
+    opt = make_optimizer(cfg, model)
+    weights, biases = opt.param_groups
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim == 1 for p in biases["params"])
+    assert biases["lr_scale"] == 64 and biases["weight_decay"] == pytest.approx(1e-3 / 64)
+    assert weights["weight_decay"] == 1e-3 and weights.get("lr_scale", 1.0) == 1.0
+    grouped = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    assert id(model.whiten.weight) not in grouped
+    assert len(make_optimizer(TrainConfig(optimizer="sgd"), model).param_groups) == 1  # factor 1: one group

@@ -91,7 +91,8 @@ def test_every_shipped_recipe_is_a_valid_config_and_fast_picks_the_dataset():
         TrainConfig.from_file(recipe_file(name, "mnist")).validate()  # unknown keys or bad values fail here
     assert recipe_file("fast", "mnist").name == "fast-mnist.yaml"
     assert recipe_file("best", "mnist").name == "best-mnist.yaml"
-    with pytest.raises(cnnkit.CnnkitError, match="fast exists for --data mnist"):
-        recipe_file("fast", "cifar10")
+    assert recipe_file("fast", "cifar10").name == "fast-cifar10.yaml"
+    with pytest.raises(cnnkit.CnnkitError, match="fast exists for --data cifar10, mnist"):
+        recipe_file("fast", "fashion-mnist")
     r = run_main("train", "--recipe", "nonsense")
     assert r.returncode == 2 and "notes-cifar10" in r.stderr

@@ -116,8 +116,8 @@ def test_every_registered_model_trains_one_step():
         x = torch.randn(4, c, h, w)
         loss = F.cross_entropy(model(x), torch.arange(4))
         loss.backward()
-        grads = [p.grad for p in model.parameters()]
-        assert all(g is not None and torch.isfinite(g).all() for g in grads), entry["name"]
+        grads = [p.grad for p in model.parameters() if p.requires_grad]  # speedrun freezes some
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), entry["name"]
 
 
 def test_model_is_plain_module_returning_logits():

@@ -26,10 +26,12 @@ class TrainConfig:
     optimizer: str = "adam"  # adam | adamw (decoupled weight decay) | sgd (Nesterov momentum)
     momentum: float = 0.9  # SGD momentum (ignored by Adam)
     weight_decay: float = 0.0  # L2 penalty per step, as the optimizer applies it
+    bias_lr_factor: float = 1.0  # learning-rate multiplier for 1-D parameters (biases, BatchNorm shifts); their weight decay is divided by it, so the decay per step stays the same
     warmup_epochs: float = 0.3  # epochs of linear learning-rate warmup from 0; 0 disables it
     schedule: str = "linear"  # learning rate after warmup: linear (decay to 0) | cosine (to 0) | onecycle (from lr/25 up, cosine down to lr/25e4) | constant
     label_smoothing: float = 0.0  # cross-entropy label smoothing, 0..1
     ema: float = 0.0  # decay per step of a moving average of the weights (e.g. 0.999); validation, test and the model file use the average; 0: off
+    lookahead: bool = False  # with ema: every 5 steps the weights are reset to their moving average (Lookahead), whose decay per 5 steps rises as ema**5 x (step/total)**3, so it averages most at the end (airbench)
     grad_clip: float = 0.0  # largest global gradient norm before each step; 0: no clipping
     early_stop: int = 0  # stop after this many epochs without a better validation accuracy; 0: never
     augment: str = "none"  # augmentation preset: none | light (the notes': 10% shifts, mirror) | standard | strong; see `cnnkit augment-preview`
@@ -66,7 +68,7 @@ class TrainConfig:
     fine_tune_epochs: int | None = None  # epochs of the unfrozen phase; None: the same as epochs
     fine_tune_lr_factor: float = 0.1  # unfrozen phase: head at lr x factor, backbone at lr x factor x 0.1
     report: bool = True  # after testing, write report.html with its pictures (the evaluation of the test split)
-    report_tta: bool = False  # the report also measures test-time augmentation accuracy: 5 more passes over the test split (4-6 s more on MNIST for seed-mnist-torch)
+    report_tta: bool = False  # also measure test accuracy with test-time augmentation (test_tta_accuracy in metrics.json and the report): 5 more passes over the test split (4-6 s more on MNIST for seed-mnist-torch)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,6 +122,8 @@ class TrainConfig:
             if not ok:
                 lo, hi = ("[" if closed[0] else "("), ("]" if closed[1] else ")")
                 raise CnnkitError(f"--{name.replace('_', '-')} must be in {lo}{low}, {'∞' if high is None else high}{hi}, not {value}")
+        if self.lookahead and self.ema == 0:
+            raise CnnkitError("--lookahead resets the weights to their moving average: give --ema too (e.g. 0.95)")
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise CnnkitError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, not {getattr(self, name)!r}")
@@ -154,7 +158,7 @@ RANGES = {
     "warmup_epochs": (0, None, (True, False)), "label_smoothing": (0, 1, (True, False)),
     "val_split": (0, 1, (True, False)), "test_split": (0, 1, (True, False)), "seed": (0, None, (True, False)),
     "image_size": (1, None, (True, False)), "fine_tune_epochs": (1, None, (True, False)),
-    "fine_tune_lr_factor": (0, None, (False, False)),
+    "fine_tune_lr_factor": (0, None, (False, False)), "bias_lr_factor": (0, None, (False, False)),
     "ema": (0, 1, (True, False)), "grad_clip": (0, None, (True, False)), "early_stop": (0, None, (True, False)),
     "augment_from_epoch": (1, None, (True, False)),
     **{f"aug_{op}": (0, None, (True, False)) for op in ("shift", "rotate", "scale", "shear", "perspective", "cutout",

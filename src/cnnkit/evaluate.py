@@ -112,10 +112,11 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list[str],
              device: torch.device = torch.device("cpu"), tta: bool = False,
-             logits: torch.Tensor | None = None) -> tuple[dict, np.ndarray]:
+             logits: torch.Tensor | None = None, tta_probs: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     """(metrics, probabilities (N, K)) of `model` on `split`, in fp32, with the model file's
     temperature. Also reports ECE before temperature scaling, and with tta the TTA accuracy beside.
-    logits: the split's fp32 logits when the caller has them already (train's test pass)."""
+    logits / tta_probs: the split's fp32 logits and TTA probabilities when the caller has them already
+    (train's test pass)."""
     labels = split.labels.numpy()
     temperature = temperature_of(meta)
     model = model.eval().to(memory_format=torch.channels_last)
@@ -128,7 +129,8 @@ def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list
     metrics["ece_uncalibrated"] = calibration(raw, labels)["ece"]
     metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean()) if len(labels) else 0.0
     if tta:  # reported beside, not instead: TTA averages make probabilities less confident
-        tta_probs = probabilities(model, meta, split.images, tta=True, device=device, logits=logits)
+        if tta_probs is None:
+            tta_probs = probabilities(model, meta, split.images, tta=True, device=device, logits=logits)
         metrics["tta_accuracy"] = float((tta_probs.argmax(1) == labels).mean())
         if len(class_names) >= 5:
             metrics["tta_top5_accuracy"] = top_k_accuracy(tta_probs, labels, 5)

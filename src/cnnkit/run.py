@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -27,7 +28,7 @@ from .config import TrainConfig
 from .data import Dataset, Split
 from .errors import CnnkitError
 from .evaluate import evaluate, fit_temperature
-from .inference import metrics_from_logits, predict_logits, temperature_of
+from .inference import metrics_from_logits, predict_logits, probabilities, temperature_of
 from .models.summary import summary
 from .preprocess import Preprocess
 from .runfolder import RunFolder
@@ -111,6 +112,10 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
     metrics.update({"test_split": ds.test_source, "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc,
                     "train_seconds": result.train_seconds, "device": device.type, "precision": result.precision,
                     "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
+    tta_probs = None
+    if cfg.report_tta:  # mirror and shifts, averaged: in metrics.json, and the report reuses them
+        tta_probs = probabilities(best, meta, ds.test.images, tta=True, device=device, logits=test_logits)
+        metrics["test_tta_accuracy"] = float((tta_probs.argmax(1) == ds.test.labels.numpy()).mean())
     meta["metrics"], meta["history"] = metrics, result.history
     run.save_model(best, meta)
     run.write_history(result.history)
@@ -118,11 +123,12 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
     report = ""
     if cfg.report and run.primary:
         _, files = evaluate_and_report(best, meta, ds.test, run.path, data_name=ds.name, split_name=ds.test_source,
-                                       tta=cfg.report_tta, device=device, logits=test_logits)
+                                       tta=cfg.report_tta, device=device, logits=test_logits, tta_probs=tta_probs)
         report = f"; report {files['report']}"
     run.remove_checkpoint()
     top5 = f", top-5 {metrics['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in metrics else ""
-    run.log(f"test accuracy {metrics['test_accuracy']:.4f}{top5} on {metrics['test_n']} {ds.test_source} images "
+    tta = f", {metrics['test_tta_accuracy']:.4f} with TTA" if "test_tta_accuracy" in metrics else ""
+    run.log(f"test accuracy {metrics['test_accuracy']:.4f}{top5}{tta} on {metrics['test_n']} {ds.test_source} images "
             f"(best epoch {result.best_epoch}){report}")
     run.log(f"after the last epoch: {time.perf_counter() - t0:.1f} s to test, calibrate, save"
             + (" and report" if report else ""))
@@ -172,7 +178,8 @@ def write_evaluation(out: Path, model: nn.Module, meta: dict, split: Split, metr
 
 def evaluate_and_report(model: nn.Module, meta: dict, split: Split, out: str | Path, *, data_name: str,
                         split_name: str = "test", tta: bool = False, device: torch.device | str | None = None,
-                        title: str | None = None, logits: torch.Tensor | None = None) -> tuple[dict, dict[str, Path]]:
+                        title: str | None = None, logits: torch.Tensor | None = None,
+                        tta_probs: np.ndarray | None = None) -> tuple[dict, dict[str, Path]]:
     """Evaluate `model` on `split` and write everything into `out`: the files of write_evaluation,
     curves.png (when the model file holds a training history), evaluation.json and report.html.
     logits: the split's fp32 logits if already computed. Returns (metrics, {name: path})."""
@@ -181,7 +188,8 @@ def evaluate_and_report(model: nn.Module, meta: dict, split: Split, out: str | P
     device = torch.device(device or next(model.parameters()).device)
     out = Path(out)
     t0 = time.perf_counter()
-    metrics, _ = evaluate(model, meta, split, meta["class_names"], device=device, tta=tta, logits=logits)
+    metrics, _ = evaluate(model, meta, split, meta["class_names"], device=device, tta=tta, logits=logits,
+                          tta_probs=tta_probs)
     evaluate_seconds = time.perf_counter() - t0
     files = write_evaluation(out, model, meta, split, metrics)
     arch = meta["architecture"].get("name") or meta["architecture"].get("kind", "model")

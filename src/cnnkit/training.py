@@ -90,7 +90,12 @@ def param_groups(cfg: TrainConfig, model: nn.Module, phase: str) -> list[dict]:
     """One group normally; in the fine-tuning phase the head at lr x factor and the backbone 10x slower."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if phase != "fine-tune":
-        return [{"params": trainable}]
+        if cfg.bias_lr_factor == 1:
+            return [{"params": trainable}]
+        # airbench's bias scaler: BatchNorm shifts learn faster, decaying by the same amount per step
+        return [{"params": [p for p in trainable if p.ndim > 1]},
+                {"params": [p for p in trainable if p.ndim <= 1], "lr_scale": cfg.bias_lr_factor,
+                 "weight_decay": cfg.weight_decay / cfg.bias_lr_factor}]
     head = {id(p) for p in model.head.parameters()}
     return [{"params": [p for p in trainable if id(p) in head], "lr_scale": cfg.fine_tune_lr_factor},
             {"params": [p for p in trainable if id(p) not in head], "lr_scale": cfg.fine_tune_lr_factor * 0.1}]
@@ -134,6 +139,15 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule:
     if schedule == "cosine":
         return peak * (1 + math.cos(math.pi * min(t, 1.0))) / 2
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+@torch.no_grad()
+def lookahead_step(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """Lookahead (Zhang et al. 2019) as airbench uses it: ema <- decay * ema + (1 - decay) * model,
+    then model <- ema, for every float tensor."""
+    floats = [(e, m) for e, m in zip(ema.state_dict().values(), model.state_dict().values()) if e.is_floating_point()]
+    torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1 - decay)
+    torch._foreach_copy_([m for _, m in floats], [e for e, _ in floats])
 
 
 @torch.no_grad()
@@ -204,6 +218,8 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
 
 
 # ----------------------------------------------------------------------------- set-up
+DATA_INIT_IMAGES = 5000  # training images a model's init_from_data sees (airbench's patch whitening: 5,000)
+
 @dataclass
 class Session:
     """Everything the epoch loop carries from one epoch to the next."""
@@ -297,6 +313,10 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
     # Pretrained weights expect the normalization they were trained with; otherwise fit it to the data.
     preprocess = (Preprocess(pretrained["mean"], pretrained["std"], cfg.channels_last) if pretrained
                   else Preprocess.fit(ds.train.images, cfg.channels_last))
+    init_from_data = getattr(model, "init_from_data", None)
+    if init_from_data is not None and not pretrained and not resume:  # e.g. the speedrun net's patch whitening
+        init_from_data(preprocess(ds.train.images[:DATA_INIT_IMAGES]))
+        run.log(f"data-dependent initialisation from the first {min(DATA_INIT_IMAGES, len(ds.train))} training images")
     transfer = cfg.freeze_backbone or cfg.fine_tune
     fine_tune_epochs = (cfg.fine_tune_epochs or cfg.epochs) if cfg.fine_tune else 0
     if transfer:
@@ -399,9 +419,20 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
                                   f"cnnkit train --resume {run.path}") from None
 
 
+LOOKAHEAD_EVERY = 5  # steps between Lookahead resets (airbench's)
+
+
 def ema_step(s: Session) -> Callable[[], None]:
+    """After each optimizer step: the moving average of the weights, or (lookahead) every 5 steps
+    the average and a reset of the weights to it."""
+    total_steps = math.ceil(len(s.ds.train) / s.cfg.batch_size) * s.total_epochs
+
     def step() -> None:
-        update_ema(s.ema, s.model, s.cfg.ema, s.ema_steps)
+        if not s.cfg.lookahead:
+            update_ema(s.ema, s.model, s.cfg.ema, s.ema_steps)
+        elif (s.ema_steps + 1) % LOOKAHEAD_EVERY == 0:
+            progress = (s.ema_steps + 1) / total_steps
+            lookahead_step(s.ema, s.model, s.cfg.ema ** LOOKAHEAD_EVERY * min(1.0, progress) ** 3)
         s.ema_steps += 1
     return step
 

@@ -35,7 +35,7 @@ def list_models() -> list[dict]:
     out = []
     for name in spec_names():
         spec = get_spec(name)
-        classes = 1000 if name in ARCHS and ARCHS[name].default_input[0] == 3 else 10
+        classes = 1000 if name in ARCHS and ARCHS[name].default_input[1] >= 224 else 10
         with torch.device("meta"):
             c, h, w = default_input(spec) or (1, 28, 28)
             model = build_model(spec, classes, in_channels=c, image_size=(h, w))

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from . import classic
+from . import classic, speedrun
 
 # Inputs at or below this side length get the small-input stem (3x3/1, no max-pool) automatically,
 # because the ImageNet stem's 4x reduction would leave a 32x32 image at 8x8 before the first block.
@@ -56,3 +56,9 @@ register(Arch("mobilenet_v2", classic.MobileNetV2, "MobileNetV2 (2018): inverted
 register(Arch("efficientnet_lite0", classic.EfficientNetLite0,
               "EfficientNet-Lite0 (2019/2020): MBConv without SE, ReLU6; ImageNet weights installable",
               min_size=8, small_input=True, published_params=4_652_008))
+register(Arch("speedrun", speedrun.SpeedrunNet,
+              "airbench94-style CIFAR-10 net (2024): frozen patch whitening, 3 conv groups of 64/256/256",
+              (3, 32, 32), min_size=16))
+register(Arch("speedrun-small", lambda **kw: speedrun.SpeedrunNet(widths=(64, 128, 128), **kw),
+              "airbench93-style CIFAR-10 net: speedrun with groups of 64/128/128 (the fast-cifar10 recipe's)",
+              (3, 32, 32), min_size=16))
