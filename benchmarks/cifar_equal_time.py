@@ -49,7 +49,7 @@ def main() -> None:
         for seed in args.seeds:
             common = ["--data", args.data, "--seed", str(seed)]
             fast, fast_wall = train(["--recipe", "fast-cifar10", *common], Path(tmp) / f"fast-{seed}", env)
-            print(f"  fast  seed {seed}: test {fast['test_accuracy']:.4f} (TTA {fast.get('tta_accuracy', float('nan')):.4f}) "
+            print(f"  fast  seed {seed}: test {fast['test_accuracy']:.4f} (TTA {fast.get('test_tta_accuracy', float('nan')):.4f}) "
                   f"after {fast['train_seconds']:.1f} s of training, {fast_wall:.1f} s whole command", flush=True)
             one, _ = train(["--recipe", "notes-cifar10", *common, "--epochs", "1"], Path(tmp) / f"notes1-{seed}", env)
             epoch_seconds = one["train_seconds"]
@@ -63,7 +63,7 @@ def main() -> None:
     fast_acc, notes_acc = med(r[0]["test_accuracy"] for r in rows), med(r[2]["test_accuracy"] for r in rows)
     fast_s, notes_s = med(r[0]["train_seconds"] for r in rows), med(r[2]["train_seconds"] for r in rows)
     epoch_s = med(r[4] for r in rows)
-    print(f"fast-cifar10: test {fast_acc:.4f} (TTA {med(r[0].get('tta_accuracy', float('nan')) for r in rows):.4f}) "
+    print(f"fast-cifar10: test {fast_acc:.4f} (TTA {med(r[0].get('test_tta_accuracy', float('nan')) for r in rows):.4f}) "
           f"in {fast_s:.0f} s of training, {med(r[1] for r in rows):.0f} s whole command (medians over {len(rows)} seed(s))")
     print(f"notes-cifar10 at equal time: {rows[0][3]} epochs, {notes_s:.0f} s of training: test {notes_acc:.4f}; "
           f"{fast_acc - notes_acc:+.4f} for the fast recipe")

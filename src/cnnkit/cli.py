@@ -236,7 +236,7 @@ def cmd_train(args) -> int:
         result = train(resume=args.resume, quiet=args.quiet, echo=echo)
     else:
         result = train(cfg, quiet=args.quiet, echo=echo)
-    if args.json:
+    if args.json and result.primary:  # in a torchrun job, rank 0 alone speaks
         print(json.dumps({"run_dir": str(result.run_dir), "metrics": result.metrics, "history": result.history,
                           "skipped": [list(s) for s in result.dataset.skipped]}, indent=2))
     return 0

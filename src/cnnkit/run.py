@@ -24,11 +24,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .config import TrainConfig
+from .distributed import World, broadcast_text
 from .data import Dataset, Split
 from .errors import CnnkitError
 from .evaluate import evaluate, fit_temperature
-from .inference import metrics_from_logits, predict_logits, probabilities, temperature_of
+from .inference import metrics_from_logits, pick_device, predict_logits, probabilities, temperature_of
 from .models.summary import summary
 from .preprocess import Preprocess
 from .runfolder import RunFolder
@@ -46,6 +48,7 @@ class RunResult:
     metrics: dict  # test metrics of the best model, plus best_epoch / val_accuracy / timing / versions
     config: TrainConfig
     meta: dict = field(default_factory=dict)
+    primary: bool = True  # False in the other processes of a torchrun job: they train, rank 0 tests and writes
 
 
 # ----------------------------------------------------------------------------- the training job
@@ -56,11 +59,11 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def resolve_run(cfg: TrainConfig | None, resume: str | Path | None, *, echo: Callable[[str], None] | None,
-                quiet: bool) -> tuple[TrainConfig, RunFolder]:
+                quiet: bool, world: World = World()) -> tuple[TrainConfig, RunFolder]:
     """The config and run folder: a new run's (refusing a folder that already holds one), or, with
     resume, the interrupted run's own config.json (refusing a complete or never-started run)."""
     if resume is not None:
-        run = RunFolder(resume, echo=echo, quiet=quiet)
+        run = RunFolder(resume, primary=world.primary, echo=echo, quiet=quiet)
         cfg = run.read_config()
         if not run.has_checkpoint():
             if run.is_complete():
@@ -69,7 +72,8 @@ def resolve_run(cfg: TrainConfig | None, resume: str | Path | None, *, echo: Cal
                               "(it stopped before its first epoch ended)")
     else:
         cfg = cfg or TrainConfig()
-        run = RunFolder(Path(cfg.out) if cfg.out else default_run_dir(cfg), echo=echo, quiet=quiet)
+        path = broadcast_text(str(Path(cfg.out) if cfg.out else default_run_dir(cfg)), world)  # rank 0's time stamp
+        run = RunFolder(path, primary=world.primary, echo=echo, quiet=quiet)
         if run.has_checkpoint() or run.is_complete():
             raise CnnkitError(f"{run.path} already holds a run; choose another --out or continue it with "
                               f"--resume {run.path}")
@@ -83,17 +87,38 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
     to write report.html at the end).
 
     resume: a run folder of an interrupted run; its config.json is used and training continues
-    from its last checkpoint to the same final epoch."""
-    cfg, run = resolve_run(cfg, resume, echo=echo, quiet=quiet)
+    from its last checkpoint to the same final epoch.
+
+    Started by torchrun (WORLD_SIZE > 1), every process trains a shard of each epoch
+    (distributed.py); rank 0 alone writes, tests and reports, and the others return a RunResult
+    with primary False and no metrics."""
+    world = World.from_env()
+    if world.active:
+        device_choice = cfg.device if resume is None and cfg is not None else RunFolder(resume).read_config().device
+        distributed.start(world, pick_device(device_choice).type)
+        distributed.stop_on_sigterm()  # torchrun stops the others with SIGTERM when one process fails
+    try:
+        return train_in(world, cfg, resume, quiet=quiet, echo=echo)
+    finally:
+        distributed.stop()
+
+
+def train_in(world: World, cfg: TrainConfig | None, resume: str | Path | None, *, quiet: bool,
+             echo: Callable[[str], None] | None) -> RunResult:
+    cfg, run = resolve_run(cfg, resume, echo=echo, quiet=quiet, world=world)
     if cfg.model == "svm":
+        if world.active:
+            raise CnnkitError("the SVM baseline trains in one process: start it without torchrun")
         run.create()
         run.write_config(cfg)
         ds, result = train_svm(cfg, run, quiet)
     else:
-        ds, model = load_data_and_model(cfg, quiet)  # before the run folder exists: a bad --data or --model leaves nothing
+        ds, model = load_data_and_model(cfg, quiet or not world.primary)  # before the run folder exists: a bad --data or --model leaves nothing
         run.create()
         run.write_config(cfg)
-        result = fit(cfg, ds, model, run, resume=resume is not None, quiet=quiet)
+        result = fit(cfg, ds, model, run, resume=resume is not None, quiet=quiet, world=world)
+    if not world.primary:
+        return RunResult(run.path, result.model, ds, result.history, {}, cfg, result.meta, primary=False)
     return finish(cfg, run, ds, result)
 
 

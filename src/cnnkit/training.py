@@ -19,18 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .augment import Augment, BatchAugment, parse_class_presets
 from .config import TrainConfig
 from .data import Dataset, hflip_keeps_class, is_builtin, load_dataset
 from .data.folder import RESIZE_METHOD
+from .distributed import World
 from .errors import CnnkitError, TrainingInterrupted
 from .inference import metrics_from_logits, pick_device, pick_precision, predict_logits
 from .modelfile import load_model
@@ -170,13 +175,17 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
               precision: str, label_smoothing: float = 0.0, bar=None, frozen_bn: bool = False,
               augment: BatchAugment | None = None, generator: torch.Generator | None = None,
               class_weight: torch.Tensor | None = None, grad_clip: float = 0.0,
-              after_step: Callable[[], None] | None = None) -> tuple[float, int, int, float]:
+              after_step: Callable[[], None] | None = None, world: World = World(),
+              seen_indices: list[torch.Tensor] | None = None) -> tuple[float, int, int, float]:
     """One pass over images[perm] in batches; returns (summed loss, correct, seen, last lr).
 
     images: (N, C, H, W) uint8 on the training device; batches are gathered by index, augmented
     (training batches only, with `generator`), and preprocessed as whole batches, so no
     per-sample Python runs here. class_weight (K,): the loss weight of each class (balancing).
-    after_step: called after every optimizer step (the weight average)."""
+    after_step: called after every optimizer step (the weight average).
+    world: in a torchrun job, this process trains its slice of each global batch of batch_size
+    images (distributed.shard) and the returned sums are over all processes.
+    seen_indices: if a list, each batch's image indices are appended to it (CNNKIT_RECORD_SHARDS)."""
     model.train()
     if frozen_bn:  # transfer learning: keep the pretrained BatchNorm statistics (see set_phase)
         for m in model.modules():
@@ -191,8 +200,10 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         lr = lr_fn(i)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # fine-tuning: backbone slower than the head
-        idx = perm[i * batch_size:(i + 1) * batch_size]
-        y = labels[idx]  # (B,)
+        idx = distributed.shard(perm[i * batch_size:(i + 1) * batch_size], world)
+        y = labels[idx]  # (B,), or this process's B / world.size
+        if seen_indices is not None:
+            seen_indices.append(idx)
         batch = images[idx]  # (B, C, H, W) uint8
         if augment is not None:
             batch = augment(batch, y, generator)  # (B, C, H, W) float32 in 0..255
@@ -214,6 +225,9 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
             bar.update(1)
             if i % 20 == 0 or i == steps - 1:  # .item() syncs a GPU: not every step
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+    if world.active:
+        loss, right, count = distributed.sum_over_ranks(loss_sum.item(), correct.item(), seen)
+        return loss, int(right), int(count), lr
     return loss_sum.item(), int(correct.item()), seen, lr
 
 
@@ -243,6 +257,8 @@ class Session:
     best_val: float = -1.0
     best_epoch: int = 0
     first_epoch: int = 1
+    world: World = World()  # this process in a torchrun job (a world of one without torchrun)
+    trained: nn.Module | None = None  # what the training steps call: the model, or DistributedDataParallel around it
 
     def phase_of(self, epoch: int) -> str:
         return "fine-tune" if epoch > self.cfg.epochs else ("frozen" if self.transfer else "train")
@@ -286,10 +302,14 @@ def augmentation_and_balance(cfg: TrainConfig, ds: Dataset, device: torch.device
     return BatchAugment(default, per_class), class_weight, sample_weight
 
 
-def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resume: bool = False) -> Session:
+def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resume: bool = False,
+          world: World = World()) -> Session:
     """Preprocessing, pretrained weights, transfer phases, the optimizer, and (resume) the state
     after the last finished epoch."""
-    device = pick_device(cfg.device)
+    device = distributed.device_for(world, pick_device(cfg.device))
+    if world.active and cfg.batch_size % world.size:
+        raise CnnkitError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of the "
+                          f"{world.size} processes")
     precision = pick_precision(cfg.precision, device)
     info = summary(model)
     run.log(f"data {ds.name}: {ds.sizes()} images of {'x'.join(map(str, ds.input_shape))}, {ds.num_classes} classes "
@@ -303,6 +323,9 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
     run.log(format_summary(info, title=f"model {model.architecture.get('name')}"))
     run.log(f"device {device.type}, precision {precision}, {cfg.epochs} epochs of batch {cfg.batch_size}, "
             f"{cfg.optimizer} lr {cfg.lr}")
+    if world.active:
+        run.log(f"data-parallel: {world.size} processes ({'nccl' if device.type == 'cuda' else 'gloo'}), "
+                f"{cfg.batch_size // world.size} images of each batch per process")
 
     pretrained = None
     if cfg.pretrained:
@@ -334,7 +357,7 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
         import copy
         ema = copy.deepcopy(model).eval().requires_grad_(False)
     s = Session(cfg, ds, run, model, make_optimizer(cfg, model), preprocess.to(device), device, precision, transfer,
-                cfg.epochs + fine_tune_epochs, meta, augment, class_weight, sample_weight, ema)
+                cfg.epochs + fine_tune_epochs, meta, augment, class_weight, sample_weight, ema, world=world)
     if resume:
         if s.phase_of(run.checkpoint_epoch()) == "fine-tune":  # the checkpoint holds the fine-tuning optimizer
             set_phase(model, "all")
@@ -343,6 +366,7 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
         s.history, s.best_val, s.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
         s.first_epoch, s.ema_steps = state["epoch"] + 1, state.get("ema_steps", 0)
         run.log(f"resuming {run.path} after epoch {state['epoch']}")
+    s.trained = distributed.wrap(model, world, device)
     return s
 
 
@@ -371,6 +395,7 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
             if phase == "fine-tune" and epoch == cfg.epochs + 1:
                 set_phase(s.model, "all")  # phase 2: unfreeze everything, per-group learning rates
                 s.optimizer = make_optimizer(cfg, s.model, "fine-tune")
+                s.trained = distributed.wrap(s.model, s.world, s.device)  # DDP syncs what trained when wrapped
                 run.log(f"fine-tuning everything for {fine_tune_epochs} epochs: head lr {cfg.lr * cfg.fine_tune_lr_factor:g}, "
                         f"backbone lr {cfg.lr * cfg.fine_tune_lr_factor * 0.1:g}")
             # each phase has its own warmup and decay
@@ -383,19 +408,24 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
                 perm = torch.multinomial(s.sample_weight, n, replacement=True, generator=gen).to(s.device)
             else:
                 perm = torch.randperm(n, generator=gen).to(s.device)
+            perm = distributed.trim(perm, s.world)  # every process draws the same permutation
             augment_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 250_000)
             augment = s.augment if s.augment.active and epoch >= cfg.augment_from_epoch else None
             torch.manual_seed(cfg.seed * 1_000_003 + epoch + 500_000)
             bar = progress(steps_per_epoch, f"epoch {epoch}/{s.total_epochs}", unit="step",
                            disable=quiet or not run.primary)
+            record_dir = os.environ.get("CNNKIT_RECORD_SHARDS")
+            seen_indices = [] if record_dir else None
             first_step = (epoch - phase_first) * steps_per_epoch
             loss_sum, correct, seen, lr = run_epoch(
-                s.model, s.optimizer, train_images, train_labels, perm, s.preprocess, batch_size=cfg.batch_size,
+                s.trained, s.optimizer, train_images, train_labels, perm, s.preprocess, batch_size=cfg.batch_size,
                 lr_fn=lambda i: lr_at(first_step + i, phase_steps, warmup_steps, cfg.lr, cfg.schedule),
                 precision=s.precision, label_smoothing=cfg.label_smoothing, bar=bar, frozen_bn=s.transfer,
                 augment=augment, generator=augment_gen, class_weight=s.class_weight, grad_clip=cfg.grad_clip,
-                after_step=ema_step(s) if s.ema is not None else None)
+                after_step=ema_step(s) if s.ema is not None else None, world=s.world, seen_indices=seen_indices)
             bar.close()
+            if seen_indices is not None:
+                record_shard(Path(record_dir), epoch, s.world, seen_indices)
             val = metrics_from_logits(predict_logits(s.evaluated, ds.val.images, s.preprocess, s.device, s.precision),
                                       ds.val.labels)
             row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
@@ -412,11 +442,39 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
             run.save_checkpoint(s.model, s.optimizer, {"epoch": epoch, "history": s.history, "best_val_acc": s.best_val,
                                                        "best_epoch": s.best_epoch, "ema_steps": s.ema_steps},
                                 {"ema": s.ema} if s.ema is not None else None)
+        distributed.barrier(s.world)  # rank 0 has written the last model file before anyone reads it
     except KeyboardInterrupt:
-        done = s.history[-1]["epoch"] if s.history else 0
-        kept = f"the checkpoint after epoch {done} is kept" if done else "no epoch had finished"
-        raise TrainingInterrupted(f"interrupted during epoch {epoch}; {kept} in {run.path}; continue with: "
-                                  f"cnnkit train --resume {run.path}") from None
+        raise TrainingInterrupted(f"interrupted during epoch {epoch}; {kept_checkpoint(s)}; continue with: "
+                                  f"{resume_command(s)}") from None
+    except RuntimeError as e:
+        if not s.world.active:
+            raise
+        # gloo / nccl report a process that died (killed, out of memory) as a broken connection
+        # "[.../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:47516: Connection reset by peer. ..."
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0][:120]
+        raise TrainingInterrupted(f"another process of the job stopped during epoch {epoch} ({reason}); "
+                                  f"{kept_checkpoint(s)}; continue with any number of processes: "
+                                  f"{resume_command(s)}") from None
+
+
+def kept_checkpoint(s: Session) -> str:
+    done = s.history[-1]["epoch"] if s.history else 0
+    return f"the checkpoint after epoch {done} is kept in {s.run.path}" if done else "no epoch had finished"
+
+
+def resume_command(s: Session) -> str:
+    launcher = f"torchrun --nproc-per-node {s.world.size} -m cnnkit" if s.world.active else "cnnkit"
+    return f"{launcher} train --resume {s.run.path}"
+
+
+# Set CNNKIT_RECORD_SHARDS=DIR to have each process write the training-image indices it trained on,
+# per epoch, to DIR/rank<R>-epoch<E>.txt (one index per line): an audit of data-parallel sharding,
+# which the torchrun test reads.
+def record_shard(folder: Path, epoch: int, world: World, seen_indices: list[torch.Tensor]) -> None:
+    from .utils import write_text_atomic
+    folder.mkdir(parents=True, exist_ok=True)
+    indices = torch.cat(seen_indices).cpu().tolist() if seen_indices else []
+    write_text_atomic(folder / f"rank{world.rank}-epoch{epoch}.txt", "".join(f"{i}\n" for i in indices))
 
 
 LOOKAHEAD_EVERY = 5  # steps between Lookahead resets (airbench's)
@@ -438,9 +496,9 @@ def ema_step(s: Session) -> Callable[[], None]:
 
 
 def fit(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, *, resume: bool = False,
-        quiet: bool = False) -> TrainResult:
+        quiet: bool = False, world: World = World()) -> TrainResult:
     """Set up, run the epochs, and return the best model (reloaded from its model file)."""
-    s = setup(cfg, ds, model, run, resume)
+    s = setup(cfg, ds, model, run, resume, world)
     epoch_loop(s, quiet)
     best, _ = load_model(run.model_file, s.device)
     return TrainResult(best, s.preprocess, s.history, s.best_epoch, s.best_val, s.device, s.precision,
