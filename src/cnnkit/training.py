@@ -34,6 +34,7 @@ from . import distributed
 from .augment import Augment, BatchAugment, parse_class_presets
 from .config import TrainConfig
 from .data import Dataset, hflip_keeps_class, is_builtin, load_dataset
+from .data.core import DiskImages
 from .data.folder import RESIZE_METHOD
 from .distributed import World
 from .errors import CnnkitError, TrainingInterrupted
@@ -191,7 +192,7 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-    device = images.device
+    device = labels.device  # images may stay on the CPU or on disk (data.DiskImages): batches move
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, lr = 0, 0.0
@@ -204,7 +205,7 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         y = labels[idx]  # (B,), or this process's B / world.size
         if seen_indices is not None:
             seen_indices.append(idx)
-        batch = images[idx]  # (B, C, H, W) uint8
+        batch = images[idx].to(device, non_blocking=True)  # (B, C, H, W) uint8
         if augment is not None:
             batch = augment(batch, y, generator)  # (B, C, H, W) float32 in 0..255
         x = preprocess(batch)  # (B, C, H, W) float32, normalized
@@ -515,6 +516,9 @@ def train_svm(cfg: TrainConfig, run: RunFolder, quiet: bool = False) -> tuple[Da
 
     ds = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
                       channels=cfg.channels, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, quiet=quiet)
+    if isinstance(ds.train.images, DiskImages):
+        raise CnnkitError(f"the SVM fits all {len(ds.train)} training images at once, and this dataset is larger than "
+                          "the in-memory limit: train a CNN, or raise CNNKIT_MAX_IN_MEMORY_MB")
     preprocess = Preprocess.fit(ds.train.images)
     flat = lambda images: preprocess(images).flatten(1).numpy()  # noqa: E731  (N, C*H*W) float32
     c, h, w = ds.input_shape

@@ -2,15 +2,78 @@
 datasets: uint8 image tensors with labels, split into train / val / test."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+class DiskImages:
+    """uint8 images (N, C, H, W) stored row after row in a raw file, read on demand by index.
+
+    It answers what training, evaluation and preprocessing ask of an image tensor (len, shape,
+    images[i], images[i:j], images[index_tensor] -> a uint8 tensor) while memory holds only the rows
+    asked for: a dataset larger than memory trains in batches read from the file (os.pread, so no
+    mapped pages accumulate in the process), and each data-parallel process reads only its shard."""
+
+    dtype = torch.uint8
+    device = torch.device("cpu")
+
+    def __init__(self, path: str, row_shape: tuple[int, int, int], rows: np.ndarray):
+        self.path = str(path)
+        self.row_shape = tuple(int(v) for v in row_shape)  # (C, H, W)
+        self.rows = np.asarray(rows, dtype=np.int64)  # (N,) row numbers in the file
+        self.row_bytes = int(np.prod(self.row_shape))
+        self._fd, self._pid = None, None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.row_shape))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, index) -> "DiskImages":
+        """A view of some of the images; nothing is read."""
+        return DiskImages(self.path, self.row_shape, self.rows[np.asarray(index, dtype=np.int64)])
+
+    def to(self, device=None, *args, **kwargs) -> "DiskImages":
+        return self  # stays on disk; training moves each batch to its device
+
+    def fd(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked process opens its own
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __del__(self):
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, (int, np.integer)):
+            return self[[int(key)]][0]
+        if isinstance(key, slice):
+            rows = self.rows[key]
+        else:
+            rows = self.rows[np.asarray(key.cpu() if isinstance(key, torch.Tensor) else key, dtype=np.int64)]
+        out = np.empty((len(rows), self.row_bytes), dtype=np.uint8)
+        fd, i = self.fd(), 0
+        while i < len(rows):  # one read per run of consecutive rows
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            view = memoryview(out[i:j]).cast("B")
+            got = os.preadv(fd, [view], int(rows[i]) * self.row_bytes)
+            if got != len(view):
+                raise OSError(f"{self.path} is shorter than its {len(self)} images: rebuild the cache")
+            i = j
+        return torch.from_numpy(out).view(len(rows), *self.row_shape)
+
+
 @dataclass
 class Split:
-    images: torch.Tensor  # (N, C, H, W) uint8
+    images: torch.Tensor | DiskImages  # (N, C, H, W) uint8, in memory or read from disk on demand
     labels: torch.Tensor  # (N,) int64, indices into Dataset.class_names
     paths: list[str] | None = None  # source file of each image (folder datasets only)
 
@@ -20,7 +83,8 @@ class Split:
     def subset(self, index: np.ndarray) -> "Split":
         idx = torch.as_tensor(index, dtype=torch.long)
         paths = [self.paths[i] for i in index] if self.paths is not None else None
-        return Split(self.images[idx], self.labels[idx], paths)
+        images = self.images.subset(index) if isinstance(self.images, DiskImages) else self.images[idx]
+        return Split(images, self.labels[idx], paths)
 
 
 @dataclass

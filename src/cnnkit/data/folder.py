@@ -2,31 +2,36 @@
 
 Every file is decoded once with Pillow (EXIF orientation applied, alpha composited on white,
 16-bit scaled to 8-bit, converted to 1 or 3 channels, shorter side resized and centre-cropped to a
-square), then kept as uint8 tensors. The decoded tensors are cached on disk in safetensors, keyed by
-the file list, sizes, mtimes and the decode settings, so a second run skips decoding. Files that
-cannot be decoded are skipped and reported with their reason; they never stop a run.
+square), then kept as uint8 tensors. The decoded rows are cached on disk in one raw uint8 file with
+a JSON sidecar, keyed by the file list, sizes, mtimes and the decode settings, so a second run skips
+decoding; the build uses every core, writes as it goes and resumes after an interruption. A cache
+larger than the in-memory limit (a quarter of the RAM, or $CNNKIT_MAX_IN_MEMORY_MB) is not loaded:
+its images are read from the file batch by batch (DiskImages). Files that cannot be decoded are
+skipped and reported with their reason; they never stop a run.
 """
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import hashlib
 import json
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from safetensors.torch import load_file, save_file
 
 from ..errors import CnnkitError
-from ..utils import atomic_path, progress
-from .core import Dataset, Split, carve
+from ..utils import progress, write_text_atomic
+from .core import Dataset, DiskImages, Split, carve
 from .download import cache_dir
 
 SPLIT_NAMES = ("train", "val", "test")
 RESIZE_METHOD = "shorter-side-center-crop"  # recorded in model files: predict must do the same
-CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when decoding or the cache layout changes, so old caches are not reused
 PARALLEL_FROM_FILES = 2000  # below this, a process pool costs more than it saves
 
 
@@ -106,53 +111,134 @@ def cache_key(files: dict[str, list[tuple[str, str]]], size: int, channels: int)
     return h.hexdigest()[:32]
 
 
-def decode_all(paths: list[str], size: int, channels: int, quiet: bool) -> list[tuple[np.ndarray | None, str]]:
+def in_memory_limit_bytes() -> int:
+    """Decoded datasets up to this size are loaded into memory; larger ones are read from the disk
+    cache batch by batch. $CNNKIT_MAX_IN_MEMORY_MB sets it; the default is a quarter of the RAM."""
+    env = os.environ.get("CNNKIT_MAX_IN_MEMORY_MB")
+    if env:
+        try:
+            return int(float(env) * 2**20)
+        except ValueError:
+            raise CnnkitError(f"CNNKIT_MAX_IN_MEMORY_MB must be a number of megabytes, not {env!r}") from None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+def build_cache(entries: list[tuple[str, str, str]], raw: Path, size: int, channels: int, quiet: bool) -> dict:
+    """Decode [(split, path, class)] in order into `raw` (uint8 rows of channels x size x size) and
+    return its metadata. Decoding runs on all cores in chunks that are written as they arrive, so
+    memory holds a few chunks, never the dataset. Progress is saved after each chunk beside the
+    partial file: an interrupted build resumes where it stopped."""
+    partial, progress_file = raw.with_suffix(".partial"), raw.with_suffix(".progress.json")
+    row_bytes = channels * size * size
+    done, rows, skipped = 0, 0, []
+    if partial.is_file() and progress_file.is_file():
+        try:
+            state = json.loads(progress_file.read_text())
+            done, rows, skipped = int(state["files_done"]), int(state["rows"]), list(state["skipped"])
+        except (OSError, ValueError, KeyError, TypeError):
+            done, rows, skipped = 0, 0, []
+    if done and not quiet:
+        print(f"resuming the decoding of {len(entries)} files at file {done + 1}", flush=True)
     chunk = 256
-    jobs = [(paths[i:i + chunk], size, channels) for i in range(0, len(paths), chunk)]
-    results: list = []
-    bar = progress(len(paths), "decode images", unit="img", disable=quiet)
+    jobs = [([p for _, p, _ in entries[i:i + chunk]], size, channels) for i in range(done, len(entries), chunk)]
+    bar = progress(len(entries), "decode images", unit="img", disable=quiet)
+    bar.update(done)
     workers = min(os.cpu_count() or 1, 8)
-    if len(paths) >= PARALLEL_FROM_FILES and workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            for r in pool.map(decode_many, jobs):
-                results += r
-                bar.update(len(r))
-    else:
-        for job in jobs:
-            r = decode_many(job)
-            results += r
-            bar.update(len(r))
+    parallel = len(entries) - done >= PARALLEL_FROM_FILES and workers > 1
+    with open(partial, "r+b" if done else "wb") as out, \
+            (ProcessPoolExecutor(workers, initializer=die_with_parent) if parallel else _Serial()) as pool:
+        out.truncate(rows * row_bytes)
+        out.seek(rows * row_bytes)
+        for results in pool.map(decode_many, jobs):
+            for (arr, err), path in zip(results, entries[done:done + len(results)]):
+                if arr is None:
+                    skipped.append([path[1], err])
+                else:
+                    out.write(np.ascontiguousarray(arr).tobytes())
+                    rows += 1
+            done += len(results)
+            out.flush()
+            os.fsync(out.fileno())  # the rows are on disk before the progress file says so
+            write_text_atomic(progress_file, json.dumps({"files_done": done, "rows": rows, "skipped": skipped}))
+            bar.update(len(results))
     bar.close()
-    return results
+    skipped_paths = {p for p, _ in skipped}
+    kept = [(split, p, c) for split, p, c in entries if p not in skipped_paths]
+    meta = {"version": CACHE_VERSION, "row_shape": [channels, size, size], "rows": rows,
+            "entries": kept, "skipped": skipped}
+    write_text_atomic(raw.with_suffix(".json"), json.dumps(meta))
+    os.replace(partial, raw)
+    progress_file.unlink(missing_ok=True)
+    return meta
+
+
+def die_with_parent() -> None:
+    """A decoding worker ends when its parent does, even if the parent is killed (SIGKILL) and
+    cannot shut the pool down: otherwise it would wait forever for work (Linux: PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a killed build leaves idle workers until they are killed
+        pass
+
+
+class _Serial:
+    """ProcessPoolExecutor's map in this process: a small folder is not worth the pool's start-up."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, jobs):
+        return map(fn, jobs)
+
+
+def read_cache_meta(raw: Path, size: int, channels: int) -> dict | None:
+    """The metadata of a complete cache file, or None (missing, old, or damaged: rebuilt, never trusted)."""
+    try:
+        meta = json.loads(raw.with_suffix(".json").read_text())
+        if meta.get("version") == CACHE_VERSION and raw.stat().st_size == meta["rows"] * size * size * channels:
+            return meta
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    return None
 
 
 def load(root: Path, image_size: int, channels: int, test_split: float, seed: int, quiet: bool) -> Dataset:
     files, class_names = list_files(root)
     class_index = {c: i for i, c in enumerate(class_names)}
     key = cache_key(files, image_size, channels)
-    cache = cache_dir() / "folders" / f"{key}.safetensors"
-    tensors, meta = None, None
-    if cache.is_file():
-        try:
-            tensors = load_file(cache)
-            meta = json.loads((cache.with_suffix(".json")).read_text())
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            tensors = None
-    if tensors is None:
-        tensors, meta = {}, {"paths": {}, "skipped": []}
-        for split, entries in files.items():
-            decoded = decode_all([p for p, _ in entries], image_size, channels, quiet)
-            ok = [(arr, p, c) for (arr, _), (p, c) in zip(decoded, entries) if arr is not None]
-            meta["skipped"] += [[p, err] for (arr, err), (p, _) in zip(decoded, entries) if arr is None]
-            images = np.stack([a for a, _, _ in ok]) if ok else np.zeros((0, channels, image_size, image_size), np.uint8)
-            tensors[f"{split}.images"] = torch.from_numpy(np.ascontiguousarray(images))
-            tensors[f"{split}.labels"] = torch.tensor([class_index[c] for _, _, c in ok], dtype=torch.int64)
-            meta["paths"][split] = [p for _, p, _ in ok]
-        with atomic_path(cache.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(meta))
-        with atomic_path(cache) as tmp:
-            save_file(tensors, tmp)
-    splits = {s: Split(tensors[f"{s}.images"], tensors[f"{s}.labels"], meta["paths"][s]) for s in files}
+    raw = cache_dir() / "folders" / f"{key}.u8"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    meta = read_cache_meta(raw, image_size, channels)
+    if meta is None:
+        # One builder at a time (the processes of a torchrun job load the same folder): the others
+        # wait for the lock, then find the cache complete.
+        with open(raw.with_suffix(".lock"), "w") as lock:
+            fcntl.lockf(lock, fcntl.LOCK_EX)  # a POSIX lock: the decoding pool's forked workers do not hold it
+            meta = read_cache_meta(raw, image_size, channels)
+            if meta is None:
+                entries = [(split, p, c) for split, ents in files.items() for p, c in ents]
+                meta = build_cache(entries, raw, image_size, channels, quiet)
+    row_shape = (channels, image_size, image_size)
+    rows = np.arange(meta["rows"])
+    on_disk = meta["rows"] * channels * image_size ** 2 > in_memory_limit_bytes()
+    if on_disk:
+        everything = DiskImages(str(raw), row_shape, rows)
+    else:
+        everything = torch.from_numpy(np.fromfile(raw, dtype=np.uint8)).view(meta["rows"], *row_shape)
+    split_of = np.array([SPLIT_NAMES.index(split) if split in SPLIT_NAMES else -1 for split, _, _ in meta["entries"]])
+    labels = torch.tensor([class_index[c] for _, _, c in meta["entries"]], dtype=torch.int64)
+    splits = {}
+    for split in files:
+        index = np.flatnonzero(split_of == (SPLIT_NAMES.index(split) if split in SPLIT_NAMES else -1))
+        start, stop = (int(index[0]), int(index[-1]) + 1) if len(index) else (0, 0)  # each split's rows are contiguous
+        images = everything.subset(np.arange(start, stop)) if on_disk else everything[start:stop]
+        splits[split] = Split(images, labels[start:stop], [meta["entries"][i][1] for i in range(start, stop)])
     skipped = [(p, r) for p, r in meta["skipped"]]
     train_key = "all" if "all" in splits else "train"
     if len(splits[train_key]) == 0:
