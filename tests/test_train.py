@@ -91,7 +91,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
-    proc = start_training(out, 40)
+    # Epochs of ~0.1 s: 1,000 of them, so that a poller descheduled for a few seconds on a busy
+    # machine still finds the run going (with 40, CI once saw it finish before the signal).
+    proc = start_training(out, 1000)
     wait_for_checkpoint(proc, out, min_epoch=1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
