@@ -111,16 +111,19 @@ def cmd_explain(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .evaluate import predict_files
-    from .modelfile import load_model
-    from .utils import write_csv, write_text_atomic
+    from .predict import predict_files
+    from .utils import progress, write_csv, write_text_atomic
 
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:  # nan fails both comparisons
         raise CnnkitError("--min-confidence must be a probability between 0 and 1")
     if args.top_k < 1:
         raise CnnkitError("--top-k must be at least 1")
-    model, meta = load_model(args.model)
-    rows = predict_files(model, meta, args.paths, top_k=args.top_k, min_confidence=args.min_confidence, tta=args.tta)
+    if args.workers is not None and args.workers < 0:
+        raise CnnkitError("--workers must be 0 or more (0 or 1: decode in this process)")
+    bar = progress(None, "predict", unit="img")
+    with bar:
+        rows, info = predict_files(args.model, args.paths, top_k=args.top_k, min_confidence=args.min_confidence,
+                                   tta=args.tta, runtime=args.runtime, workers=args.workers, on_progress=bar.update)
     if not rows:
         raise CnnkitError(f"no files found in {' '.join(args.paths)}")
     k = max((len(r.get("labels", [])) for r in rows), default=0)
@@ -133,7 +136,14 @@ def cmd_predict(args) -> int:
             write_csv(out, header, [[r["path"], *[v for lab, p in zip(r.get("labels", []), r.get("probabilities", []))
                                                   for v in (lab, f"{p:.6f}")], *([""] * 2 * (k - len(r.get("labels", [])))),
                                      r.get("error", "")] for r in rows])
-    if args.json:
+        # With --out the rows are in the file: the terminal gets one line (or the JSON summary).
+        summary = {**info, "out": str(out), "images_per_second": info["files"] / max(info["seconds"], 1e-9)}
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print(f"{info['classified']:,} of {info['files']:,} file(s) classified in {info['seconds']:.1f} s "
+                  f"({summary['images_per_second']:,.0f} images/s, runtime {info['runtime']}: {info['why']}) -> {out}")
+    elif args.json:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
@@ -141,12 +151,78 @@ def cmd_predict(args) -> int:
                 print(f"{r['path']}: error: {r['error']}")
             else:
                 print(f"{r['path']}: " + ", ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probabilities"])))
-    bad = sum("error" in r for r in rows)
+    bad = info["errors"]
     if bad:
         print(f"{bad} of {len(rows)} file(s) could not be read", file=sys.stderr)
     # A batch job that could read none of its inputs has failed; with some read, the error rows say
     # which were not, and the job succeeded.
     return EXIT_ERROR if bad == len(rows) else 0
+
+
+def cmd_export(args) -> int:
+    import numpy as np
+    import torch
+
+    from .evaluate import load_split_for
+    from .export import FORMATS, PARITY_IMAGES, PARITY_MAX_DIFF, export, parity
+    from .modelfile import load_model, resolve_model_path
+    from .decode import decode_files, expand_paths
+
+    if args.format not in FORMATS:
+        raise CnnkitError(f"--format must be one of {', '.join(FORMATS)}")
+    src = resolve_model_path(args.model)
+    model, meta = load_model(src)
+    out = Path(args.out) if args.out else src.with_suffix(FORMATS[args.format])
+    # The images the proof runs: the files named, else the validation split of the model's dataset.
+    inp = meta["input"]
+    if args.images:
+        decoded = decode_files((expand_paths(args.images), inp["height"], inp["channels"]))
+        arrays = [a for a, _ in decoded if a is not None][:PARITY_IMAGES]
+        if not arrays:
+            raise CnnkitError("none of the --images files could be decoded")
+        images, source = torch.from_numpy(np.stack(arrays)), f"{len(arrays)} of the files named"
+    else:
+        data = meta.get("data", {}).get("name") or meta.get("training", {}).get("data")
+        if not data:
+            raise CnnkitError("the model file does not name its dataset: give image files with --images to check the export")
+        try:
+            split, _ = load_split_for(meta, data, "val")
+        except CnnkitError as e:
+            raise CnnkitError(f"cannot load {data} to check the export ({e}); give image files with --images") from None
+        images, source = split.images[:PARITY_IMAGES], f"{min(len(split), PARITY_IMAGES)} validation images of {data}"
+    export(model, meta, args.format, out)
+    check = parity(model, meta, out, args.format, images)
+    result = {"out": str(out), "format": args.format, "bytes": out.stat().st_size, "checked_on": source, **check,
+              "max_allowed_diff": PARITY_MAX_DIFF}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote {out} ({result['bytes'] / 1e6:.1f} MB, {args.format}): uint8 images (N, {inp['height']}, "
+              f"{inp['width']}, {inp['channels']}) in, calibrated probabilities out")
+        print(f"parity on {source}: top-1 agreement {check['agreement']:.2%}, largest probability difference "
+              f"{check['max_abs_diff']:.2e} (allowed {PARITY_MAX_DIFF:g}): {'passed' if check['passed'] else 'FAILED'}")
+    if not check["passed"]:
+        raise CnnkitError(f"the export disagrees with PyTorch (agreement {check['agreement']:.2%}, difference "
+                          f"{check['max_abs_diff']:.2e}); {out} is kept for inspection, but do not deploy it")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import Limits, serve
+
+    if not 0 < args.port < 65536:
+        raise CnnkitError("--port must be between 1 and 65535")
+    limits = Limits(max_body_bytes=int(args.max_upload_mb * 2**20), max_images=args.max_images,
+                    max_pixels=args.max_pixels, timeout_seconds=args.timeout)
+
+    def ready(model) -> None:
+        print(f"serving {model.path} ({model.info()['architecture']}, {len(model.meta['class_names'])} classes, "
+              f"runtime {model.runtime.name}: {model.runtime_why}) on http://{args.host}:{args.port}/ "
+              f"(API: /predict, /model, /health, /docs); Ctrl-C stops", file=sys.stderr, flush=True)
+
+    serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_batch=args.max_batch,
+          window_ms=args.batch_window_ms, limits=limits, on_ready=ready)
+    return 0
 
 
 def cmd_math(args) -> int:
@@ -358,9 +434,47 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--min-confidence", type=float, default=None, help="label top predictions below this 'unknown'")
     pr.add_argument("--out", default=None, help="FILE.csv or FILE.json")
-    pr.add_argument("--tta", action="store_true", help="test-time augmentation")
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--tta", action="store_true", help="test-time augmentation (runs in PyTorch)")
+    pr.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                    help="auto: the runtime measured fastest for this model on this machine (measured once, on the "
+                         "first job of 2,000+ files; smaller jobs use torch until then)")
+    pr.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core)")
+    pr.add_argument("--json", action="store_true", help="rows as JSON; with --out, a JSON summary")
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export to ONNX or torch.export, with preprocessing inside, and prove parity",
+                        description="The export takes uint8 images (N, H, W, C) and returns calibrated probabilities. "
+                                    "After writing it, validation images run through PyTorch and the export; "
+                                    "the command fails unless top-1 agreement is 100%% and probabilities differ by "
+                                    "at most 1e-4.")
+    ex.add_argument("model", help="model file or run folder")
+    ex.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
+    ex.add_argument("--out", default=None, help="output file (default: beside the model, .onnx or .pt2)")
+    ex.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                    help="image files or folders to check parity on (default: the model's validation split)")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="serve a model over HTTP: a JSON API and a page to drop or draw images on",
+                        description="An ASGI app (FastAPI on uvicorn). POST /predict takes one image (multipart or "
+                                    "raw body) or several (multipart); GET / is a page for people; GET /model, "
+                                    "/health, /openapi.json. Concurrent requests are batched.")
+    sv.add_argument("model", help="model file or run folder")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                                                        "0.0.0.0 exposes the server to the network)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                    help="auto: the runtime measured fastest for this model on this machine")
+    sv.add_argument("--max-batch", type=int, default=32, help="images per forward pass at most (1: no batching)")
+    sv.add_argument("--batch-window-ms", type=float, default=0.0,
+                    help="how long the first waiting image waits for others to join its batch, in milliseconds "
+                         "(default 0: a batch is whatever arrived while the previous one ran)")
+    sv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body, in MiB (413 beyond)")
+    sv.add_argument("--max-images", type=int, default=64, help="images per request at most")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000,
+                    help="largest width x height an image may claim (413 beyond, checked before decoding)")
+    sv.add_argument("--timeout", type=float, default=10.0, help="seconds a request may take (504 beyond)")
+    sv.set_defaults(func=cmd_serve)
 
     xp = sub.add_parser("explain", help="first-layer kernels, feature maps and a Grad-CAM heatmap for one image")
     xp.add_argument("model", help="model file or run folder")

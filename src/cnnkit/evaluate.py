@@ -1,18 +1,16 @@
-"""Evaluation and prediction: numbers only (pictures are in report.py).
+"""Evaluation: numbers only (pictures are in report.py; prediction of files is predict.py).
 
 Everything here reads a model file: its architecture, class names, input size and normalization, so
 the preprocessing is the one training used.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .data import Split, load_dataset
-from .data.folder import decode_image
 from .errors import CnnkitError
 from .inference import predict_logits, probabilities, temperature_of, top_k_accuracy
 from .preprocess import Preprocess
@@ -136,56 +134,3 @@ def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list
             metrics["tta_top5_accuracy"] = top_k_accuracy(tta_probs, labels, 5)
     metrics["misclassified"] = misclassified(probs, labels, class_names, split.paths)
     return metrics, probs
-
-
-# ----------------------------------------------------------------------------- predict
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-def expand_paths(paths: list[str]) -> list[str]:
-    """Files as given; folders searched recursively for files (hidden ones skipped), sorted."""
-    out = []
-    for p in paths:
-        if os.path.isdir(p):
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                out += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
-        else:
-            out.append(p)
-    return out
-
-
-def predict_files(model: torch.nn.Module, meta: dict, paths: list[str], top_k: int = 3,
-                  min_confidence: float | None = None, batch_size: int = 64, tta: bool = False,
-                  device: torch.device = torch.device("cpu")) -> list[dict]:
-    """One row per file: {path, labels, probabilities} or {path, error}. A bad file never stops the batch."""
-    inp = meta["input"]
-    if inp["height"] != inp["width"]:
-        raise CnnkitError("predict supports square model inputs only")
-    names = meta["class_names"]
-    k = min(top_k, len(names))
-    rows: list[dict] = []
-    files = expand_paths(paths)
-    for start in range(0, len(files), batch_size):
-        chunk, arrays, slots = files[start:start + batch_size], [], []
-        for path in chunk:
-            row = {"path": path}
-            try:
-                if not os.path.isfile(path):
-                    raise FileNotFoundError("no such file")
-                arrays.append(decode_image(path, inp["height"], inp["channels"]))
-                slots.append(row)
-            except Exception as e:  # any decode failure is this file's error, not the batch's
-                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-            rows.append(row)
-        if arrays:
-            images = torch.from_numpy(np.stack(arrays))
-            probs = torch.from_numpy(probabilities(model, meta, images, tta=tta, device=device))
-            top = probs.topk(k, dim=1)
-            for row, values, indices in zip(slots, top.values.tolist(), top.indices.tolist()):
-                row["labels"] = [names[i] for i in indices]
-                row["probabilities"] = values
-                if min_confidence is not None and values[0] < min_confidence:
-                    row["labels"][0] = "unknown"
-    return rows

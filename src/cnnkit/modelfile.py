@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import CnnkitError
-from .models.base import unwrap
-from .models.registry import build_from_record
 from .utils import atomic_path
 from .version import __version__
+
+if TYPE_CHECKING:  # torch is imported when weights are read or written, not for the metadata alone:
+    import torch  # `cnnkit predict` on an ONNX runtime never loads PyTorch
+    import torch.nn as nn
 
 FORMAT = "cnnkit-model"
 FORMAT_VERSION = 1
@@ -29,6 +29,10 @@ REQUIRED = ("architecture", "class_names", "input", "preprocessing")
 
 def save_model(path: str | Path, model: nn.Module, meta: dict) -> Path:
     """Write weights + metadata atomically. `meta` needs the REQUIRED keys."""
+    from safetensors.torch import save_file
+
+    from .models.base import unwrap
+
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise ValueError(f"model metadata lacks {missing}")
@@ -54,7 +58,7 @@ def resolve_model_path(path: str | Path) -> Path:
 def read_metadata(path: str | Path) -> dict:
     p = resolve_model_path(path)
     try:
-        with safe_open(p, framework="pt") as f:
+        with safe_open(p, framework="numpy") as f:
             raw = (f.metadata() or {}).get("cnnkit")
     except (SafetensorError, OSError, ValueError, UnicodeError) as e:
         raise CnnkitError(f"{p} is not a cnnkit model file (not a valid safetensors file: {str(e).splitlines()[0]}); "
@@ -77,6 +81,8 @@ def read_metadata(path: str | Path) -> dict:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode, metadata) from a model file or run folder."""
+    from .models.registry import build_from_record
+
     p = resolve_model_path(path)
     meta = read_metadata(p)
     try:

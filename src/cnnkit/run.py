@@ -237,7 +237,7 @@ def explain_to_folder(model: nn.Module, meta: dict, image_path: str | Path, out:
                       class_name: str | None = None, top_k: int = 5) -> dict:
     """`cnnkit explain`: kernels.png, one feature-map figure per conv layer (or stage), gradcam.png
     and explain.json in `out`, for one image file. Returns explain.json's dict."""
-    from .data.folder import decode_image
+    from .decode import decode_image
     from .explain import explain_image
     from .report import plot_feature_maps, plot_gradcam, plot_kernels
     inp, names = meta["input"], meta["class_names"]

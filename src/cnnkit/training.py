@@ -35,7 +35,7 @@ from .augment import Augment, BatchAugment, parse_class_presets
 from .config import TrainConfig
 from .data import Dataset, hflip_keeps_class, is_builtin, load_dataset
 from .data.core import DiskImages
-from .data.folder import RESIZE_METHOD
+from .decode import RESIZE_METHOD
 from .distributed import World
 from .errors import CnnkitError, TrainingInterrupted
 from .inference import metrics_from_logits, pick_device, pick_precision, predict_logits

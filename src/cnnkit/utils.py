@@ -17,7 +17,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A crash or kill leaves at worst a stray `.tmp` file, never a half-written `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: writers that check it (torch.export) accept it
     try:
         yield tmp
         with open(tmp, "rb") as f:  # data on disk before the rename makes it visible
@@ -41,6 +41,13 @@ def write_csv(path: str | os.PathLike, header: list[str], rows: list[list]) -> N
     writer.writerow(header)
     writer.writerows(rows)
     write_text_atomic(path, buf.getvalue())
+
+
+def cache_dir() -> Path:
+    """Where downloads, decoded datasets and exports go: $CNNKIT_DATA if set, else the per-user cache."""
+    import platformdirs
+    env = os.environ.get("CNNKIT_DATA")
+    return Path(env) if env else Path(platformdirs.user_cache_dir("cnnkit")) / "data"
 
 
 def hash_bytes(data: bytes, algorithm: str = "md5") -> str:

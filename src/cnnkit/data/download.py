@@ -15,21 +15,13 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
-import platformdirs
-
 from ..errors import CnnkitError
-from ..utils import progress
+from ..utils import cache_dir, progress
 
 # A mirror that replaces every official base URL (for tests against a local server, or a
 # company mirror). The file's path below the base stays the same.
 MIRROR_ENV = "CNNKIT_DATA_URL"
 CHUNK_BYTES = 1 << 20
-
-
-def cache_dir() -> Path:
-    """Where downloads go: $CNNKIT_DATA if set, else the per-user cache directory."""
-    env = os.environ.get("CNNKIT_DATA")
-    return Path(env) if env else Path(platformdirs.user_cache_dir("cnnkit")) / "data"
 
 
 def search_dirs(data_dir: str | os.PathLike | None, subdirs: list[str]) -> list[Path]:

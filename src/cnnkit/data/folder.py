@@ -11,58 +11,25 @@ skipped and reported with their reason; they never stop a run.
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
 import os
-import signal
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
+from ..decode import decode_image, die_with_parent
 from ..errors import CnnkitError
 from ..utils import progress, write_text_atomic
 from .core import Dataset, DiskImages, Split, carve
 from .download import cache_dir
 
 SPLIT_NAMES = ("train", "val", "test")
-RESIZE_METHOD = "shorter-side-center-crop"  # recorded in model files: predict must do the same
 CACHE_VERSION = 2  # bump when decoding or the cache layout changes, so old caches are not reused
 PARALLEL_FROM_FILES = 2000  # below this, a process pool costs more than it saves
-
-
-def decode_image(path: str, size: int, channels: int) -> np.ndarray:
-    """Decode one file to a uint8 array (channels, size, size). Raises on anything undecodable."""
-    with Image.open(path) as img:
-        if img.format == "JPEG":  # let libjpeg decode at 1/2, 1/4 or 1/8 scale: much faster for big photos
-            img.draft("RGB" if channels == 3 else "L", (size, size))
-        img.load()  # decode now: a truncated file fails here, inside the caller's try
-        img = ImageOps.exif_transpose(img)  # EXIF-rotated photos arrive upright
-        img = to_8bit(img)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            img = Image.new("RGB", rgba.size, (255, 255, 255))
-            img.paste(rgba, mask=rgba.getchannel("A"))  # transparent areas become white, not black
-        img = img.convert("RGB" if channels == 3 else "L")
-        img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-
-def to_8bit(img: Image.Image) -> Image.Image:
-    """Pillow's convert() clips 16-bit and 32-bit grey to 0..255 (mostly white); rescale instead."""
-    if img.mode.startswith("I;16") or img.mode == "I":
-        arr = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
-        return Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
-    return img
 
 
 def decode_many(args: tuple[list[str], int, int]) -> list[tuple[np.ndarray | None, str]]:
@@ -173,15 +140,6 @@ def build_cache(entries: list[tuple[str, str, str]], raw: Path, size: int, chann
     os.replace(partial, raw)
     progress_file.unlink(missing_ok=True)
     return meta
-
-
-def die_with_parent() -> None:
-    """A decoding worker ends when its parent does, even if the parent is killed (SIGKILL) and
-    cannot shut the pool down: otherwise it would wait forever for work (Linux: PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: a killed build leaves idle workers until they are killed
-        pass
 
 
 class _Serial:

@@ -1,0 +1,363 @@
+"""`cnnkit serve`: a model file behind HTTP (FastAPI on uvicorn), with a page for people.
+
+Uploads are queued; one batcher task takes everything waiting (up to max_batch images) and, in a
+single inference thread, decodes them and runs the model once for all of them. While a batch runs
+the next one gathers, so a lone request waits for nothing and under load batches grow by themselves:
+throughput grows with load instead of each request paying for its own forward pass
+(benchmarks/serve_load.py measures both in one run).
+
+Every input is bounded: the body's bytes (413, counted as it arrives, not trusted from headers), the
+images per request, the pixels an image header claims (413, before decoding: decompression bombs),
+the time a request may take (504) and the requests waiting (503). A body that is not an image gets
+415, a damaged image 422. Nothing a client sends reaches a traceback: any error is that request's.
+"""
+# No __future__ annotations here: FastAPI reads the handlers' annotations (Request) at run time.
+
+import asyncio
+import base64
+import io
+import logging
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .decode import ImageTooLarge, decode_image
+from .errors import CnnkitError
+from .modelfile import read_metadata, resolve_model_path
+from .predict import MEASURE_FROM_FILES, choose_runtime
+from .version import __version__
+
+log = logging.getLogger("cnnkit.serve")
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 10 * 2**20  # a request's body, all images together
+    max_images: int = 64  # images in one request
+    max_pixels: int = 40_000_000  # width x height an image header may claim (a 40-megapixel photo)
+    timeout_seconds: float = 10.0  # from the body's arrival to the answer
+    max_waiting: int = 1024  # images queued for the model; past it, 503 and Retry-After
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# ----------------------------------------------------------------------------- decoding one upload
+def decode_upload(data: bytes, size: int, channels: int, max_pixels: int) -> np.ndarray:
+    """uint8 (C, size, size) from an uploaded file's bytes, or a RequestError saying what is wrong."""
+    if not data:
+        raise RequestError(422, "the image is empty (0 bytes)")
+    try:
+        return decode_image(io.BytesIO(data), size, channels, max_pixels=max_pixels)
+    except ImageTooLarge as e:
+        raise RequestError(413, f"image too large: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise RequestError(413, f"image too large: {e}") from None
+    except UnidentifiedImageError:
+        raise RequestError(415, "not an image this server can read (send JPEG, PNG, GIF, BMP, WebP or TIFF)") from None
+    except Exception as e:  # truncated or damaged data: the decoder's own reason
+        raise RequestError(422, f"the image could not be decoded: {str(e).splitlines()[0][:200]}") from None
+
+
+def heatmap_png(image: np.ndarray, heat: np.ndarray) -> str:
+    """A PNG data URL: the image (C, H, W) uint8 under a Grad-CAM heatmap (H, W) in [0, 1], red = evidence."""
+    rgb = np.repeat(image, 3, 0) if image.shape[0] == 1 else image
+    rgb = rgb.transpose(1, 2, 0).astype(np.float32)  # (H, W, 3)
+    colour = np.stack([heat, np.zeros_like(heat), 1 - heat], -1) * 255  # blue (none) .. red (most)
+    alpha = 0.35 + 0.4 * heat[..., None]
+    out = (rgb * (1 - alpha) + colour * alpha).clip(0, 255).astype(np.uint8)
+    side = max(out.shape[0], 224)  # small inputs (28x28) enlarged so a person can see them
+    img = Image.fromarray(out).resize((side, side), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# ----------------------------------------------------------------------------- the model and its batcher
+class Model:
+    """The runtime (measured fastest, or the one asked for), the batcher, and Grad-CAM on demand."""
+
+    def __init__(self, model_path: str | Path, runtime: str = "auto", max_batch: int = 32, window_ms: float = 0.0,
+                 limits: Limits | None = None):
+        path = Path(model_path)
+        if path.suffix == ".onnx":
+            raise CnnkitError("serve takes the model file or run folder (it also explains with Grad-CAM); "
+                              "--runtime onnx runs its ONNX export")
+        self.path = resolve_model_path(path)
+        self.meta = read_metadata(self.path)
+        if self.meta["input"]["height"] != self.meta["input"]["width"]:
+            raise CnnkitError("serve supports square model inputs only")
+        if max_batch < 1:
+            raise CnnkitError("--max-batch must be at least 1")
+        self.runtime, self.runtime_why = choose_runtime(self.path, self.meta, runtime, False, MEASURE_FROM_FILES)
+        self.max_batch, self.window_seconds = max_batch, window_ms / 1000
+        self.limits = limits or Limits()
+        # One thread runs the model: batches follow one another, each using all intra-op threads.
+        self.inference = ThreadPoolExecutor(1, thread_name_prefix="cnnkit-inference")
+        self.queue: asyncio.Queue | None = None
+        self.waiting = 0
+        self.torch_model = None  # loaded on the first explain request
+        self.explain_lock = threading.Lock()
+        self.batches = self.images = 0
+
+    # The batcher: the first waiting image opens a window; the batch closes when it is full or the
+    # window ends, and runs once.
+    async def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.create_task(self.batcher())
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        self.inference.shutdown(wait=False, cancel_futures=True)
+
+    async def batcher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            if self.window_seconds > 0:  # optional: hold the first image a moment for others to join
+                await asyncio.sleep(self.window_seconds)
+            # Everything that arrived while the last batch ran joins this one: no waiting at low load,
+            # large batches at high load.
+            while len(items) < self.max_batch and not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            live = [(data, fut) for data, fut in items if not fut.done()]  # timed-out requests are gone
+            if not live:
+                continue
+            try:
+                outcome = await loop.run_in_executor(self.inference, self.decode_and_run, [d for d, _ in live])
+                self.batches, self.images = self.batches + 1, self.images + len(live)
+                for (_, fut), result in zip(live, outcome):
+                    if not fut.done():
+                        if isinstance(result, RequestError):
+                            fut.set_exception(result)
+                        else:
+                            fut.set_result(result)
+            except Exception as e:  # a failure of ours: every request of the batch hears of it
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(e)
+
+    def decode_and_run(self, uploads: list[bytes]) -> list:
+        """In the inference thread: decode each upload (an error is that image's alone), then one
+        forward pass for all that decoded. Per image: (pixels (C, H, W), probabilities (K,)) or a RequestError.
+        Decoding here rather than in a thread of its own saves a thread hand-off per request
+        (measured: benchmarks/NOTES.md, serving)."""
+        inp = self.meta["input"]
+        decoded: list = []
+        for data in uploads:
+            try:
+                decoded.append(decode_upload(data, inp["height"], inp["channels"], self.limits.max_pixels))
+            except RequestError as e:
+                decoded.append(e)
+        good = [d for d in decoded if not isinstance(d, RequestError)]
+        probs = iter(self.runtime(np.stack(good)) if good else [])
+        return [d if isinstance(d, RequestError) else (d, next(probs)) for d in decoded]
+
+    async def classify(self, uploads: list[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(pixels, probabilities)] for each upload's bytes, through the batcher; the first bad image
+        raises its RequestError."""
+        if self.waiting + len(uploads) > self.limits.max_waiting:
+            raise RequestError(503, "the server is busy (too many images waiting); retry in a moment")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in uploads]
+        self.waiting += len(uploads)
+        try:
+            for data, fut in zip(uploads, futures):
+                self.queue.put_nowait((data, fut))
+            return list(await asyncio.gather(*futures))
+        finally:
+            self.waiting -= len(uploads)
+
+    def explain(self, image: np.ndarray, class_index: int) -> str:
+        """Grad-CAM for one image (C, H, W) uint8 and class, as a PNG data URL (PyTorch, fp32)."""
+        import torch
+
+        from .explain import gradcam
+        from .modelfile import load_model
+        from .preprocess import Preprocess
+        with self.explain_lock:  # one backward pass at a time; the model's hooks are not thread-safe
+            if self.torch_model is None:
+                self.torch_model, _ = load_model(self.path)
+                self.preprocess = Preprocess.from_meta(self.meta)
+            x = self.preprocess(torch.from_numpy(np.ascontiguousarray(image))[None])
+            heat, _ = gradcam(self.torch_model, x, torch.tensor([class_index]))
+        return heatmap_png(image, heat[0].numpy())
+
+    def info(self) -> dict:
+        m = self.meta
+        return {"cnnkit_version": __version__, "model_file": str(self.path), "class_names": m["class_names"],
+                "input": m["input"], "architecture": m["architecture"].get("name") or m["architecture"].get("kind"),
+                "metrics": {k: v for k, v in m.get("metrics", {}).items() if isinstance(v, (int, float))},
+                "calibration": m.get("calibration", {"temperature": 1.0}), "runtime": self.runtime.name,
+                "runtime_choice": self.runtime_why, "max_batch": self.max_batch,
+                "limits": self.limits.__dict__, "data": m.get("data", {}).get("name")}
+
+
+# ----------------------------------------------------------------------------- the app
+class BodyLimit:
+    """ASGI middleware: at most max_bytes of request body, counted as it arrives (a client may send
+    no Content-Length, or a false one); past it the request is answered 413 and not read further.
+    It also logs one line per request: method, path, status, milliseconds, body bytes."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, received, status = time.perf_counter(), 0, [0]
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+
+        async def answer(code: int, message: str) -> None:
+            import json
+            body = json.dumps({"detail": message}).encode()
+            await send({"type": "http.response.start", "status": code,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                    (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+
+        too_big = f"the body is larger than {self.max_bytes:,} bytes"
+        try:
+            if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+                status[0] = 413
+                return await answer(413, too_big)
+
+            async def counted_receive():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_bytes:
+                        raise RequestError(413, too_big)
+                return message
+
+            async def watched_send(message):
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+
+            try:
+                await self.app(scope, counted_receive, watched_send)
+            except RequestError as e:
+                if status[0]:
+                    raise
+                status[0] = e.status
+                await answer(e.status, e.message)
+        finally:
+            log.info("%s %s %d %.1f ms %d bytes", scope.get("method"), scope.get("path"), status[0],
+                     (time.perf_counter() - start) * 1000, received)
+
+
+def create_app(model: Model):
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import HTMLResponse, JSONResponse
+        from starlette.concurrency import run_in_threadpool
+    except ImportError:
+        raise CnnkitError("serving needs FastAPI and uvicorn: pip install 'cnnkit[serve]'") from None
+    from contextlib import asynccontextmanager
+
+    limits, meta = model.limits, model.meta
+    names, inp = meta["class_names"], meta["input"]
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await model.start()
+        yield
+        await model.stop()
+
+    app = FastAPI(title="cnnkit", version=__version__, lifespan=lifespan,
+                  description=f"A cnnkit image classifier: {len(names)} classes, input {inp['channels']}x"
+                              f"{inp['height']}x{inp['width']}.")
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, e: RequestError):
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse({"detail": e.message}, status_code=e.status, headers=headers)
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness: the model is loaded and the batcher runs."""
+        return {"status": "ok", "images_served": model.images, "batches": model.batches}
+
+    @app.get("/model")
+    async def model_info() -> dict:
+        """Class names, input size, test metrics, calibration, runtime, limits and version."""
+        return model.info()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        """The page: pick, drop or (for 1-channel models) draw an image; top-k as bars beside the heatmap."""
+        return resources.files("cnnkit").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    async def uploads(request: Request) -> list[tuple[str, bytes]]:
+        """[(name, bytes)]: the multipart files (any field name), or the raw body as one image."""
+        kind = request.headers.get("content-type", "")
+        if kind.startswith("multipart/form-data"):
+            try:
+                form = await request.form(max_files=limits.max_images + 1, max_fields=limits.max_images + 16)
+            except RequestError:
+                raise
+            except Exception as e:
+                raise RequestError(422, f"malformed multipart body: {str(e).splitlines()[0][:200]}") from None
+            files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")]
+            await form.close()
+            if not files:
+                raise RequestError(422, "the multipart body holds no file: send the image in a file field")
+            return files
+        return [("body", await request.body())]
+
+    @app.post("/predict")
+    async def predict(request: Request, top_k: int = 3, explain: bool = False) -> dict:
+        """One image (multipart file, or the raw body with an image content type) or several (multipart):
+        top-k labels with calibrated probabilities; with explain=true, a Grad-CAM heatmap per image (PNG data URL)."""
+        start = time.perf_counter()
+        if not 1 <= top_k <= len(names):
+            raise RequestError(422, f"top_k must be between 1 and {len(names)}")
+        async def handle() -> list[dict]:
+            files = await uploads(request)
+            if len(files) > limits.max_images:
+                raise RequestError(413, f"at most {limits.max_images} images per request")
+            classified = await model.classify([data for _, data in files])
+            results = []
+            for (name, _), (image, p) in zip(files, classified):
+                order = np.argsort(-p, kind="stable")[:top_k]
+                row = {"filename": name, "top": [{"label": names[i], "probability": float(p[i])} for i in order]}
+                if explain:
+                    row["heatmap"] = await run_in_threadpool(model.explain, image, int(order[0]))
+                results.append(row)
+            return results
+
+        try:
+            results = await asyncio.wait_for(handle(), limits.timeout_seconds)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"the request took longer than {limits.timeout_seconds:g} s") from None
+        return {"results": results, "runtime": model.runtime.name, "milliseconds": (time.perf_counter() - start) * 1000}
+
+    return BodyLimit(app, limits.max_body_bytes)
+
+
+def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "auto", max_batch: int = 32,
+          window_ms: float = 0.0, limits: Limits | None = None, on_ready=None) -> None:
+    """Run the server until interrupted. Binds 127.0.0.1 unless told otherwise."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise CnnkitError("serving needs FastAPI and uvicorn: pip install 'cnnkit[serve]'") from None
+    model = Model(model_path, runtime, max_batch, window_ms, limits)
+    app = create_app(model)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if on_ready:
+        on_ready(model)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=5,
+                limit_concurrency=512, h11_max_incomplete_event_size=64 * 1024)
