@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--requests", type=int, default=1500, help="requests per measurement at 8 and 64 clients (1 client: a third)")
     ap.add_argument("--runtime", default="auto")
+    ap.add_argument("--max-batch", type=int, default=32, help="the batched server's --max-batch")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     model = args.model
@@ -163,7 +164,7 @@ def main() -> None:
                         f"{tmp}/run"], check=True, stdout=subprocess.DEVNULL)
         model = f"{tmp}/run"
     pngs = digit_pngs(500)
-    servers = {"batched": 32, "naive": 1}
+    servers = {"batched": args.max_batch, "naive": 1}
     table: dict = {name: {c: [] for c in (1, 8, 64)} for name in servers}
     for _ in range(args.repeats):
         for name, max_batch in servers.items():  # interleaved: drift of the machine hits both alike
@@ -180,7 +181,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"model {model}; medians of {args.repeats}; {os.cpu_count()} CPUs")
+    print(f"model {model}; runtime {args.runtime}; batched: --max-batch {args.max_batch}, naive: --max-batch 1; "
+          f"medians of {args.repeats}; {os.cpu_count()} CPUs")
     print(f"{'clients':>7} | {'batched req/s':>13} {'p50 ms':>7} {'p99 ms':>7} | {'naive req/s':>11} {'p50 ms':>7} "
           f"{'p99 ms':>7} | ratio")
     for c in (1, 8, 64):

@@ -30,14 +30,16 @@ def decode_image(path, size: int, channels: int, max_pixels: int | None = None) 
         if img.format == "JPEG":  # let libjpeg decode at 1/2, 1/4 or 1/8 scale: much faster for big photos
             img.draft("RGB" if channels == 3 else "L", (size, size))
         img.load()  # decode now: a truncated file fails here, inside the caller's try
-        img = ImageOps.exif_transpose(img)  # EXIF-rotated photos arrive upright
+        # EXIF-rotated photos arrive upright; in place: no copy of the (usual) unrotated image
+        img = ImageOps.exif_transpose(img, in_place=True) or img
         img = to_8bit(img)
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             img = Image.new("RGB", rgba.size, (255, 255, 255))
             img.paste(rgba, mask=rgba.getchannel("A"))  # transparent areas become white, not black
         img = img.convert("RGB" if channels == 3 else "L")
-        img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
+        if img.size != (size, size):  # already the model's size (CIFAR at 32, MNIST at 28): nothing to resample
+            img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 

@@ -16,6 +16,7 @@ the time a request may take (504) and the requests waiting (503). A body that is
 import asyncio
 import base64
 import io
+import json
 import logging
 import sys
 import threading
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -178,6 +180,33 @@ class Model:
         finally:
             self.waiting -= len(uploads)
 
+    async def answer(self, files: list[tuple[str, bytes]], top_k: int, explain: bool) -> dict:
+        """The /predict response for [(name, bytes)], within the time limit; RequestError otherwise."""
+        start = time.perf_counter()
+        names = self.meta["class_names"]
+        if not 1 <= top_k <= len(names):
+            raise RequestError(422, f"top_k must be between 1 and {len(names)}")
+        if len(files) > self.limits.max_images:
+            raise RequestError(413, f"at most {self.limits.max_images} images per request")
+
+        async def handle() -> list[dict]:
+            classified = await self.classify([data for _, data in files])
+            results = []
+            for (name, _), (image, p) in zip(files, classified):
+                order = np.argsort(-p, kind="stable")[:top_k]
+                row = {"filename": name, "top": [{"label": names[i], "probability": float(p[i])} for i in order]}
+                if explain:  # in the default thread pool: the event loop keeps serving meanwhile
+                    row["heatmap"] = await asyncio.get_running_loop().run_in_executor(None, self.explain, image,
+                                                                                      int(order[0]))
+                results.append(row)
+            return results
+
+        try:
+            results = await asyncio.wait_for(handle(), self.limits.timeout_seconds)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"the request took longer than {self.limits.timeout_seconds:g} s") from None
+        return {"results": results, "runtime": self.runtime.name, "milliseconds": (time.perf_counter() - start) * 1000}
+
     def explain(self, image: np.ndarray, class_index: int) -> str:
         """Grad-CAM for one image (C, H, W) uint8 and class, as a PNG data URL (PyTorch, fp32)."""
         import torch
@@ -204,33 +233,43 @@ class Model:
 
 
 # ----------------------------------------------------------------------------- the app
-class BodyLimit:
-    """ASGI middleware: at most max_bytes of request body, counted as it arrives (a client may send
-    no Content-Length, or a false one); past it the request is answered 413 and not read further.
-    It also logs one line per request: method, path, status, milliseconds, body bytes."""
+class Front:
+    """The ASGI layer in front of the FastAPI app.
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    - Bounds every body: at most max_body_bytes, counted as it arrives (a client may send no
+      Content-Length, or a false one); past it the request is answered 413 and not read further.
+    - Answers POST /predict with a raw image body itself, without FastAPI's routing, validation and
+      response layers: the same Model.answer, so the same JSON. Measured: that halves the server's
+      work per request for a small model (benchmarks/NOTES.md, serving), which is most of the work
+      when batching makes the model's share small. Multipart uploads and every other route go to
+      FastAPI, which also documents /predict in the OpenAPI schema.
+    - Logs one line per request: method, path, status, milliseconds, body bytes."""
+
+    def __init__(self, app, model: Model):
+        self.app, self.model, self.max_bytes = app, model, model.limits.max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, received, status = time.perf_counter(), 0, [0]
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
 
-        async def answer(code: int, message: str) -> None:
-            import json
-            body = json.dumps({"detail": message}).encode()
+        async def reply(code: int, payload: dict, close: bool = False) -> None:
+            body = json.dumps(payload).encode()
+            extra = [(b"connection", b"close")] if close else []
+            if code == 503:
+                extra.append((b"retry-after", b"1"))
+            status[0] = code
             await send({"type": "http.response.start", "status": code,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                    (b"connection", b"close")]})
+                                    *extra]})
             await send({"type": "http.response.body", "body": body})
 
         too_big = f"the body is larger than {self.max_bytes:,} bytes"
         try:
             if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-                status[0] = 413
-                return await answer(413, too_big)
+                return await reply(413, {"detail": too_big}, close=True)  # unread body: the connection ends
 
             async def counted_receive():
                 nonlocal received
@@ -240,6 +279,23 @@ class BodyLimit:
                     if received > self.max_bytes:
                         raise RequestError(413, too_big)
                 return message
+
+            if (scope["method"] == "POST" and scope["path"] == "/predict"
+                    and not headers.get(b"content-type", b"").startswith(b"multipart/")):
+                try:
+                    chunks, more = [], True
+                    while more:
+                        message = await counted_receive()
+                        if message["type"] == "http.disconnect":
+                            return
+                        chunks.append(message.get("body", b""))
+                        more = message.get("more_body", False)
+                    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                    top_k, explain = query_options(query)
+                    payload = await self.model.answer([("body", b"".join(chunks))], top_k, explain)
+                except RequestError as e:
+                    return await reply(e.status, {"detail": e.message}, close=e.status == 413)
+                return await reply(200, payload)
 
             async def watched_send(message):
                 if message["type"] == "http.response.start":
@@ -251,18 +307,28 @@ class BodyLimit:
             except RequestError as e:
                 if status[0]:
                     raise
-                status[0] = e.status
-                await answer(e.status, e.message)
+                await reply(e.status, {"detail": e.message}, close=True)
         finally:
             log.info("%s %s %d %.1f ms %d bytes", scope.get("method"), scope.get("path"), status[0],
                      (time.perf_counter() - start) * 1000, received)
+
+
+def query_options(query: dict[str, list[str]]) -> tuple[int, bool]:
+    """top_k and explain from a parsed query string, as FastAPI would read them for /predict."""
+    try:
+        top_k = int(query.get("top_k", ["3"])[-1])
+    except ValueError:
+        raise RequestError(422, "top_k must be a whole number") from None
+    flag = query.get("explain", ["false"])[-1].lower()
+    if flag not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise RequestError(422, "explain must be true or false")
+    return top_k, flag in ("true", "1", "yes", "on")
 
 
 def create_app(model: Model):
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import HTMLResponse, JSONResponse
-        from starlette.concurrency import run_in_threadpool
     except ImportError:
         raise CnnkitError("serving needs FastAPI and uvicorn: pip install 'cnnkit[serve]'") from None
     from contextlib import asynccontextmanager
@@ -320,31 +386,11 @@ def create_app(model: Model):
     @app.post("/predict")
     async def predict(request: Request, top_k: int = 3, explain: bool = False) -> dict:
         """One image (multipart file, or the raw body with an image content type) or several (multipart):
-        top-k labels with calibrated probabilities; with explain=true, a Grad-CAM heatmap per image (PNG data URL)."""
-        start = time.perf_counter()
-        if not 1 <= top_k <= len(names):
-            raise RequestError(422, f"top_k must be between 1 and {len(names)}")
-        async def handle() -> list[dict]:
-            files = await uploads(request)
-            if len(files) > limits.max_images:
-                raise RequestError(413, f"at most {limits.max_images} images per request")
-            classified = await model.classify([data for _, data in files])
-            results = []
-            for (name, _), (image, p) in zip(files, classified):
-                order = np.argsort(-p, kind="stable")[:top_k]
-                row = {"filename": name, "top": [{"label": names[i], "probability": float(p[i])} for i in order]}
-                if explain:
-                    row["heatmap"] = await run_in_threadpool(model.explain, image, int(order[0]))
-                results.append(row)
-            return results
+        top-k labels with calibrated probabilities; with explain=true, a Grad-CAM heatmap per image (PNG data URL).
+        (A raw body is answered by the front layer's fast path, with the same result; see Front.)"""
+        return await model.answer(await uploads(request), top_k, explain)
 
-        try:
-            results = await asyncio.wait_for(handle(), limits.timeout_seconds)
-        except asyncio.TimeoutError:
-            raise RequestError(504, f"the request took longer than {limits.timeout_seconds:g} s") from None
-        return {"results": results, "runtime": model.runtime.name, "milliseconds": (time.perf_counter() - start) * 1000}
-
-    return BodyLimit(app, limits.max_body_bytes)
+    return Front(app, model)
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "auto", max_batch: int = 32,
