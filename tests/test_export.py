@@ -168,3 +168,25 @@ def test_deployable_matches_the_inference_layer():
     with torch.no_grad():
         got = Deployable(model, meta)(pixels.permute(0, 2, 3, 1)).numpy()
     assert np.abs(got - expected).max() < 1e-6
+
+
+def test_auto_runtime_measures_once_and_falls_back_when_export_fails(tmp_path, monkeypatch):
+    import cnnkit.export
+    import cnnkit.predict as predict
+    monkeypatch.setattr(predict, "MEASURE_FROM_FILES", 1)  # measure on this small job
+    path = model_file(tmp_path, "seed-mnist-keras", 1, 28, None)
+    png = tmp_path / "d.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
+    rows, info = predict.predict_files(path, [str(png)])
+    assert info["why"].startswith("measured now") and info["runtime"] in ("onnx", "torch")
+    record = json.loads(next((predict.exports_dir()).glob("*.runtime.json")).read_text())
+    assert set(record["images_per_second"]) == {"onnx", "torch"} and record["runtime"] == info["runtime"]
+    rows2, info2 = predict.predict_files(path, [str(png)])
+    assert info2["why"].startswith("measured before") and rows2 == rows
+
+    def broken(*args, **kwargs):
+        raise cnnkit.CnnkitError("onnx export failed: an op it cannot write")
+    monkeypatch.setattr(cnnkit.export, "export", broken)
+    other = model_file(tmp_path / "o", "seed-mnist-keras", 1, 28, None, seed=3)
+    rows3, info3 = predict.predict_files(other, [str(png)])
+    assert info3["runtime"] == "torch" and "no ONNX export" in info3["why"] and "labels" in rows3[0]

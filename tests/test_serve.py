@@ -215,3 +215,13 @@ def test_serve_refuses_bad_arguments_in_one_line(tmp_path):
     from conftest import run_main
     r = run_main("serve", str(tmp_path / "missing"), "--port", "8999")
     assert r.returncode == 2 and "no model file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_flags_default_to_the_documented_limits():
+    from cnnkit.cli import build_parser
+    from cnnkit.serve import Limits
+    args = build_parser().parse_args(["serve", "m.safetensors"])
+    limits = Limits()
+    assert args.host == "127.0.0.1"  # this machine only, unless told otherwise
+    assert (int(args.max_upload_mb * 2**20), args.max_images, args.max_pixels, args.timeout) == (
+        limits.max_body_bytes, limits.max_images, limits.max_pixels, limits.timeout_seconds)

@@ -153,7 +153,13 @@ def choose_runtime(model_path: Path, meta: dict, runtime: str, tta: bool, files:
         if files < MEASURE_FROM_FILES:
             return TorchRuntime(model_path), f"fewer than {MEASURE_FROM_FILES} files: not worth measuring"
         from .utils import write_text_atomic
-        torch_rt, onnx_rt = TorchRuntime(model_path), OnnxRuntime(cached_onnx(model_path, meta))
+        torch_rt = TorchRuntime(model_path)
+        try:
+            onnx_rt = OnnxRuntime(cached_onnx(model_path, meta))
+        except CnnkitError as e:  # an op the exporter cannot write, or a failed parity check: PyTorch it is
+            record = {"runtime": "torch", "images_per_second": {}, "why": f"no ONNX export: {e}"}
+            write_text_atomic(record_path, json.dumps(record, indent=2))
+            return torch_rt, record["why"]
         inp = meta["input"]
         probe = np.random.default_rng(0).integers(0, 256, (MEASURE_BATCH, inp["channels"], inp["height"], inp["width"]),
                                                   dtype=np.uint8)
@@ -162,7 +168,8 @@ def choose_runtime(model_path: Path, meta: dict, runtime: str, tta: bool, files:
         write_text_atomic(record_path, json.dumps(record, indent=2))
         chosen = onnx_rt if record["runtime"] == "onnx" else torch_rt
         return chosen, "measured now: " + ", ".join(f"{k} {v:,.0f} images/s" for k, v in speeds.items())
-    how = "measured before: " + ", ".join(f"{k} {v:,.0f} images/s" for k, v in record["images_per_second"].items())
+    how = record.get("why") or "measured before: " + ", ".join(f"{k} {v:,.0f} images/s"
+                                                             for k, v in record["images_per_second"].items())
     if record["runtime"] == "onnx":
         return OnnxRuntime(cached_onnx(model_path, meta)), how
     return TorchRuntime(model_path), how
