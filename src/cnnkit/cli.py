@@ -225,6 +225,61 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_label_issues(args) -> int:
+    from .labelissues import label_issues
+
+    if args.data_positional:
+        args.data = args.data_positional
+    cfg, _ = config_from_args(args)
+    echo = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else None
+    result, files = label_issues(cfg.validate(), folds=args.folds, retrain=args.retrain, out=cfg.out, echo=echo)
+    summary = {k: v for k, v in result.items() if k not in ("ranking", "flagged_mask")}
+    if args.json:
+        print(json.dumps({**summary, "files": {k: str(v) for k, v in files.items()}}, indent=2))
+        return 0
+    print(f"{summary['flagged']:,} of {summary['train_images']:,} training labels of {summary['data']} are likely wrong "
+          f"(out-of-fold accuracy {summary['out_of_fold_accuracy']:.2%}); ranked in {files['csv']}, "
+          f"the first {min(summary['flagged'], 48)} drawn in {files['gallery']}")
+    if "retrain" in summary:
+        r = summary["retrain"]
+        print(f"test accuracy: {r['test_accuracy_with_flagged']:.2%} trained on all, "
+              f"{r['test_accuracy_without_flagged']:.2%} without the flagged images ({r['test_images']:,} images)")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from .run import audit_to_folder
+
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise CnnkitError("--threshold is a cosine similarity in (0, 1]")
+    result, files = audit_to_folder(args.data, out=args.out, data_dir=args.data_dir, image_size=args.image_size,
+                                    channels=args.channels, threshold=args.threshold)
+    if args.json:
+        print(json.dumps({**result, "files": {k: str(v) for k, v in files.items()}}, indent=2))
+        return 0
+    print(f"{result['data']}: {result['images']:,} images, {result['exact_pairs']:,} exact and {result['near_pairs']:,} "
+          f"near duplicate pairs ({result['label_conflicts']:,} with different labels), "
+          f"{len(result['unreadable'])} unreadable file(s)")
+    for name, leak in result["leakage"].items():
+        print(f"  {name}: {leak['images']:,} images ({leak['share']:.2%}) have a copy")
+    print(f"report: {files['report']}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .run import compare_runs
+
+    result, files = compare_runs(args.run_a, args.run_b, out=args.out, data=args.data, data_dir=args.data_dir)
+    if args.json:
+        print(json.dumps({**result, "files": {k: str(v) for k, v in files.items()}}, indent=2))
+        return 0
+    print(result["verdict"])
+    print(f"on {result['n']:,} test images: only A right {result['only_a_right']}, only B right "
+          f"{result['only_b_right']}, both right {result['both_right']}, both wrong {result['both_wrong']}")
+    print(f"report: {files['report']}")
+    return 0
+
+
 def cmd_math(args) -> int:
     from . import teach
 
@@ -475,6 +530,49 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest width x height an image may claim (413 beyond, checked before decoding)")
     sv.add_argument("--timeout", type=float, default=10.0, help="seconds a request may take (504 beyond)")
     sv.set_defaults(func=cmd_serve)
+
+    au = sub.add_parser("audit", help="duplicates within and across splits, leakage, class balance, sizes, unreadable files",
+                        description="Exact duplicates (same pixels) and near duplicates (resized, re-encoded or "
+                                    "slightly cropped copies: cosine similarity of 32x32 grey thumbnails at or above "
+                                    "--threshold), leakage per pair of splits, class balance, file sizes and modes, "
+                                    "unreadable files. Writes audit.json, duplicates.csv, duplicates.png, audit.html.")
+    au.add_argument("data", help="mnist, fashion-mnist, cifar10, digits, or a folder")
+    au.add_argument("--data-dir", default=None)
+    au.add_argument("--image-size", type=int, default=None, help="decode folders at this size (default 64)")
+    au.add_argument("--channels", type=int, choices=[1, 3], default=None)
+    au.add_argument("--threshold", type=float, default=None, help="near-duplicate similarity (default 0.99)")
+    au.add_argument("--out", default=None, help="output folder (default: audit-<data>)")
+    au.add_argument("--json", action="store_true")
+    au.set_defaults(func=cmd_audit)
+
+    cp = sub.add_parser("compare", help="two runs on the same test images: accuracy difference, McNemar's test, curves",
+                        description="Evaluates both models on the same test images and reports the accuracy "
+                                    "difference with a 95%% interval, McNemar's exact test (p-value, and the images "
+                                    "only A or only B gets right), recall per class and both runs' curves "
+                                    "(compare.json, compare.html).")
+    cp.add_argument("run_a", metavar="RUN_A", help="model file or run folder")
+    cp.add_argument("run_b", metavar="RUN_B", help="model file or run folder")
+    cp.add_argument("--data", default=None, help="the dataset (default: the one RUN_A was trained on)")
+    cp.add_argument("--data-dir", default=None)
+    cp.add_argument("--out", default=None, help="output folder (default: compare-<A>-<B>)")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=cmd_compare)
+
+    li = sub.add_parser("label-issues", help="rank training images whose labels are probably wrong (k-fold + cleanlab)",
+                        description="Trains --folds models with the chosen recipe, each on all folds but one, and "
+                                    "ranks every training image by the probability its held-out model gives its "
+                                    "label (cleanlab's confident learning flags the likely errors). Writes "
+                                    "label_issues.csv, label_issues.png and label_issues.json. Takes every "
+                                    "`cnnkit train` option (--model, --recipe, --epochs, ...).")
+    li.add_argument("data_positional", metavar="DATA", nargs="?", default=None,
+                    help="the dataset (name or folder); the same as --data")
+    li.add_argument("--folds", type=int, default=3, help="cross-validation folds (each trains one model)")
+    li.add_argument("--retrain", action="store_true",
+                    help="also train on all images and without the flagged ones, and report both test accuracies")
+    li.add_argument("--json", action="store_true")
+    li.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_config_flags(li)
+    li.set_defaults(func=cmd_label_issues)
 
     xp = sub.add_parser("explain", help="first-layer kernels, feature maps and a Grad-CAM heatmap for one image")
     xp.add_argument("model", help="model file or run folder")

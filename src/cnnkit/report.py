@@ -43,6 +43,50 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
+def plot_compare_curves(histories: dict[str, list[dict]], path: str | Path) -> Path:
+    """Validation loss and accuracy per epoch of several runs on shared axes (train dashed)."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for i, (name, history) in enumerate(histories.items()):
+        epochs = [r["epoch"] for r in history]
+        colour = f"C{i}"
+        for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
+            ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", color=colour, label=f"{name} validation")
+            ax.plot(epochs, [r[f"train_{key}"] for r in history], "--", color=colour, alpha=0.6, label=f"{name} train")
+    for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_pairs(images_a, images_b, captions: list[str], path: str | Path, columns: int = 4) -> Path:
+    """Duplicate pairs side by side: images_a[i] beside images_b[i] (uint8 (N, C, H, W)), captioned."""
+    import numpy as np
+    n = len(captions)
+    c, h, w = images_a.shape[1:] if n else (1, 8, 8)
+    scale = max(1, 64 // max(h, w))
+    ch, cw = h * scale, w * scale
+    gap, pad_top = max(2, cw // 8), max(12, ch // 3)
+    rows = max(1, (n + columns - 1) // columns)
+    pair_w = 2 * cw + gap
+    mosaic = np.ones((rows * (ch + pad_top) + 2, columns * (pair_w + 3 * gap) + 2, 3))
+    fig, ax = plt.subplots(figsize=(columns * 3.2, rows * 2.0), dpi=100)
+    for i in range(n):
+        y0 = (i // columns) * (ch + pad_top) + pad_top
+        x0 = (i % columns) * (pair_w + 3 * gap) + 1
+        for k, img in enumerate((images_a[i], images_b[i])):
+            rgb = img.float().numpy() / 255
+            rgb = (np.repeat(rgb, 3, 0) if c == 1 else rgb[:3]).transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
+            mosaic[y0:y0 + ch, x0 + k * (cw + gap):x0 + k * (cw + gap) + cw] = rgb
+        ax.text(x0 + pair_w / 2, y0 - 1, captions[i], ha="center", va="bottom", fontsize=7)
+    ax.imshow(mosaic.clip(0, 1), interpolation="nearest")
+    ax.axis("off")
+    if not n:
+        ax.text(mosaic.shape[1] / 2, mosaic.shape[0] / 2, "no duplicates", ha="center")
+    return save_figure(fig, path)
+
+
 def draw_conv_steps(result: dict, path: str | Path, max_panels: int = 16) -> Path:
     """The sliding window: one panel per output value (up to max_panels), the padded input with the
     window outlined and the value it produces in the title. `result` is teach.conv_steps's dict."""

@@ -206,6 +206,10 @@ def write_report(path: str | Path, *, title: str, model_info: dict, meta: dict, 
     parts.append("<h2>Environment</h2>")
     parts.append(table(["component", "value"], [[k, v] for k, v in env.items()], wrap_columns=(1,)))
 
+    return write_page(path, title, parts)
+
+
+def write_page(path: str | Path, title: str, parts: list[str]) -> Path:
     page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
@@ -213,3 +217,63 @@ def write_report(path: str | Path, *, title: str, model_info: dict, meta: dict, 
     path = Path(path)
     write_text_atomic(path, page)
     return path
+
+
+def write_compare_page(path: str | Path, *, names: tuple[str, str], result: dict, verdict: str, per_class: list[list],
+                       files: dict[str, Path], data: str) -> Path:
+    """compare.html: the verdict, the paired counts, per-class recall side by side and the curves."""
+    a, b = names
+    lo, hi = result["difference_ci95"]
+    parts = [f"<h1>{esc(a)} against {esc(b)}</h1>",
+             f'<p class="muted">the same {result["n"]:,} test images of {esc(data)} · written '
+             f'{datetime.now().strftime("%Y-%m-%d %H:%M")} by cnnkit {esc(__version__)}</p>',
+             f"<p><b>{esc(verdict)}</b></p>"]
+    cards = [(f"accuracy {a}", pct(result["accuracy_a"])), (f"accuracy {b}", pct(result["accuracy_b"])),
+             ("difference (A − B)", f'{100 * result["difference"]:+.2f} pts'),
+             ("95% interval", f"{100 * lo:+.2f} to {100 * hi:+.2f}"),
+             ("McNemar p", f'{result["mcnemar_p_value"]:.3g}')]
+    parts.append('<div class="cards">' + "".join(f'<div class="card">{esc(k)}<b>{esc(v)}</b></div>' for k, v in cards) + "</div>")
+    parts.append("<h2>Where they disagree</h2>")
+    parts.append('<p class="muted">McNemar\'s exact test uses only the images exactly one model gets right: if the two '
+                 "were equally accurate, each such image would be A's or B's with even odds.</p>")
+    parts.append(table(["", f"{b} right", f"{b} wrong"],
+                       [[f"{a} right", result["both_right"], result["only_a_right"]],
+                        [f"{a} wrong", result["only_b_right"], result["both_wrong"]]]))
+    parts.append("<h2>Recall per class</h2>")
+    parts.append(table(["class", a, b, "difference"], per_class))
+    if "curves" in files:
+        parts.append("<h2>Training curves</h2>")
+        parts.append(image_tag(files["curves"], "validation loss and accuracy per epoch of both runs"))
+    return write_page(path, f"{a} against {b}", parts)
+
+
+def write_audit_page(path: str | Path, result: dict, files: dict[str, Path]) -> Path:
+    """audit.html: the figures, leakage per pair of splits, class balance, and the pairs side by side."""
+    parts = [f"<h1>Audit of {esc(result['data'])}</h1>",
+             f'<p class="muted">{result["images"]:,} images ({", ".join(f"{k} {v:,}" for k, v in result["splits"].items())}) '
+             f'decoded at {esc("x".join(map(str, result["decoded_shape"])))} from {esc(result["source"])} · written '
+             f'{datetime.now().strftime("%Y-%m-%d %H:%M")} by cnnkit {esc(__version__)}</p>']
+    cards = [("exact duplicate pairs", f'{result["exact_pairs"]:,}'), ("near duplicate pairs", f'{result["near_pairs"]:,}'),
+             ("pairs with different labels", f'{result["label_conflicts"]:,}'), ("unreadable files", f'{len(result["unreadable"]):,}')]
+    parts.append('<div class="cards">' + "".join(f'<div class="card">{esc(k)}<b>{esc(v)}</b></div>' for k, v in cards) + "</div>")
+    parts.append("<h2>Leakage between splits</h2>")
+    parts.append('<p class="muted">Images of a later split with an exact or near copy in an earlier one: each inflates '
+                 "that split's accuracy.</p>")
+    parts.append(table(["splits", "images", "share"], [[k, v["images"], pct(v["share"])] for k, v in result["leakage"].items()]))
+    parts.append(f'<p class="muted">Method: exact = {esc(result["method"]["exact"])}; near = {esc(result["method"]["near"])}.</p>')
+    if "pairs" in files:
+        parts.append("<h2>Duplicate pairs</h2>")
+        parts.append(image_tag(files["pairs"], "duplicate pairs side by side"))
+    parts.append("<h2>Class balance</h2>")
+    classes = list(next(iter(result["class_balance"].values())))
+    parts.append(table(["class", *result["class_balance"]], [[c, *[v[c] for v in result["class_balance"].values()]]
+                                                             for c in classes]))
+    if "file_facts" in result:
+        f = result["file_facts"]
+        parts.append("<h2>Files</h2>")
+        parts.append(table(["size (most common)", "files"], [[k, v] for k, v in f["sizes"].items()]))
+        parts.append(f'<p>{f["distinct_sizes"]} distinct sizes; modes {esc(f["modes"])}; formats {esc(f["formats"])}.</p>')
+    if result["unreadable"]:
+        parts.append("<h2>Unreadable files</h2>")
+        parts.append(table(["file", "reason"], [[u["path"], u["reason"]] for u in result["unreadable"]], wrap_columns=(0, 1)))
+    return write_page(path, f"Audit of {result['data']}", parts)
