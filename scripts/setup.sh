@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-extra="[export,serve]"
-[ "${1:-}" = "--test" ] && extra="[export,serve,test]"
+extra="[export,serve,labels]"
+[ "${1:-}" = "--test" ] && extra="[export,serve,labels,test]"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -67,8 +67,11 @@ def out_of_fold_probabilities(cfg: TrainConfig, ds: Dataset, folds: int, workdir
 
 def rank_label_issues(labels: np.ndarray, probs: np.ndarray) -> dict:
     """cleanlab's label quality per image (lower: more likely wrong), the ranking, and its flags."""
-    from cleanlab.filter import find_label_issues
-    from cleanlab.rank import get_label_quality_scores
+    try:
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+    except ImportError:
+        raise CnnkitError("label-issues needs cleanlab: pip install 'cnnkit[labels]'") from None
 
     quality = get_label_quality_scores(labels, probs, method="self_confidence")
     ranking = np.argsort(quality, kind="stable")  # most likely wrong first
