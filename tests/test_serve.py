@@ -75,6 +75,7 @@ def test_api_answers_with_calibrated_top_k_and_heatmaps(server):
     assert info["metrics"]["test_accuracy"] > 0.97 and info["runtime"] in ("onnx", "torch")
     status, schema = call(port, "GET", "/openapi.json")
     assert status == 200 and "/predict" in schema["paths"] and "/model" in schema["paths"]
+    assert call(port, "GET", "/docs")[0] == 404  # Swagger UI needs a CDN: not offered
     # Raw body, one image.
     pixels = test.images[:3, 0].numpy()
     expected = expected_probabilities(model_path, test.images[:3].numpy())

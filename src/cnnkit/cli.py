@@ -218,7 +218,7 @@ def cmd_serve(args) -> int:
     def ready(model) -> None:
         print(f"serving {model.path} ({model.info()['architecture']}, {len(model.meta['class_names'])} classes, "
               f"runtime {model.runtime.name}: {model.runtime_why}) on http://{args.host}:{args.port}/ "
-              f"(API: /predict, /model, /health, /docs); Ctrl-C stops", file=sys.stderr, flush=True)
+              f"(API: /predict, /model, /health, /openapi.json); Ctrl-C stops", file=sys.stderr, flush=True)
 
     serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_batch=args.max_batch,
           window_ms=args.batch_window_ms, limits=limits, on_ready=ready)

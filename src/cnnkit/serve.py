@@ -342,7 +342,9 @@ def create_app(model: Model):
         yield
         await model.stop()
 
-    app = FastAPI(title="cnnkit", version=__version__, lifespan=lifespan,
+    # No /docs or /redoc: their pages load scripts from a CDN, blank on an offline machine; the
+    # schema itself is at /openapi.json for any OpenAPI viewer or client generator.
+    app = FastAPI(title="cnnkit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"A cnnkit image classifier: {len(names)} classes, input {inp['channels']}x"
                               f"{inp['height']}x{inp['width']}.")
 
