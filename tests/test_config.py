@@ -96,3 +96,31 @@ def test_every_shipped_recipe_is_a_valid_config_and_fast_picks_the_dataset():
         recipe_file("fast", "fashion-mnist")
     r = run_main("train", "--recipe", "nonsense")
     assert r.returncode == 2 and "notes-cifar10" in r.stderr
+
+
+def test_fast_recipe_adapts_to_a_folder(tmp_path, monkeypatch):
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+
+    import cnnkit.config as config
+    from conftest import shared
+    tiny = tmp_path / "tiny"
+    for label in ("a", "b"):
+        (tiny / label).mkdir(parents=True)
+        for i in range(15):
+            Image.fromarray(np.full((32, 32, 3), 10 * i, np.uint8)).save(tiny / label / f"{i}.png")
+    path, why = config.choose_folder_recipe(tiny)  # few small images: from scratch at 64 px
+    assert path.name == "fast-folder.yaml" and "30 images, median shorter side 32 px" in why
+    photos = shared("hymenoptera")  # 398 photos: frozen ImageNet features when the weights are installed
+    assert config.choose_folder_recipe(photos)[0].name == "fast-folder-photos.yaml"
+    monkeypatch.setattr(config, "MANY_IMAGES", 20)  # as if the folder were large: the CIFAR-like recipe
+    assert config.choose_folder_recipe(tiny)[0].name == "fast-folder-small.yaml"
+    assert config.recipe_file("fast", str(tiny)).name == "fast-folder-small.yaml"
+    monkeypatch.setattr(config, "MANY_IMAGES", 10_000)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    path, why = config.choose_folder_recipe(photos)
+    assert path.name == "fast-folder.yaml" and "pip install" in why
+    for name in ("fast-folder", "fast-folder-small", "fast-folder-photos"):  # every file is a valid config
+        config.TrainConfig.from_file(config.RECIPE_DIR / f"{name}.yaml").validate()

