@@ -112,8 +112,8 @@ class Model:
         self.explain_lock = threading.Lock()
         self.batches = self.images = 0
 
-    # The batcher: the first waiting image opens a window; the batch closes when it is full or the
-    # window ends, and runs once.
+    # The batcher: it waits for one image, takes every other image already waiting (up to max_batch;
+    # with --batch-window-ms, after that long a pause), and runs them as one batch.
     async def start(self) -> None:
         self.queue = asyncio.Queue()
         self.task = asyncio.create_task(self.batcher())
