@@ -70,6 +70,7 @@ def lite0_state():
     return state
 
 
+@pytest.mark.slow  # real photos through the ImageNet network (10 s)
 def test_efficientnet_lite0_package_weights_load_strictly_and_know_ants_from_bees():
     model = build_model("efficientnet_lite0", 1000, in_channels=3, image_size=224)
     model.load_state_dict(lite0_state(), strict=True)

@@ -76,6 +76,7 @@ def wait_for_checkpoint(proc, out, min_epoch: int = 1, timeout: float = 120) -> 
 AUGMENTED = ["--augment", "standard", "--ema", "0.9", "--schedule", "onecycle"]
 
 
+@pytest.mark.slow  # a killed process and two runs (13 s): in the full suite, out of the fast subset
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     epochs = 10
     whole = tmp_path / "whole"
@@ -174,6 +175,7 @@ def test_checkpoint_round_trip_continues_bit_exactly(tmp_path):
         assert torch.equal(pa, pb), name
 
 
+@pytest.mark.slow  # a killed process and two transfer runs (10 s)
 def test_fine_tune_run_resumed_after_kill_equals_uninterrupted(tmp_path):
     """Two phases (frozen head, then everything at per-group rates) survive a kill between or within them."""
     args = [*SMALL, "--no-report", "--freeze-backbone", "--fine-tune", "--epochs", "3", "--fine-tune-epochs", "3"]
