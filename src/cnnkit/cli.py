@@ -160,50 +160,20 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import numpy as np
-    import torch
+    from .run import export_with_proof
 
-    from .evaluate import load_split_for
-    from .export import FORMATS, PARITY_IMAGES, PARITY_MAX_DIFF, export, parity
-    from .modelfile import load_model, resolve_model_path
-    from .decode import decode_files, expand_paths
-
-    if args.format not in FORMATS:
-        raise CnnkitError(f"--format must be one of {', '.join(FORMATS)}")
-    src = resolve_model_path(args.model)
-    model, meta = load_model(src)
-    out = Path(args.out) if args.out else src.with_suffix(FORMATS[args.format])
-    # The images the proof runs: the files named, else the validation split of the model's dataset.
-    inp = meta["input"]
-    if args.images:
-        decoded = decode_files((expand_paths(args.images), inp["height"], inp["channels"]))
-        arrays = [a for a, _ in decoded if a is not None][:PARITY_IMAGES]
-        if not arrays:
-            raise CnnkitError("none of the --images files could be decoded")
-        images, source = torch.from_numpy(np.stack(arrays)), f"{len(arrays)} of the files named"
-    else:
-        data = meta.get("data", {}).get("name") or meta.get("training", {}).get("data")
-        if not data:
-            raise CnnkitError("the model file does not name its dataset: give image files with --images to check the export")
-        try:
-            split, _ = load_split_for(meta, data, "val")
-        except CnnkitError as e:
-            raise CnnkitError(f"cannot load {data} to check the export ({e}); give image files with --images") from None
-        images, source = split.images[:PARITY_IMAGES], f"{min(len(split), PARITY_IMAGES)} validation images of {data}"
-    export(model, meta, args.format, out)
-    check = parity(model, meta, out, args.format, images)
-    result = {"out": str(out), "format": args.format, "bytes": out.stat().st_size, "checked_on": source, **check,
-              "max_allowed_diff": PARITY_MAX_DIFF}
+    result = export_with_proof(args.model, args.format, args.out, args.images)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"wrote {out} ({result['bytes'] / 1e6:.1f} MB, {args.format}): uint8 images (N, {inp['height']}, "
-              f"{inp['width']}, {inp['channels']}) in, calibrated probabilities out")
-        print(f"parity on {source}: top-1 agreement {check['agreement']:.2%}, largest probability difference "
-              f"{check['max_abs_diff']:.2e} (allowed {PARITY_MAX_DIFF:g}): {'passed' if check['passed'] else 'FAILED'}")
-    if not check["passed"]:
-        raise CnnkitError(f"the export disagrees with PyTorch (agreement {check['agreement']:.2%}, difference "
-                          f"{check['max_abs_diff']:.2e}); {out} is kept for inspection, but do not deploy it")
+        print(f"wrote {result['out']} ({result['bytes'] / 1e6:.1f} MB, {args.format}): uint8 images (N, H, W, C) in, "
+              "calibrated probabilities out")
+        print(f"parity on {result['checked_on']}: top-1 agreement {result['agreement']:.2%}, largest probability "
+              f"difference {result['max_abs_diff']:.2e} (allowed {result['max_allowed_diff']:g}): "
+              f"{'passed' if result['passed'] else 'FAILED'}")
+    if not result["passed"]:
+        raise CnnkitError(f"the export disagrees with PyTorch (agreement {result['agreement']:.2%}, difference "
+                          f"{result['max_abs_diff']:.2e}); {result['out']} is kept for inspection, but do not deploy it")
     return 0
 
 
@@ -344,16 +314,15 @@ def config_from_args(args):
     --config file, the flags typed (their defaults are SUPPRESSed, so only typed ones are here)."""
     import dataclasses
 
-    from .config import TrainConfig, recipe_file
+    from .config import TrainConfig, recipe_choice
 
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
     if args.recipe:
         data = given.get("data") or base.get("data") or TrainConfig().data
-        path = recipe_file(args.recipe, data)
-        if path.stem.startswith("fast-folder"):  # chosen by looking at the folder: say what and why
-            from .config import choose_folder_recipe
-            print(f"recipe fast for {data}: {choose_folder_recipe(Path(data))[1]} ({path.name})", file=sys.stderr)
+        path, why = recipe_choice(args.recipe, data)
+        if why:  # chosen by looking at the folder: say what and why
+            print(f"recipe fast for {data}: {why} ({path.name})", file=sys.stderr)
         base = {**TrainConfig.from_file(path).to_dict(), **base}
     return TrainConfig.from_dict({**base, **given}, source=f"config file {args.config}" if args.config else "the flags"), given
 
@@ -544,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--data-dir", default=None)
     au.add_argument("--image-size", type=int, default=None, help="decode folders at this size (default 64)")
     au.add_argument("--channels", type=int, choices=[1, 3], default=None)
-    au.add_argument("--threshold", type=float, default=None, help="near-duplicate similarity (default 0.99)")
+    au.add_argument("--threshold", type=float, default=None, help="near-duplicate similarity (default 0.995)")
     au.add_argument("--out", default=None, help="output folder (default: audit-<data>)")
     au.add_argument("--json", action="store_true")
     au.set_defaults(func=cmd_audit)

@@ -142,7 +142,6 @@ def recipe_names() -> list[str]:
 SMALL_IMAGE_SIDE = 48  # a median shorter side at most this: CIFAR-like thumbnails
 MANY_IMAGES = 10_000  # at least this many files: enough to learn features from scratch
 SAMPLED_HEADERS = 64  # files whose headers are read to estimate the median size
-FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 def choose_folder_recipe(root: Path) -> tuple[Path, str]:
@@ -154,8 +153,10 @@ def choose_folder_recipe(root: Path) -> tuple[Path, str]:
     import os
 
     from PIL import Image
+
+    from .decode import IMAGE_SUFFIXES
     files = sorted(os.path.join(d, f) for d, dirs, names in os.walk(root) for f in names
-                   if f.lower().endswith(FOLDER_IMAGE_SUFFIXES) and not f.startswith("."))
+                   if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES and not f.startswith("."))
     if not files:
         raise CnnkitError(f"no image files in {root}")
     sides = []
@@ -178,11 +179,16 @@ def choose_folder_recipe(root: Path) -> tuple[Path, str]:
 
 
 def recipe_file(name: str, data: str) -> Path:
-    """The config file of a shipped recipe: NAME.yaml, or for the per-dataset kinds (fast, best),
-    <kind>-<data>.yaml; `fast` on a folder without its own file adapts to it (choose_folder_recipe)."""
+    return recipe_choice(name, data)[0]
+
+
+def recipe_choice(name: str, data: str) -> tuple[Path, str | None]:
+    """(config file of a shipped recipe, why it was chosen or None): NAME.yaml, or for the
+    per-dataset kinds (fast, best) <kind>-<data>.yaml; `fast` on a folder without its own file
+    adapts to the folder (choose_folder_recipe), and says why."""
     per_data = name in PER_DATASET_RECIPES
     if name == "fast" and Path(data).is_dir() and not (RECIPE_DIR / f"fast-{Path(data).name}.yaml").is_file():
-        return choose_folder_recipe(Path(data))[0]
+        return choose_folder_recipe(Path(data))
     key = f"{name}-{Path(data).name if Path(data).is_dir() else data}" if per_data else name
     path = RECIPE_DIR / f"{key}.yaml"
     if not path.is_file():
@@ -191,7 +197,7 @@ def recipe_file(name: str, data: str) -> Path:
         folders = ", or any folder" if name == "fast" else ""
         raise CnnkitError(f"no recipe {key!r}: the recipes are {', '.join(recipe_names())}"
                           + (f" (--recipe {name} exists for --data {', '.join(have)}{folders})" if have else ""))
-    return path
+    return path, None
 
 
 # Allowed values: (low, high or None, (low closed, high closed)).

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CnnkitError
-from .inference import temperature_of
+from .inference import INFERENCE_BATCH, temperature_of
 from .onnxrun import OnnxRunner
 from .preprocess import Preprocess
 from .utils import atomic_path
@@ -131,14 +131,14 @@ def parity(model: nn.Module, meta: dict, path: str | Path, fmt: str, images: tor
     the export; {n, agreement (top-1 share), max_abs_diff (probabilities), passed}."""
     nhwc = images.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): what the export takes
     reference = Deployable(model, meta).eval()
+    batches = range(0, len(nhwc), INFERENCE_BATCH)
     with torch.no_grad():
-        expected = torch.cat([reference(nhwc[i:i + 128]) for i in range(0, len(nhwc), 128)]).numpy()
+        expected = torch.cat([reference(nhwc[i:i + INFERENCE_BATCH]) for i in batches]).numpy()
         if fmt == "onnx":
-            runner = OnnxRunner(path)
-            got = np.concatenate([runner(nhwc[i:i + 128].numpy(), layout="NHWC") for i in range(0, len(nhwc), 128)])
+            got = OnnxRunner(path)(nhwc.numpy(), layout="NHWC")  # it runs its own batches
         else:
             module, _ = load_torch_export(path)
-            got = torch.cat([module(nhwc[i:i + 128]) for i in range(0, len(nhwc), 128)]).numpy()
+            got = torch.cat([module(nhwc[i:i + INFERENCE_BATCH]) for i in batches]).numpy()
     agreement = float((expected.argmax(1) == got.argmax(1)).mean())
     diff = float(np.abs(expected - got).max())
     return {"n": len(images), "agreement": agreement, "max_abs_diff": diff,

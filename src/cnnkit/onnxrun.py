@@ -9,8 +9,9 @@ import numpy as np
 
 from .errors import CnnkitError
 
-# Images per onnxruntime call. Measured on 2 CPU cores with seed-patch64 at 64x64: 8,600 images/s at
-# 64, 8,000 at 128, 5,200 at 256, 3,700 at 512 (activations of small batches stay in cache).
+# Images per onnxruntime call. The call size matters little on 2 CPU cores (64 to 512 within 7% for
+# seed-mnist-torch, seed-cifar10 and seed-patch64: `python benchmarks/runtimes.py`); 64 keeps the
+# arrays handed over small.
 BATCH = 64
 
 

@@ -5,8 +5,9 @@ Three things make it fast, each measured (benchmarks/predict_speed.py, benchmark
   decoded (Pillow holds the GIL for its Python-side work, so threads would not overlap);
 - the runtime is the one measured fastest for this model on this machine: the first large job
   exports the model to ONNX in the cache (parity-checked), times onnxruntime against PyTorch on
-  the same batch and records the winner; later jobs read the record. On 2 CPU cores onnxruntime ran
-  seed-patch64 and seed-cifar10 1.8-1.9x faster than PyTorch in fp32;
+  the same batch and records the winner; later jobs read the record. On 2 CPU cores in fp32,
+  onnxruntime ran seed-cifar10 1.9x and seed-mnist-torch 1.7x faster than PyTorch, seed-patch64
+  about as fast (`python benchmarks/runtimes.py`, batches of 64);
 - with the ONNX runtime PyTorch is never imported (about 1 s of a short job): this module, the
   decoder and the model file's metadata reader import numpy, Pillow and safetensors only.
 
@@ -15,7 +16,6 @@ to 1e-4 between runtimes (the export's parity check).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -30,6 +30,7 @@ import numpy as np
 from .decode import decode_files, die_with_parent, expand_paths
 from .errors import CnnkitError
 from .modelfile import read_metadata, resolve_model_path
+from .utils import cache_dir, hash_file, write_text_atomic
 
 RUNTIMES = ("auto", "torch", "onnx")
 CHUNK_FILES = 256  # files per decoding task: large enough that a task's overhead (pickling ~3 MB back) is small
@@ -74,17 +75,8 @@ class OnnxRuntime:
         return self.runner(images, layout="NCHW").astype(np.float64)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def exports_dir() -> Path:
     """Cached ONNX exports and runtime measurements, keyed by the model file's sha256."""
-    from .utils import cache_dir
     return cache_dir() / "exports"
 
 
@@ -96,9 +88,9 @@ def onnxruntime_available() -> bool:
         return False
 
 
-def cached_onnx(model_path: Path, meta: dict) -> Path:
-    """The model's ONNX export in the cache, written (and parity-checked) on first use."""
-    key = file_sha256(model_path)
+def cached_onnx(model_path: Path, key: str) -> Path:
+    """The model's ONNX export in the cache (key: the model file's sha256), written and
+    parity-checked on first use."""
     onnx_path = exports_dir() / f"{key}.onnx"
     if not onnx_path.exists():
         import torch
@@ -129,8 +121,9 @@ def time_runtime(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, re
     return len(images) / best
 
 
-def choose_runtime(model_path: Path, meta: dict, runtime: str, tta: bool, files: int):
-    """(runtime object, how it was chosen)."""
+def choose_runtime(model_path: Path, meta: dict, runtime: str, tta: bool, measure: bool):
+    """(runtime object, how it was chosen). measure: with `auto` and no record yet, export and
+    time both runtimes now (a large job, or a server) rather than use PyTorch for this job."""
     if runtime not in RUNTIMES:
         raise CnnkitError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     if model_path.suffix == ".onnx":
@@ -139,23 +132,22 @@ def choose_runtime(model_path: Path, meta: dict, runtime: str, tta: bool, files:
         return OnnxRuntime(model_path), "an ONNX file"
     if runtime == "torch" or tta:
         return TorchRuntime(model_path, tta), "asked" if runtime == "torch" else "--tta runs in PyTorch"
-    if runtime == "onnx":
-        if not onnxruntime_available():
-            raise CnnkitError("--runtime onnx needs onnxruntime: pip install 'cnnkit[export]'")
-        return OnnxRuntime(cached_onnx(model_path, meta)), "asked"
-    # auto: the runtime measured fastest for this model file on this machine, measured once
     if not onnxruntime_available():
+        if runtime == "onnx":
+            raise CnnkitError("--runtime onnx needs onnxruntime: pip install 'cnnkit[export]'")
         return TorchRuntime(model_path), "onnxruntime is not installed"
-    key = file_sha256(model_path)
+    key = hash_file(model_path, "sha256")  # the cache's key: the model file's bytes
+    if runtime == "onnx":
+        return OnnxRuntime(cached_onnx(model_path, key)), "asked"
+    # auto: the runtime measured fastest for this model file on this machine, measured once
     record_path = exports_dir() / f"{key}.runtime.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else None
     if record is None:
-        if files < MEASURE_FROM_FILES:
+        if not measure:
             return TorchRuntime(model_path), f"fewer than {MEASURE_FROM_FILES} files: not worth measuring"
-        from .utils import write_text_atomic
         torch_rt = TorchRuntime(model_path)
         try:
-            onnx_rt = OnnxRuntime(cached_onnx(model_path, meta))
+            onnx_rt = OnnxRuntime(cached_onnx(model_path, key))
         except CnnkitError as e:  # an op the exporter cannot write, or a failed parity check: PyTorch it is
             record = {"runtime": "torch", "images_per_second": {}, "why": f"no ONNX export: {e}"}
             write_text_atomic(record_path, json.dumps(record, indent=2))
@@ -171,7 +163,7 @@ def choose_runtime(model_path: Path, meta: dict, runtime: str, tta: bool, files:
     how = record.get("why") or "measured before: " + ", ".join(f"{k} {v:,.0f} images/s"
                                                              for k, v in record["images_per_second"].items())
     if record["runtime"] == "onnx":
-        return OnnxRuntime(cached_onnx(model_path, meta)), how
+        return OnnxRuntime(cached_onnx(model_path, key)), how
     return TorchRuntime(model_path), how
 
 
@@ -224,7 +216,7 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
     rt, why = None, ""
     rows: list[dict] = []
     if meta is None:
-        rt, why = choose_runtime(model_path, {}, runtime, tta, len(files))
+        rt, why = choose_runtime(model_path, {}, runtime, tta, measure=False)
         meta = rt.meta
         if not meta or "class_names" not in meta:
             raise CnnkitError(f"{model} is an ONNX file without cnnkit metadata; export it with `cnnkit export`")
@@ -234,7 +226,7 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
     k = min(top_k, len(names))
     for chunk, decoded in decoded_chunks(files, inp["height"], inp["channels"], workers):
         if rt is None:  # after the pool has forked: the runtime's threads are the parent's alone
-            rt, why = choose_runtime(model_path, meta, runtime, tta, len(files))
+            rt, why = choose_runtime(model_path, meta, runtime, tta, measure=len(files) >= MEASURE_FROM_FILES)
         good = [a for a, _ in decoded if a is not None]
         probs = rt(np.stack(good)) if good else np.zeros((0, len(names)))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (B, k)

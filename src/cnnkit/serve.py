@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from .decode import ImageTooLarge, decode_image
 from .errors import CnnkitError
 from .modelfile import read_metadata, resolve_model_path
-from .predict import MEASURE_FROM_FILES, choose_runtime
+from .predict import choose_runtime
 from .version import __version__
 
 log = logging.getLogger("cnnkit.serve")
@@ -61,9 +61,7 @@ def decode_upload(data: bytes, size: int, channels: int, max_pixels: int) -> np.
         raise RequestError(422, "the image is empty (0 bytes)")
     try:
         return decode_image(io.BytesIO(data), size, channels, max_pixels=max_pixels)
-    except ImageTooLarge as e:
-        raise RequestError(413, f"image too large: {e}") from None
-    except Image.DecompressionBombError as e:
+    except (ImageTooLarge, Image.DecompressionBombError) as e:
         raise RequestError(413, f"image too large: {e}") from None
     except UnidentifiedImageError:
         raise RequestError(415, "not an image this server can read (send JPEG, PNG, GIF, BMP, WebP or TIFF)") from None
@@ -101,7 +99,8 @@ class Model:
             raise CnnkitError("serve supports square model inputs only")
         if max_batch < 1:
             raise CnnkitError("--max-batch must be at least 1")
-        self.runtime, self.runtime_why = choose_runtime(self.path, self.meta, runtime, False, MEASURE_FROM_FILES)
+        # A server runs for long: with `auto` it measures both runtimes at start (once per model file).
+        self.runtime, self.runtime_why = choose_runtime(self.path, self.meta, runtime, False, measure=True)
         self.max_batch, self.window_seconds = max_batch, window_ms / 1000
         self.limits = limits or Limits()
         # One thread runs the model: batches follow one another, each using all intra-op threads.

@@ -50,6 +50,15 @@ def cache_dir() -> Path:
     return Path(env) if env else Path(platformdirs.user_cache_dir("cnnkit")) / "data"
 
 
+def hash_file(path: str | os.PathLike, algorithm: str = "md5", block_bytes: int = 1 << 20) -> str:
+    """A file's digest, read in blocks (archives of hundreds of MB, model files)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(block_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
 def hash_bytes(data: bytes, algorithm: str = "md5") -> str:
     return hashlib.new(algorithm, data).hexdigest()
 

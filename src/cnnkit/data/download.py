@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import CnnkitError
-from ..utils import cache_dir, progress
+from ..utils import cache_dir, hash_file, progress
 
 # A mirror that replaces every official base URL (for tests against a local server, or a
 # company mirror). The file's path below the base stays the same.
@@ -41,14 +41,10 @@ def search_dirs(data_dir: str | os.PathLike | None, subdirs: list[str]) -> list[
 
 def md5_of_file(path: Path) -> str:
     """md5 of a file's bytes, streamed (the CIFAR-10 archive is 170 MB)."""
-    h = hashlib.md5()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                h.update(chunk)
+        return hash_file(path, "md5", CHUNK_BYTES)
     except OSError as e:
         raise CnnkitError(f"cannot read {path} ({e})") from None
-    return h.hexdigest()
 
 
 def verify(path: Path, md5: str) -> None:
