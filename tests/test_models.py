@@ -96,6 +96,40 @@ def test_l2_pool_matches_direct_formula_and_has_finite_gradients():
     assert torch.isfinite(x.grad).all()
 
 
+def test_relu_after_max_pooling_is_the_same_function_as_before_it(tmp_path):
+    """fast-mnist pools before its ReLUs (a quarter of the values to rectify): max pooling and ReLU
+    commute, so with the same weights both orders give the same logits and the same gradients."""
+    after = build_model(custom_spec(tmp_path, """
+  - conv: {filters: 4, kernel: 3, padding: same, activation: none}
+  - maxpool: 2
+  - activation: relu
+  - batchnorm
+  - flatten
+  - dense: {units: num_classes}
+"""), 3).double()
+    (tmp_path / "net.yaml").unlink()
+    before = build_model(custom_spec(tmp_path, """
+  - conv: {filters: 4, kernel: 3, padding: same}
+  - maxpool: 2
+  - batchnorm
+  - flatten
+  - dense: {units: num_classes}
+"""), 3).double()
+    assert len(after.layers) == len(before.layers) + 1
+    convs_and_dense = lambda m: [p for p in m.parameters()]  # noqa: E731  same shapes, same order
+    for a, b in zip(convs_and_dense(after), convs_and_dense(before)):
+        a.data.copy_(b.data)
+    x = torch.randn(6, 1, 12, 12, dtype=torch.float64)
+    out_a, out_b = after(x), before(x)
+    assert torch.allclose(out_a, out_b, atol=1e-12)
+    out_a.square().sum().backward()
+    out_b.square().sum().backward()
+    for a, b in zip(after.parameters(), before.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-10)
+    with pytest.raises(CnnkitError, match="activation"):
+        build_model(custom_spec(tmp_path, "  - activation: softmax\n  - flatten\n  - dense: {units: 3}\n"), 3)
+
+
 @pytest.mark.parametrize("bad,match", [
     ("  - conv: {filters: 4, kernel: 3, padding: wide}\n  - flatten\n  - dense: {units: num_classes}\n", "padding"),
     ("  - convolution: 4\n", "unknown layer type"),

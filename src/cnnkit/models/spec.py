@@ -10,8 +10,10 @@
       - dense: {units: num_classes}                         # width from the dataset's class count
 
 Layers: conv, maxpool, avgpool, l2pool, globalavgpool, globalmaxpool, batchnorm, dropout, flatten,
-dense. Activations: relu, sigmoid, tanh, softmax, none (conv and hidden dense default to relu, the
-last dense to none). Shapes are propagated from the input, so no width is ever typed by hand; a
+dense, activation. Activations: relu, sigmoid, tanh, softmax, none (conv and hidden dense default to
+relu, the last dense to none); `activation: relu` is one on its own, e.g. after a pooling layer:
+max pooling and ReLU commute, so `conv {activation: none}, maxpool, activation: relu` is the same
+function as `conv, maxpool` with a quarter of the values to rectify. Shapes are propagated from the input, so no width is ever typed by hand; a
 spec that does not fit its input is refused naming the layer and the shape where it breaks.
 """
 from __future__ import annotations
@@ -27,15 +29,15 @@ from .base import Classifier
 from .layers import ACTIVATIONS, Conv, Dense, GlobalPool, Pool, output_size, resolve_padding
 
 LAYER_TYPES = ("conv", "maxpool", "avgpool", "l2pool", "globalavgpool", "globalmaxpool",
-               "batchnorm", "dropout", "flatten", "dense")
+               "batchnorm", "dropout", "flatten", "dense", "activation")
 # The parameter a bare value stands for: `maxpool: 2` means size 2, `dropout: 0.5` rate 0.5.
 SHORTHAND = {"conv": "filters", "maxpool": "size", "avgpool": "size", "l2pool": "size",
-             "dropout": "rate", "dense": "units"}
+             "dropout": "rate", "dense": "units", "activation": "function"}
 ALLOWED = {
     "conv": {"filters", "kernel", "stride", "padding", "activation"},
     "maxpool": {"size", "stride", "padding"}, "avgpool": {"size", "stride", "padding"},
     "l2pool": {"size", "stride", "padding"},
-    "dropout": {"rate"}, "dense": {"units", "activation"},
+    "dropout": {"rate"}, "dense": {"units", "activation"}, "activation": {"function"},
     "globalavgpool": set(), "globalmaxpool": set(), "batchnorm": set(), "flatten": set(),
 }
 
@@ -164,6 +166,12 @@ def build_layers(spec: dict, input_shape: tuple[int, int, int], num_classes: int
                 raise CnnkitError(f"{where}: dropout rate must be in [0, 1), not {rate!r}")
             modules.append(nn.Dropout(rate))
             descriptions.append(f"dropout {rate}")
+        elif kind == "activation":
+            act = layer.get("function", "relu")
+            if act not in ACTIVATIONS or act == "softmax":
+                raise CnnkitError(f"{where}: unknown activation '{act}' (known: relu, sigmoid, tanh, none)")
+            modules.append(ACTIVATIONS[act]())
+            descriptions.append(act)
         elif kind == "flatten":
             modules.append(nn.Flatten())
             descriptions.append("flatten")

@@ -1,0 +1,68 @@
+"""Training-step speed of the fast-mnist network's versions, interleaved, medians of several repeats:
+
+  fast-mnist-3x3           until v0.3.0: 3x3 'same' conv -> ReLU -> max pool -> BatchNorm, three times
+  fast-mnist-3x3-pool-relu the same function with each ReLU after its pooling (benchmarks/specs/)
+  fast-mnist               today's: a 5x5 stride-2 first conv, then two pool-before-ReLU blocks
+
+Each step as `--recipe fast` trains: batch 256 of random 28x28 images, bf16 autocast, channels-last,
+fused Adam, label smoothing 0.1.
+
+    python benchmarks/mnist_net_speed.py [--repeats 7] [--steps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cnnkit import build_model
+
+SPECS = Path(__file__).resolve().parent / "specs"
+VERSIONS = {"fast-mnist-3x3": str(SPECS / "fast-mnist-3x3.yaml"),
+            "fast-mnist-3x3-pool-relu": str(SPECS / "fast-mnist-3x3-pool-relu.yaml"),
+            "fast-mnist": "fast-mnist"}
+
+
+def make_step(model_name: str, batch: int):
+    torch.manual_seed(0)
+    model = build_model(model_name, 10, 1).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for _ in range(3):  # warm-up: oneDNN primitives, allocator
+        step()
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=256)
+    args = ap.parse_args()
+    steps = {name: make_step(spec, args.batch) for name, spec in VERSIONS.items()}
+    rates = {name: [] for name in steps}
+    for _ in range(args.repeats):  # interleaved: the machine's drift hits every version alike
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            rates[name].append(args.steps * args.batch / (time.perf_counter() - t0))
+    base = statistics.median(rates["fast-mnist-3x3"])
+    for name, r in rates.items():
+        print(f"{name:26s} {statistics.median(r):8,.0f} images/s  {statistics.median(r) / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
