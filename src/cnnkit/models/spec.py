@@ -13,8 +13,9 @@ Layers: conv, maxpool, avgpool, l2pool, globalavgpool, globalmaxpool, batchnorm,
 dense, activation. Activations: relu, sigmoid, tanh, softmax, none (conv and hidden dense default to
 relu, the last dense to none); `activation: relu` is one on its own, e.g. after a pooling layer:
 max pooling and ReLU commute, so `conv {activation: none}, maxpool, activation: relu` is the same
-function as `conv, maxpool` with a quarter of the values to rectify. Shapes are propagated from the input, so no width is ever typed by hand; a
-spec that does not fit its input is refused naming the layer and the shape where it breaks.
+function as `conv, maxpool` with a quarter of the values to rectify. Shapes are propagated from the
+input, so no width is ever typed by hand; a spec that does not fit its input is refused naming the
+layer and the shape where it breaks.
 """
 from __future__ import annotations
 
@@ -90,6 +91,12 @@ def _int(layer: dict, key: str, default: int | None, index: int) -> int:
     return value
 
 
+def _activation(name: str, where: str, known=tuple(ACTIVATIONS)) -> str:
+    if name not in known:
+        raise CnnkitError(f"{where}: unknown activation '{name}' (known: {', '.join(known)})")
+    return name
+
+
 def fmt_shape(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
@@ -128,9 +135,8 @@ def build_layers(spec: dict, input_shape: tuple[int, int, int], num_classes: int
             raise CnnkitError(f"{where}: needs a (channels, height, width) input, but the data is already flat")
         if kind == "conv":
             filters, k = _int(layer, "filters", None, i), _int(layer, "kernel", 3, i)
-            s, pad, act = _int(layer, "stride", 1, i), layer.get("padding", "valid"), layer.get("activation", "relu")
-            if act not in ACTIVATIONS:
-                raise CnnkitError(f"{where}: unknown activation '{act}' (known: {', '.join(ACTIVATIONS)})")
+            s, pad = _int(layer, "stride", 1, i), layer.get("padding", "valid")
+            act = _activation(layer.get("activation", "relu"), where)
             if not (pad in ("valid", "same", "full") or (isinstance(pad, int) and pad >= 0)):
                 raise CnnkitError(f"{where}: padding must be valid, same, full or a number, not {pad!r}")
             ph, pw = resolve_padding(pad, k, s, shape[1]), resolve_padding(pad, k, s, shape[2])
@@ -167,9 +173,8 @@ def build_layers(spec: dict, input_shape: tuple[int, int, int], num_classes: int
             modules.append(nn.Dropout(rate))
             descriptions.append(f"dropout {rate}")
         elif kind == "activation":
-            act = layer.get("function", "relu")
-            if act not in ACTIVATIONS or act == "softmax":
-                raise CnnkitError(f"{where}: unknown activation '{act}' (known: relu, sigmoid, tanh, none)")
+            # softmax belongs at the edges (the loss, predict), not between layers
+            act = _activation(layer.get("function", "relu"), where, known=("relu", "sigmoid", "tanh", "none"))
             modules.append(ACTIVATIONS[act]())
             descriptions.append(act)
         elif kind == "flatten":
@@ -183,9 +188,7 @@ def build_layers(spec: dict, input_shape: tuple[int, int, int], num_classes: int
             units = num_classes if units in ("num_classes", "classes") else units
             if not isinstance(units, int) or units < 1:
                 raise CnnkitError(f"{where}: units must be a positive number or num_classes, not {units!r}")
-            act = layer.get("activation", "none" if i == last_dense else "relu")
-            if act not in ACTIVATIONS:
-                raise CnnkitError(f"{where}: unknown activation '{act}' (known: {', '.join(ACTIVATIONS)})")
+            act = _activation(layer.get("activation", "none" if i == last_dense else "relu"), where)
             if i == len(entries) - 1 and act == "softmax":
                 # Models return logits: the loss (and predict) apply softmax at the edges.
                 act = "none"
