@@ -149,6 +149,25 @@ def test_speedrun_whitening_decorrelates_real_patches():
     assert not model.whiten.weight.requires_grad
 
 
+def test_speedrun_takes_grey_28px_images():
+    """The Fashion-MNIST best recipe runs speedrun-small on 1x28x28 images: 8 whitening filters (the
+    4 eigenvectors of grey 2x2 patches and their negatives) that decorrelate real patches (MNIST's
+    here), and maps of 27 -> 13 -> 6 -> 3 -> 1 pixels before the logits."""
+    images = cnnkit.load_dataset("mnist", data_dir=str(shared()), quiet=True).test.images[:1000].float() / 255
+    images = (images - images.mean()) / images.std()
+    model = build_model("speedrun-small", 10, in_channels=1, image_size=(28, 28))
+    model.init_from_data(images)
+    assert tuple(model.whiten.weight.shape) == (8, 1, 2, 2)
+    with torch.no_grad():
+        white = F.conv2d(images, model.whiten.weight[:4]).double()  # (N, 4, 27, 27)
+        logits = model.eval()(images)
+    flat = white.permute(1, 0, 2, 3).reshape(4, -1)
+    covariance = (flat @ flat.T / flat.shape[1]).numpy()
+    np.testing.assert_allclose(covariance - np.diag(np.diag(covariance)), 0, atol=2e-3)
+    assert np.diag(covariance).min() > 0.9
+    assert logits.shape == (1000, 10) and torch.isfinite(logits).all()
+
+
 def test_speedrun_convolutions_start_as_identities():
     model = build_model("speedrun", 10)
     conv = model.features[1][0]  # the first 3x3 conv: 24 -> 64 channels

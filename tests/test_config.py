@@ -92,8 +92,10 @@ def test_every_shipped_recipe_is_a_valid_config_and_fast_picks_the_dataset():
     assert recipe_file("fast", "mnist").name == "fast-mnist.yaml"
     assert recipe_file("best", "mnist").name == "best-mnist.yaml"
     assert recipe_file("fast", "cifar10").name == "fast-cifar10.yaml"
-    with pytest.raises(cnnkit.CnnkitError, match="fast exists for --data cifar10, mnist"):
-        recipe_file("fast", "fashion-mnist")
+    assert recipe_file("fast", "fashion-mnist").name == "fast-fashion-mnist.yaml"
+    assert recipe_file("best", "fashion-mnist").name == "best-fashion-mnist.yaml"
+    with pytest.raises(cnnkit.CnnkitError, match="fast exists for --data cifar10, fashion-mnist, mnist"):
+        recipe_file("fast", "digits")
     r = run_main("train", "--recipe", "nonsense")
     assert r.returncode == 2 and "notes-cifar10" in r.stderr
 
