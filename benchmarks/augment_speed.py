@@ -75,4 +75,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from cnnkit.hardware import machine_line
+    print(machine_line(), flush=True)  # the machine every figure below was measured on
     main()

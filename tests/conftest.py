@@ -33,6 +33,16 @@ def isolated_cache(tmp_path, monkeypatch):
     return cache
 
 
+@pytest.fixture(autouse=True, scope="session")
+def machine_cache(tmp_path_factory):
+    """One machine cache for the whole session: the precision probe (hardware.py) runs at most once,
+    and never writes to the user's cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CNNKIT_MACHINE_CACHE", str(tmp_path_factory.mktemp("machine")))
+    yield
+    patch.undo()
+
+
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep test output clean
         pass
@@ -56,8 +66,9 @@ def http_server():
         s.server_close()
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m cnnkit ARGS` in a subprocess, as a user would run it."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
+    """`python -m cnnkit ARGS` in a subprocess, as a user would run it. The timeout is a safety net
+    against a hung process, not a budget: a slow or busy machine must not fail a test."""
     return subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
 

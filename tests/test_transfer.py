@@ -8,8 +8,10 @@ import pytest
 
 from conftest import run_cli, shared
 
+# 160 px rather than the network's 224: half the multiply-adds, and the point (ImageNet features beat
+# training from scratch on 245 photos; fine-tuning keeps the lead) is the same.
 COMMON = ["--data", str(shared("hymenoptera")), "--model", "efficientnet_lite0", "--batch-size", "32",
-          "--lr", "1e-3", "--quiet", "--json", "--no-report"]
+          "--image-size", "160", "--lr", "1e-3", "--quiet", "--json", "--no-report"]
 
 
 def train(tmp_path, name, *args):
@@ -28,7 +30,7 @@ def test_frozen_pretrained_beats_scratch_and_fine_tuning_keeps_it(tmp_path):
     meta_pretrained = json.loads((tmp_path / "frozen" / "config.json").read_text())["pretrained"]
     assert meta_pretrained == "efficientnet_lite0"
 
-    scratch = train(tmp_path, "scratch", "--epochs", "5")["metrics"]
+    scratch = train(tmp_path, "scratch", "--epochs", "2")["metrics"]  # 5 epochs gave no more: 245 images are few
     print(f"scratch: {scratch['test_accuracy']:.4f}")
     assert scratch["test_accuracy"] < m["test_accuracy"] - 0.2
 

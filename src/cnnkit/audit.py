@@ -89,7 +89,8 @@ def near_pairs(images: torch.Tensor, threshold: float = NEAR_THRESHOLD) -> dict[
     dims = min(PCA_DIMS, base.shape[1], len(sample))
     _, _, v = torch.linalg.svd(sample - sample.mean(0), full_matrices=False)
     basis = v[:dims].T  # (D, dims)
-    # bf16 for the all-pairs product: 2-3x faster than fp32 on CPUs with AVX512-BF16 (and GPUs);
+    # bf16 for the all-pairs product where this machine runs bf16 faster (hardware.precision_choice):
+    # 2-3x faster than fp32 with AVX512-BF16 (and GPUs), 4x slower where bf16 is emulated;
     # its error (~0.4% of a similarity) is inside the margin, and candidates are checked in fp32.
     lowp = torch.bfloat16 if pick_precision("auto", torch.device("cpu")) == "bf16" else torch.float32
     project = lambda t: F.normalize(t @ basis, dim=1).to(lowp)  # noqa: E731  cosine in PCA space: the dropped

@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0  # seeds splits, initialisation, shuffling and dropout: same seed, same run (on CPU)
     image_size: int | None = None  # square side in pixels; None: the dataset's own (folders: the model's, else 64)
     channels: int | None = None  # 1 or 3; None: the dataset's own (folders: the model's, else 3)
-    precision: str = "auto"  # auto (bf16 autocast where the CPU or GPU supports it) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 autocast where this CPU or GPU measures it faster: hardware.py) | bf16 | fp32
     channels_last: bool = True  # NHWC activations: faster convolutions with oneDNN and cuDNN
     device: str = "auto"  # auto (CUDA if present) | cpu | cuda
     data_dir: str | None = None  # folder with dataset files already on disk (else $CNNKIT_DATA, the cache, download)

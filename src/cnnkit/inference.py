@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CnnkitError
+from .hardware import precision_choice
 from .preprocess import Preprocess
 
 
@@ -25,15 +26,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_precision(name: str, device: torch.device) -> str:
-    """'bf16' or 'fp32'. auto: bf16 where the hardware runs it natively (AVX512-BF16/AMX CPUs,
-    Ampere+ GPUs); on other CPUs bf16 is emulated and slower than fp32."""
-    if name not in ("auto", "bf16", "fp32"):
-        raise CnnkitError(f"precision must be auto, bf16 or fp32, not {name!r}")
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    """'bf16' or 'fp32' for --precision NAME on this device: hardware.precision_choice's rule (bf16
+    only where this machine runs it faster), the one every use of bf16 goes through."""
+    return precision_choice(name, device)[0]
 
 
 # ----------------------------------------------------------------------------- logits and probabilities

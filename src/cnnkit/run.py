@@ -136,6 +136,7 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
     metrics = {"test_" + k: v for k, v in metrics_from_logits(test_logits, ds.test.labels).items()}
     metrics.update({"test_split": ds.test_source, "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc,
                     "train_seconds": result.train_seconds, "device": device.type, "precision": result.precision,
+                    "precision_reason": result.meta.get("precision", {}).get("reason", ""),
                     "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
     tta_probs = None
     if cfg.report_tta:  # mirror and shifts, averaged: in metrics.json, and the report reuses them

@@ -7,8 +7,8 @@
     train_svm(...)                  the notes' linear-SVM baseline, returning the same TrainResult
 
 Batches are sliced from the dataset's uint8 tensors by a shuffled index and preprocessed on the whole
-batch; bf16 autocast and channels-last activations are on by default where the hardware supports
-them (benchmarks/NOTES.md). A checkpoint is written atomically after every epoch, so Ctrl-C or a kill
+batch; bf16 autocast (where this machine measures it faster: hardware.py) and channels-last
+activations are on by default (benchmarks/NOTES.md). A checkpoint is written atomically after every epoch, so Ctrl-C or a kill
 loses at most the epoch in progress, and a resumed run continues to the same end: shuffling and
 dropout are seeded per epoch, so a resumed CPU run equals an uninterrupted one.
 
@@ -38,7 +38,8 @@ from .data.core import DiskImages
 from .decode import RESIZE_METHOD
 from .distributed import World
 from .errors import CnnkitError, TrainingInterrupted
-from .inference import metrics_from_logits, pick_device, pick_precision, predict_logits
+from .hardware import precision_choice
+from .inference import metrics_from_logits, pick_device, predict_logits
 from .modelfile import load_model
 from .models.registry import architecture_record, build_model, default_input, get_spec
 from .models.summary import format_summary, summary
@@ -311,7 +312,10 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
     if world.active and cfg.batch_size % world.size:
         raise CnnkitError(f"--batch-size {cfg.batch_size} is the global batch: it must be a multiple of the "
                           f"{world.size} processes")
-    precision = pick_precision(cfg.precision, device)
+    # Rank 0 chooses for all: probes in several processes at once would measure each other.
+    precision, precision_why = precision_choice(cfg.precision, device) if world.primary else ("", "")
+    if world.active:
+        precision, precision_why = distributed.broadcast_text(f"{precision}|{precision_why}", world).split("|", 1)
     info = summary(model)
     run.log(f"data {ds.name}: {ds.sizes()} images of {'x'.join(map(str, ds.input_shape))}, {ds.num_classes} classes "
             f"(from {ds.source})")
@@ -322,7 +326,7 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
     if ds.test_source == "val":
         run.log("note: the data has no test split, so test metrics are measured on the validation split")
     run.log(format_summary(info, title=f"model {model.architecture.get('name')}"))
-    run.log(f"device {device.type}, precision {precision}, {cfg.epochs} epochs of batch {cfg.batch_size}, "
+    run.log(f"device {device.type}, precision {precision} ({precision_why}), {cfg.epochs} epochs of batch {cfg.batch_size}, "
             f"{cfg.optimizer} lr {cfg.lr}")
     if world.active:
         run.log(f"data-parallel: {world.size} processes ({'nccl' if device.type == 'cuda' else 'gloo'}), "
@@ -348,7 +352,8 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    meta = {**model_meta(model, ds, preprocess, cfg), "pretrained": pretrained}
+    meta = {**model_meta(model, ds, preprocess, cfg), "pretrained": pretrained,
+            "precision": {"training": precision, "reason": precision_why}}
     augment, class_weight, sample_weight = augmentation_and_balance(cfg, ds, device)
     if augment.active:
         run.log(f"augmentation from epoch {cfg.augment_from_epoch}: {augment.default.describe()}"
