@@ -25,7 +25,7 @@ def test_frozen_pretrained_beats_scratch_and_fine_tuning_keeps_it(tmp_path):
     frozen = train(tmp_path, "frozen", "--pretrained", "efficientnet_lite0", "--freeze-backbone", "--epochs", "5")
     m = frozen["metrics"]
     print(f"frozen: {m['test_accuracy']:.4f} on val in {m['train_seconds']:.0f} s")
-    assert m["test_accuracy"] >= 0.90 and m["train_seconds"] < 300
+    assert m["test_accuracy"] >= 0.90  # no time bound: a slow machine must not fail a test
     assert m["test_split"] == "val" and m["test_n"] == 153
     meta_pretrained = json.loads((tmp_path / "frozen" / "config.json").read_text())["pretrained"]
     assert meta_pretrained == "efficientnet_lite0"
