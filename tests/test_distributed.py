@@ -138,7 +138,13 @@ def test_a_killed_process_ends_the_job_clearly_and_resume_continues_with_two_the
     assert said, output[-3000:]
     # no traceback from cnnkit: the only one is torchrun's own report of the failed process, after ours
     assert not any(line.startswith("Traceback") for line in lines[:said[0]])
-    assert output.count("Traceback (most recent call last)") <= 1 and "ChildFailedError" in output
+    # and none after it either: torchrun may report the failure in one traceback or, when both processes
+    # end at once, in two (seen once in a full suite), but no frame of any traceback is cnnkit's code
+    import cnnkit
+    package = str(Path(cnnkit.__file__).resolve().parent)
+    frames = [line for line in lines if line.strip().startswith('File "')]
+    assert not [f for f in frames if package in f], output[-3000:]
+    assert "ChildFailedError" in output
     # resume with two processes, and kill again
     launcher = torchrun("train", "--resume", str(run), wait=False)
     wait_for_epoch(run, 2, launcher)
