@@ -70,15 +70,11 @@ def environment(device: str = "cpu") -> dict:
     """Versions and hardware, as a reader needs them to reproduce a figure."""
     import numpy
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from .hardware import cpu as this_cpu
+    cpu = this_cpu()
     env = {"cnnkit": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-           "python": platform.python_version(), "os": platform.platform(), "cpu": cpu,
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+           "python": platform.python_version(), "os": platform.platform(), "cpu": cpu.model,
+           "cpu_flags": " ".join(cpu.bf16_flags) or "-", "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
