@@ -146,10 +146,34 @@ def test_two_thousand_requests_a_fifth_malformed(server):
     pid = server_pid(port)
     asyncio.run(load("127.0.0.1", port, jobs[:200], 8))  # warm-up, then the memory baseline
     before = rss_mb(pid)
-    results = asyncio.run(load("127.0.0.1", port, jobs, 32, timeout=60))
+
+    async def everything():
+        """The load, 50 slow clients trickling their headers or bodies, and /health polled throughout."""
+        slow = [asyncio.create_task(slow_client(port, headers=i % 2 == 0)) for i in range(50)]
+        health, done = [], asyncio.Event()
+
+        async def poll():
+            while not done.is_set():
+                start = asyncio.get_running_loop().time()
+                status, _ = await asyncio.to_thread(call, port, "GET", "/health")
+                health.append((status, asyncio.get_running_loop().time() - start))
+                await asyncio.sleep(0.5)
+        poller = asyncio.create_task(poll())
+        results = await load("127.0.0.1", port, jobs, 32, timeout=60)
+        ended = await asyncio.gather(*slow)
+        done.set()
+        await poller
+        return results, ended, health
+
+    results, slow_ended, health = asyncio.run(everything())
     after = rss_mb(pid)
     statuses = [r[0] for r in results]
     assert not [s for s in statuses if s >= 500 or s == 0], "5xx or dropped connections"
+    timeout = 10.0  # the server's --timeout (the default)
+    for what, seconds, status in slow_ended:  # each answered 408 or closed within --timeout + 2 s
+        assert seconds <= timeout + 2 and status in (408, None), (what, seconds, status)
+    assert sum(status == 408 for _, _, status in slow_ended) >= 25
+    assert len(health) >= 10 and all(status == 200 and seconds < 2 for status, seconds in health), health
     for kind, (status, _, body) in zip(kinds, results):
         if isinstance(kind, str):
             assert status == malformed[kind][2], (kind, status, body[:200])
@@ -167,6 +191,119 @@ def test_two_thousand_requests_a_fifth_malformed(server):
     conn.close()
     status, health = call(port, "GET", "/health")
     assert status == 200 and health["images_served"] >= 1600
+
+
+async def slow_client(port: int, headers: bool, every: float = 3.0) -> tuple[str, float, int | None]:
+    """A client sending its request a byte every `every` seconds (its headers, or after whole headers
+    its body): (what, seconds until the server answered or closed, the status answered or None)."""
+    start = asyncio.get_running_loop().time()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+    if not headers:
+        writer.write(head)
+    trickle = head if headers else b"\x89" * 1000
+
+    async def send():
+        try:
+            for byte in trickle:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(every)
+        except (ConnectionError, RuntimeError):
+            pass
+    sender = asyncio.create_task(send())
+    try:
+        line = await asyncio.wait_for(reader.readline(), 60)
+    except (ConnectionError, asyncio.TimeoutError):
+        line = b""
+    seconds = asyncio.get_running_loop().time() - start
+    sender.cancel()
+    writer.close()
+    return ("headers" if headers else "body"), seconds, (int(line.split()[1]) if line else None)
+
+
+def test_too_many_images_get_413_naming_the_limit(server):
+    port, _, test = server
+    boundary = "b"
+    one = png_bytes(test.images[0, 0].numpy())
+    parts = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"f{i}\"; filename=\"<img src=x "
+                     f"onerror=alert({i})>.png\"\r\nContent-Type: image/png\r\n\r\n".encode() + one + b"\r\n"
+                     for i in range(70))
+    status, body = call(port, "POST", "/predict", parts + b"--b--\r\n", {"Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 413 and "--max-images" in body["detail"] and "64" in body["detail"], body
+    status, body = call(port, "POST", "/predict", parts[:len(parts) // 70 * 2] + b"--b--\r\n",
+                        {"Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 200 and body["results"][0]["filename"] == "<img src=x onerror=alert(0)>.png"  # data, not markup
+
+
+@pytest.mark.slow  # a second server and a browser (11 s)
+def test_a_token_guards_every_route_but_health(server, tmp_path):
+    from conftest import run_main
+    port, model_path, test = server
+    token = "s3cret-token-for-the-test"
+    proc, guarded = start_server(str(model_path.parent), 8, ["--token", token, "--timeout", "3"])
+    try:
+        digit = png_bytes(test.images[0, 0].numpy())
+        assert call(guarded, "GET", "/health")[0] == 200  # liveness probes carry no secrets
+        for path, method in (("/model", "GET"), ("/predict", "POST"), ("/", "GET"), ("/openapi.json", "GET")):
+            status, body = call(guarded, method, path, digit, {"Content-Type": "image/png"})
+            assert status == 401 and "Authorization: Bearer" in body["detail"], (path, status)
+            wrong = call(guarded, method, path, digit, {"Content-Type": "image/png", "Authorization": "Bearer nope"})
+            assert wrong[0] == 401
+        good = {"Authorization": f"Bearer {token}", "Content-Type": "image/png"}
+        status, body = call(guarded, "POST", "/predict", digit, good)
+        assert status == 200 and body["results"][0]["top"][0]["label"] == str(int(test.labels[0]))
+        assert call(guarded, "GET", "/model", headers=good)[0] == 200
+        assert call(guarded, "GET", f"/?token={token}")[0] == 200  # the page, opened once with the token
+        assert call(guarded, "GET", "/?token=wrong")[0] == 401
+        # Slow headers against --timeout 3: answered 408 within 3 + 2 s.
+        what, seconds, status = asyncio.run(slow_client(guarded, headers=True, every=1.0))
+        assert status == 408 and seconds <= 5, (what, seconds, status)
+        page_with_token(guarded, token, test)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    r = run_main("serve", str(model_path), "--token", "short")
+    assert r.returncode == 2 and "at least 8 characters" in r.stderr
+
+
+def page_with_token(port: int, token: str, test) -> None:
+    """The page, opened as /?token=..., classifies an upload: it sends the token with its calls."""
+    from playwright.sync_api import sync_playwright
+    require_browser()
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        digit = Path(tmp) / "digit.png"
+        Image.fromarray(test.images[0, 0].numpy()).save(digit)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=DESKTOP)
+            page.goto(f"http://127.0.0.1:{port}/?token={token}", wait_until="networkidle")
+            page.wait_for_function("document.getElementById('about').innerText.includes('10 classes')")
+            page.set_input_files("#file", str(digit))
+            page.wait_for_selector("#top-label", timeout=20_000)
+            assert page.inner_text("#top-label") == str(int(test.labels[0]))
+        finally:
+            browser.close()
+
+
+def test_a_server_on_the_network_without_a_token_is_warned_about(server, monkeypatch, caplog):
+    import logging
+
+    import uvicorn
+
+    from cnnkit.serve import is_loopback, serve
+    _, model_path, _ = server
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw))  # no socket is opened
+    with caplog.at_level(logging.WARNING, logger="cnnkit.serve"):
+        serve(model_path, host="0.0.0.0")
+        serve(model_path, host="0.0.0.0", token="a-long-enough-token")
+        serve(model_path, host="127.0.0.1")
+    warnings = [r.getMessage() for r in caplog.records if "without a token" in r.getMessage()]
+    assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "CNNKIT_SERVE_TOKEN" in warnings[0]
+    assert len(started) == 3 and started[0]["limit_concurrency"] == 512  # the connection cap
+    assert is_loopback("::1") and is_loopback("localhost") and not is_loopback("192.168.1.7")
 
 
 def test_page_classifies_an_uploaded_digit_and_a_drawing(server, tmp_path):
@@ -224,5 +361,6 @@ def test_serve_flags_default_to_the_documented_limits():
     args = build_parser().parse_args(["serve", "m.safetensors"])
     limits = Limits()
     assert args.host == "127.0.0.1"  # this machine only, unless told otherwise
-    assert (int(args.max_upload_mb * 2**20), args.max_images, args.max_pixels, args.timeout) == (
-        limits.max_body_bytes, limits.max_images, limits.max_pixels, limits.timeout_seconds)
+    assert (int(args.max_upload_mb * 2**20), args.max_images, args.max_pixels, args.timeout, args.max_connections) == (
+        limits.max_body_bytes, limits.max_images, limits.max_pixels, limits.timeout_seconds, limits.max_connections)
+    assert args.token is None

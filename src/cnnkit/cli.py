@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import CnnkitError, TrainingInterrupted
+from .errors import CnnkitError, TrainingInterrupted, os_error_message
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
@@ -183,15 +183,17 @@ def cmd_serve(args) -> int:
     if not 0 < args.port < 65536:
         raise CnnkitError("--port must be between 1 and 65535")
     limits = Limits(max_body_bytes=int(args.max_upload_mb * 2**20), max_images=args.max_images,
-                    max_pixels=args.max_pixels, timeout_seconds=args.timeout)
+                    max_pixels=args.max_pixels, timeout_seconds=args.timeout, max_connections=args.max_connections)
+    token = args.token if args.token is not None else os.environ.get("CNNKIT_SERVE_TOKEN") or None
 
     def ready(model) -> None:
         print(f"serving {model.path} ({model.info()['architecture']}, {len(model.meta['class_names'])} classes, "
               f"runtime {model.runtime.name}: {model.runtime_why}) on http://{args.host}:{args.port}/ "
-              f"(API: /predict, /model, /health, /openapi.json); Ctrl-C stops", file=sys.stderr, flush=True)
+              f"(API: /predict, /model, /health, /openapi.json){'; a token is required' if token else ''}; "
+              "Ctrl-C stops", file=sys.stderr, flush=True)
 
     serve(args.model, host=args.host, port=args.port, runtime=args.runtime, max_batch=args.max_batch,
-          window_ms=args.batch_window_ms, limits=limits, on_ready=ready)
+          window_ms=args.batch_window_ms, limits=limits, on_ready=ready, token=token)
     return 0
 
 
@@ -473,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export to ONNX or torch.export, with preprocessing inside, and prove parity",
                         description="The export takes uint8 images (N, H, W, C) and returns calibrated probabilities. "
                                     "After writing it, validation images run through PyTorch and the export; "
-                                    "the command fails unless top-1 agreement is 100%% and probabilities differ by "
+                                    "the command fails unless top-1 agreement is 100% and probabilities differ by "
                                     "at most 1e-4.")
     ex.add_argument("model", help="model file or run folder")
     ex.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
@@ -501,7 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-images", type=int, default=64, help="images per request at most")
     sv.add_argument("--max-pixels", type=int, default=40_000_000,
                     help="largest width x height an image may claim (413 beyond, checked before decoding)")
-    sv.add_argument("--timeout", type=float, default=10.0, help="seconds a request may take (504 beyond)")
+    sv.add_argument("--timeout", type=float, default=10.0,
+                    help="seconds a request may take (504 beyond), and to send it (408 and closed beyond)")
+    sv.add_argument("--max-connections", type=int, default=512, help="open connections at most (503 beyond)")
+    sv.add_argument("--token", default=None,
+                    help="require 'Authorization: Bearer TOKEN' on every route but /health (the page: /?token=TOKEN); "
+                         "$CNNKIT_SERVE_TOKEN sets it without showing it in the process list")
     sv.set_defaults(func=cmd_serve)
 
     au = sub.add_parser("audit", help="duplicates within and across splits, leakage, class balance, sizes, unreadable files",
@@ -588,13 +595,33 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         sys.stderr.close()
         return 0
+    except OSError as e:  # a full disk, a read-only or missing folder: the user's to fix, in one line
+        msg = os_error_message(e)
+        if msg is None or os.environ.get("CNNKIT_DEBUG"):
+            return internal_error(e)
+        if e.filename and in_cache(e.filename):
+            msg += " (it is cnnkit's cache: set CNNKIT_DATA to a folder on a writable disk)"
+        print(f"cnnkit: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
     except Exception as e:  # a bug of ours: still one line, with the way to the full traceback
-        if os.environ.get("CNNKIT_DEBUG"):
-            raise
-        msg = str(e).splitlines()[0] if str(e) else ""
-        print(f"cnnkit: internal error: {type(e).__name__}: {msg} (set CNNKIT_DEBUG=1 for the traceback, "
-              "and please report it)", file=sys.stderr)
-        return 1
+        return internal_error(e)
+
+
+def in_cache(path) -> bool:
+    from .utils import cache_dir
+    try:
+        return Path(os.path.abspath(path)).is_relative_to(Path(os.path.abspath(cache_dir())))
+    except (TypeError, ValueError):
+        return False
+
+
+def internal_error(e: Exception) -> int:
+    if os.environ.get("CNNKIT_DEBUG"):
+        raise e
+    msg = str(e).splitlines()[0] if str(e) else ""
+    print(f"cnnkit: internal error: {type(e).__name__}: {msg} (set CNNKIT_DEBUG=1 for the traceback, "
+          "and please report it)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

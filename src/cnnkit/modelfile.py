@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from safetensors import SafetensorError, safe_open
 
 from .errors import CnnkitError
-from .utils import atomic_path
+from .utils import save_safetensors
 from .version import __version__
 
 if TYPE_CHECKING:  # torch is imported when weights are read or written, not for the metadata alone:
@@ -29,8 +29,6 @@ REQUIRED = ("architecture", "class_names", "input", "preprocessing")
 
 def save_model(path: str | Path, model: nn.Module, meta: dict) -> Path:
     """Write weights + metadata atomically. `meta` needs the REQUIRED keys."""
-    from safetensors.torch import save_file
-
     from .models.base import unwrap
 
     missing = [k for k in REQUIRED if k not in meta]
@@ -39,9 +37,12 @@ def save_model(path: str | Path, model: nn.Module, meta: dict) -> Path:
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "cnnkit_version": __version__, **meta}
     # unwrap: a compiled or data-parallel model's keys would carry `_orig_mod.` / `module.` prefixes
     tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    import torch
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # training stops before this (training.NonFinite); no caller may write such a file
+        raise CnnkitError(f"refusing to write {path}: {len(bad)} tensors hold nan or inf (first {bad[0]})")
     path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"cnnkit": json.dumps(header)})
+    save_safetensors(tensors, path, {"cnnkit": json.dumps(header)})
     return path
 
 
@@ -80,19 +81,90 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """(model in eval mode, metadata) from a model file or run folder."""
-    from .models.registry import build_from_record
+    """(model in eval mode, metadata) from a model file or run folder.
+
+    A model file may come from anywhere (a served file, a download), so nothing in its metadata is
+    trusted: the architecture is rebuilt on the meta device (no memory) and checked against the
+    tensors' shapes in the file header, the class names against the outputs, the declared input
+    against the first layer, and the memory it needs against what is available, all before a byte
+    of weights is read. Weights holding a nan or an inf are refused: they came from a run that diverged."""
+    import torch
 
     p = resolve_model_path(path)
     meta = read_metadata(p)
     try:
-        model = build_from_record(meta["architecture"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CnnkitError(f"{p} has broken metadata: cannot rebuild the architecture ({e})") from None
+        with safe_open(p, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CnnkitError(f"{p} is damaged ({str(e).splitlines()[0]}); train it again or restore a copy") from None
+    model = validated_architecture(p, meta, shapes)
     with safe_open(p, framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CnnkitError(f"{p}: weights do not match the architecture ({str(e).splitlines()[0]}...)") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CnnkitError(f"{p} holds non-finite weights (nan or inf in {len(bad)} of {len(state)} tensors, first "
+                          f"{bad[0]}): it came from a run that diverged; train again with a lower --lr")
+    # assign: the file's tensors become the parameters, so the weights are in memory once
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # a tensor the file does not hold
+        raise CnnkitError(f"{p}: weights do not match the architecture (some tensors are missing)")
     return model.to(device).eval(), meta
+
+
+MAX_SIDE = 16384  # pixels: no input side larger than this is believed (a 16k x 16k image is 800 MB of fp32)
+
+
+def validated_architecture(p: Path, meta: dict, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+    """The module the metadata describes, on the meta device, once every claim is checked against
+    the file's tensor shapes and the memory available; a CnnkitError naming the first lie otherwise."""
+    import torch
+    import torch.nn as nn
+
+    from .models.memory import activation_numel, inference_bytes
+    from .models.registry import build_from_record
+    from .utils import available_memory_bytes, format_bytes
+
+    names, inp = meta["class_names"], meta["input"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise CnnkitError(f"{p} has broken metadata: class_names must be a list of names")
+    if not (isinstance(inp, dict) and all(isinstance(inp.get(k), int) and 0 < inp[k] for k in ("channels", "height", "width"))):
+        raise CnnkitError(f"{p} has broken metadata: input must give positive channels, height and width")
+    c, h, w = inp["channels"], inp["height"], inp["width"]
+    if max(h, w) > MAX_SIDE or c > 4:
+        raise CnnkitError(f"{p} declares an input of {c}x{h}x{w}, larger than cnnkit reads (at most 4 channels "
+                          f"and {MAX_SIDE} pixels a side): the file is damaged or not made by cnnkit")
+    record = meta["architecture"]
+    try:
+        with torch.device("meta"):  # shapes only: a record claiming 10^12 filters allocates nothing
+            model = build_from_record(record if isinstance(record, dict) else {})
+    except CnnkitError as e:
+        raise CnnkitError(f"{p} has broken metadata: {e}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise CnnkitError(f"{p} has broken metadata: cannot rebuild the architecture ({str(e).splitlines()[0]})") from None
+    declared = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(declared) - set(shapes)), sorted(set(shapes) - set(declared))
+    if missing or unexpected:
+        raise CnnkitError(f"{p}: weights do not match the architecture"
+                          + (f" (missing {', '.join(missing[:3])})" if missing else "")
+                          + (f" (unexpected {', '.join(unexpected[:3])})" if unexpected else ""))
+    for k, shape in declared.items():
+        if shapes[k] != shape:
+            raise CnnkitError(f"{p}: its metadata declares {k} of shape {list(shape)}, but the file holds "
+                              f"{list(shapes[k])}: the file is damaged or was edited")
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if isinstance(first, nn.Conv2d) and first.in_channels != c:
+        raise CnnkitError(f"{p} declares {c}-channel input, but its first layer takes {first.in_channels} channels: "
+                          "the metadata is wrong")
+    try:
+        outputs = model(torch.empty(1, c, h, w, device="meta")).shape[-1]
+    except (RuntimeError, ValueError) as e:
+        raise CnnkitError(f"{p} declares input {c}x{h}x{w}, which the architecture cannot take "
+                          f"({str(e).splitlines()[0][:160]})") from None
+    if outputs != len(names):
+        raise CnnkitError(f"{p} lists {len(names)} class names for a model with {outputs} outputs: the metadata is wrong")
+    need, have = inference_bytes(model, (c, h, w)), available_memory_bytes()
+    if need > have:
+        raise CnnkitError(f"{p} needs about {format_bytes(need)} of memory to run one image "
+                          f"({format_bytes(4 * activation_numel(model, (c, h, w)))} of activations); "
+                          f"this machine has {format_bytes(have)} available")
+    return model

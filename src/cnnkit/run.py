@@ -65,15 +65,14 @@ def resolve_run(cfg: TrainConfig | None, resume: str | Path | None, *, echo: Cal
     if resume is not None:
         run = RunFolder(resume, primary=world.primary, echo=echo, quiet=quiet)
         cfg = run.read_config()
-        if not run.has_checkpoint():
-            if run.is_complete():
-                raise CnnkitError(f"{run.path} is already complete (metrics.json exists); start a new run instead")
-            raise CnnkitError(f"cannot resume {run.path}: it has no {run.checkpoint_file.name} "
-                              "(it stopped before its first epoch ended)")
+        if run.is_complete():
+            raise CnnkitError(f"{run.path} is already complete (metrics.json exists); start a new run instead")
+        run.resume_checkpoint()  # an intact checkpoint, or the reason there is none, before any work
     else:
         cfg = cfg or TrainConfig()
         path = broadcast_text(str(Path(cfg.out) if cfg.out else default_run_dir(cfg)), world)  # rank 0's time stamp
         run = RunFolder(path, primary=world.primary, echo=echo, quiet=quiet)
+        run.check_writable()
         if run.has_checkpoint() or run.is_complete():
             raise CnnkitError(f"{run.path} already holds a run; choose another --out or continue it with "
                               f"--resume {run.path}")

@@ -4,6 +4,8 @@
     RUN/train.log               everything printed, skipped files included
     RUN/history.csv             one row per epoch
     RUN/checkpoint.safetensors  model + optimizer after the last finished epoch (removed when the run ends)
+    RUN/checkpoint-previous.safetensors  the one before it, kept until a newer one is complete: a
+                                damaged checkpoint costs an epoch, never the run
     RUN/model.safetensors       the best model so far; at the end, the result
     RUN/metrics.json            test metrics: written last, so its presence means the run is complete
 
@@ -15,21 +17,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 from .config import TrainConfig
-from .errors import CnnkitError
+from .errors import CnnkitError, os_error_message
 from .modelfile import MODEL_FILE, save_model
 from .models.base import unwrap
-from .utils import atomic_path, write_text_atomic
+from .utils import save_safetensors, write_text_atomic
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint-previous.safetensors"
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
 
@@ -55,6 +58,10 @@ class RunFolder:
         return self.path / CHECKPOINT_FILE
 
     @property
+    def previous_checkpoint_file(self) -> Path:
+        return self.path / PREVIOUS_CHECKPOINT_FILE
+
+    @property
     def metrics_file(self) -> Path:
         return self.path / "metrics.json"
 
@@ -71,7 +78,38 @@ class RunFolder:
         return self.metrics_file.is_file()
 
     def has_checkpoint(self) -> bool:
-        return self.checkpoint_file.is_file()
+        return self.checkpoint_file.is_file() or self.previous_checkpoint_file.is_file()
+
+    def history_epochs(self) -> int:
+        try:
+            return max(0, len(self.history_file.read_text().strip().splitlines()) - 1)
+        except OSError:
+            return 0
+
+    def resume_checkpoint(self) -> tuple[Path, int, str]:
+        """(the newest intact checkpoint, the epoch it ends, a note if an older one had to be used)."""
+        damaged = []
+        for f in (self.checkpoint_file, self.previous_checkpoint_file):
+            if not f.is_file():
+                continue
+            try:
+                epoch = checkpoint_epoch(f)
+            except CnnkitError as e:
+                damaged.append(f"{f.name} is damaged ({e})")
+                continue
+            note = (f"{'; '.join(damaged)}: resuming from {f.name}, after epoch {epoch}" if damaged else
+                    "" if f == self.checkpoint_file else f"resuming from {f.name}, after epoch {epoch}")
+            return f, epoch, note
+        if damaged:
+            raise CnnkitError(f"cannot resume {self.path}: {'; '.join(damaged)}, and no earlier checkpoint is intact; "
+                              f"start the run again: cnnkit train --config {self.config_file} --out NEW_FOLDER")
+        done = self.history_epochs()
+        if done:
+            raise CnnkitError(f"cannot resume {self.path}: its {CHECKPOINT_FILE} is missing although its history has "
+                              f"{done} epoch(s) (deleted or moved?); put it back, or start again: "
+                              f"cnnkit train --config {self.config_file} --out NEW_FOLDER")
+        raise CnnkitError(f"cannot resume {self.path}: it has no {CHECKPOINT_FILE} "
+                          "(it stopped before its first epoch ended)")
 
     def read_config(self) -> TrainConfig:
         try:
@@ -79,17 +117,34 @@ class RunFolder:
         except (OSError, json.JSONDecodeError) as e:
             raise CnnkitError(f"cannot resume {self.path}: no readable config.json ({e})") from None
 
-    def checkpoint_epoch(self) -> int:
-        with safe_open(self.checkpoint_file, framework="pt") as f:
-            return json.loads(f.metadata()["cnnkit_checkpoint"])["epoch"]
+    def check_writable(self) -> None:
+        """Refuse, before any work, an --out that cannot become a run folder: a file, a path below a
+        file, a read-only or forbidden place."""
+        if not self.primary:
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise CnnkitError(f"--out {self.path} is a file, not a folder: choose another --out")
+        existing = next((q for q in (self.path, *self.path.parents) if q.exists()), None)
+        if existing is None:
+            return
+        if not existing.is_dir():
+            raise CnnkitError(f"--out {self.path}: {existing} is a file, so no folder can be made below it; "
+                              "choose another --out")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            why = "is on a read-only file system" if _read_only(existing) else "is not writable by this user"
+            raise CnnkitError(f"--out {self.path}: {existing} {why}; choose an --out on a writable disk")
 
     # writes (no-ops where this process is not the primary one)
     def create(self) -> None:
         if self.primary:
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CnnkitError(f"--out {self.path}: {os_error_message(e, 'create') or e}") from None
 
-    def log(self, msg: str) -> None:
-        if self.echo is not None:
+    def log(self, msg: str, echo: bool = True) -> None:
+        """Print (unless quiet) and append to train.log; echo=False: the log only (the CLI prints it)."""
+        if echo and self.echo is not None:
             self.echo(msg)
         if self.primary:
             with open(self.log_file, "a", encoding="utf-8") as f:
@@ -116,7 +171,7 @@ class RunFolder:
     def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
                         extra: dict[str, nn.Module] | None = None) -> None:
         if self.primary:
-            save_checkpoint(self.checkpoint_file, model, optimizer, state, extra)
+            save_checkpoint(self.checkpoint_file, model, optimizer, state, extra, self.previous_checkpoint_file)
 
     def write_metrics(self, metrics: dict) -> None:
         if self.primary:
@@ -126,13 +181,31 @@ class RunFolder:
         """The run is complete: model.safetensors is the result."""
         if self.primary:
             self.checkpoint_file.unlink(missing_ok=True)
+            self.previous_checkpoint_file.unlink(missing_ok=True)
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch a checkpoint ends, reading its header; a CnnkitError if the file is damaged."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return int(json.loads(f.metadata()["cnnkit_checkpoint"])["epoch"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
+        raise CnnkitError(str(e).splitlines()[0][:160] or type(e).__name__) from None
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                    extra: dict[str, nn.Module] | None = None) -> None:
+                    extra: dict[str, nn.Module] | None = None, previous: Path | None = None) -> None:
     """Model and optimizer tensors as safetensors; everything else as JSON in its header. extra:
-    other modules to keep (the weight average), each under its name."""
+    other modules to keep (the weight average), each under its name. previous: where the checkpoint
+    being replaced goes once the new one is complete (a kill at any moment leaves an intact one)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     for name, module in (extra or {}).items():
         tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in unwrap(module).state_dict().items()})
@@ -145,12 +218,24 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             else:
                 scalars[f"{pid}.{k}"] = v
     header = {**state, "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"cnnkit_checkpoint": json.dumps(header)})
+
+    def keep_previous() -> None:
+        if previous is not None and path.exists():
+            os.replace(path, previous)
+    save_safetensors(tensors, path, {"cnnkit_checkpoint": json.dumps(header)}, before_replace=keep_previous)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     extra: dict[str, nn.Module] | None = None) -> dict:
+    try:
+        return _load_checkpoint(path, model, optimizer, extra)
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CnnkitError(f"cannot resume from {path}: it is damaged or from another model "
+                          f"({str(e).splitlines()[0][:160]})") from None
+
+
+def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     extra: dict[str, nn.Module] | None = None) -> dict:
     with safe_open(path, framework="pt") as f:
         header = json.loads(f.metadata()["cnnkit_checkpoint"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -7,14 +7,21 @@ throughput grows with load instead of each request paying for its own forward pa
 (benchmarks/serve_load.py measures both in one run).
 
 Every input is bounded: the body's bytes (413, counted as it arrives, not trusted from headers), the
-images per request, the pixels an image header claims (413, before decoding: decompression bombs),
-the time a request may take (504) and the requests waiting (503). A body that is not an image gets
-415, a damaged image 422. Nothing a client sends reaches a traceback: any error is that request's.
+images per request (413), the pixels an image header claims (413, before decoding: decompression
+bombs), the time to send a request (408 and the connection closed: slow headers or a body trickled a
+byte at a time cannot hold a connection), the time a request may take (504), the open connections
+(503) and the requests waiting (503). A body that is not an image gets 415, a damaged image 422.
+Nothing a client sends reaches a traceback: any error is that request's.
+
+With a token (--token or $CNNKIT_SERVE_TOKEN), every route but /health needs `Authorization: Bearer
+<token>` (compared in constant time; the page takes it once as `/?token=...`); a server bound to an
+address other than loopback without one is warned about.
 """
 # No __future__ annotations here: FastAPI reads the handlers' annotations (Request) at run time.
 
 import asyncio
 import base64
+import hmac
 import io
 import json
 import logging
@@ -46,12 +53,17 @@ class Limits:
     max_pixels: int = 40_000_000  # width x height an image header may claim (a 40-megapixel photo)
     timeout_seconds: float = 10.0  # from the body's arrival to the answer
     max_waiting: int = 1024  # images queued for the model; past it, 503 and Retry-After
+    max_connections: int = 512  # open connections; past it, uvicorn answers 503
 
 
 class RequestError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+def too_many_images(limit: int) -> str:
+    return f"at most {limit} images per request (the server's --max-images); send them in several requests"
 
 
 # ----------------------------------------------------------------------------- decoding one upload
@@ -186,7 +198,7 @@ class Model:
         if not 1 <= top_k <= len(names):
             raise RequestError(422, f"top_k must be between 1 and {len(names)}")
         if len(files) > self.limits.max_images:
-            raise RequestError(413, f"at most {self.limits.max_images} images per request")
+            raise RequestError(413, too_many_images(self.limits.max_images))
 
         async def handle() -> list[dict]:
             classified = await self.classify([data for _, data in files])
@@ -244,8 +256,22 @@ class Front:
       FastAPI, which also documents /predict in the OpenAPI schema.
     - Logs one line per request: method, path, status, milliseconds, body bytes."""
 
-    def __init__(self, app, model: Model):
+    def __init__(self, app, model: Model, token: str | None = None):
         self.app, self.model, self.max_bytes = app, model, model.limits.max_body_bytes
+        self.token = token.encode() if token else None
+
+    def authorized(self, scope, headers: dict) -> bool:
+        """No token set, /health, or the right token: as `Authorization: Bearer ...`, or for the page
+        (GET /) as ?token=..., which the page then sends as the header. Constant-time comparisons."""
+        if self.token is None or scope["path"] == "/health":
+            return True
+        given = headers.get(b"authorization", b"")
+        if hmac.compare_digest(given, b"Bearer " + self.token):
+            return True
+        if scope["path"] == "/" and scope["method"] == "GET":
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            return hmac.compare_digest(query.get("token", [""])[-1].encode(), self.token)
+        return False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -259,6 +285,8 @@ class Front:
             extra = [(b"connection", b"close")] if close else []
             if code == 503:
                 extra.append((b"retry-after", b"1"))
+            if code == 401:
+                extra.append((b"www-authenticate", b'Bearer realm="cnnkit"'))
             status[0] = code
             await send({"type": "http.response.start", "status": code,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -267,6 +295,10 @@ class Front:
 
         too_big = f"the body is larger than {self.max_bytes:,} bytes"
         try:
+            if not self.authorized(scope, headers):
+                return await reply(401, {"detail": "this server needs a token: send the header "
+                                                   "'Authorization: Bearer <token>' (open the page as /?token=<token>)"},
+                                   close=declared not in (None, b"0"))
             if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
                 return await reply(413, {"detail": too_big}, close=True)  # unread body: the connection ends
 
@@ -324,7 +356,7 @@ def query_options(query: dict[str, list[str]]) -> tuple[int, bool]:
     return top_k, flag in ("true", "1", "yes", "on")
 
 
-def create_app(model: Model):
+def create_app(model: Model, token: str | None = None):
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import HTMLResponse, JSONResponse
@@ -372,11 +404,14 @@ def create_app(model: Model):
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data"):
             try:
-                form = await request.form(max_files=limits.max_images + 1, max_fields=limits.max_images + 16)
+                form = await request.form(max_files=limits.max_images, max_fields=limits.max_images + 16)
             except RequestError:
                 raise
             except Exception as e:
-                raise RequestError(422, f"malformed multipart body: {str(e).splitlines()[0][:200]}") from None
+                reason = str(e).splitlines()[0][:200]
+                if "Too many files" in reason:  # Starlette's MultiPartException past max_files
+                    raise RequestError(413, too_many_images(limits.max_images)) from None
+                raise RequestError(422, f"malformed multipart body: {reason}") from None
             files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")]
             await form.close()
             if not files:
@@ -391,20 +426,96 @@ def create_app(model: Model):
         (A raw body is answered by the front layer's fast path, with the same result; see Front.)"""
         return await model.answer(await uploads(request), top_k, explain)
 
-    return Front(app, model)
+    return Front(app, model, token)
+
+
+# ----------------------------------------------------------------------------- the connection
+def deadline_protocol(seconds: float):
+    """uvicorn's httptools protocol with a read deadline: a request whose headers and body have not
+    all arrived `seconds` after its first byte (or after the connection opened) is answered 408 and
+    its connection closed. uvicorn itself bounds only idle keep-alive connections, so a client
+    sending a byte every few seconds would otherwise hold a connection, and a task, for ever."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class DeadlineProtocol(HttpToolsProtocol):
+        deadline = None
+
+        def arm(self) -> None:
+            if self.deadline is None:
+                self.deadline = self.loop.call_later(seconds, self.too_slow)
+
+        def disarm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm()
+
+        def connection_lost(self, exc) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.arm()
+
+        def on_message_complete(self) -> None:
+            self.disarm()  # all of it arrived: from here the request's own --timeout (504) applies
+            super().on_message_complete()
+
+        def too_slow(self) -> None:
+            self.deadline = None
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete or not cycle.response_started:
+                body = json.dumps({"detail": f"the request was not sent within {seconds:g} s"}).encode()
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                     b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+                                     + body)
+                log.info("slow client %s: 408 after %g s", self.client, seconds)
+            if cycle is not None and not cycle.response_complete:  # the app's receive() sees a disconnect
+                cycle.disconnected = True
+                cycle.message_event.set()
+            self.transport.close()
+
+    return DeadlineProtocol
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "auto", max_batch: int = 32,
-          window_ms: float = 0.0, limits: Limits | None = None, on_ready=None) -> None:
-    """Run the server until interrupted. Binds 127.0.0.1 unless told otherwise."""
+          window_ms: float = 0.0, limits: Limits | None = None, on_ready=None, token: str | None = None) -> None:
+    """Run the server until interrupted. Binds 127.0.0.1 unless told otherwise. token: required
+    as `Authorization: Bearer <token>` on every route but /health."""
     try:
+        import httptools  # noqa: F401  (the read deadline is built on uvicorn's httptools protocol)
         import uvicorn
     except ImportError:
-        raise CnnkitError("serving needs FastAPI and uvicorn: pip install 'cnnkit[serve]'") from None
+        raise CnnkitError("serving needs FastAPI, uvicorn and httptools: pip install 'cnnkit[serve]'") from None
+    limits = limits or Limits()
+    if limits.max_connections < 1:
+        raise CnnkitError("--max-connections must be at least 1")
+    if token is not None and len(token) < 8:
+        raise CnnkitError("the token must be at least 8 characters (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
     model = Model(model_path, runtime, max_batch, window_ms, limits)
-    app = create_app(model)
+    app = create_app(model, token)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if not token and not is_loopback(host):
+        log.warning("warning: serving on %s without a token: anyone who can reach port %d of this machine can use "
+                    "the model; set --token or CNNKIT_SERVE_TOKEN", host, port)
     if on_ready:
         on_ready(model)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=5,
-                limit_concurrency=512, h11_max_incomplete_event_size=64 * 1024)
+                limit_concurrency=limits.max_connections, h11_max_incomplete_event_size=64 * 1024,
+                http=deadline_protocol(limits.timeout_seconds))

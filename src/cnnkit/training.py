@@ -37,10 +37,11 @@ from .data import Dataset, hflip_keeps_class, is_builtin, load_dataset
 from .data.core import DiskImages
 from .decode import RESIZE_METHOD
 from .distributed import World
-from .errors import CnnkitError, TrainingInterrupted
+from .errors import CnnkitError, TrainingDiverged, TrainingInterrupted
 from .hardware import precision_choice
 from .inference import metrics_from_logits, pick_device, predict_logits
 from .modelfile import load_model
+from .models.base import unwrap
 from .models.registry import architecture_record, build_model, default_input, get_spec
 from .models.summary import format_summary, summary
 from .preprocess import Preprocess
@@ -57,11 +58,46 @@ def load_data_and_model(cfg: TrainConfig, quiet: bool = False) -> tuple[Dataset,
     if not is_builtin(cfg.data) and hint is not None:  # folders are decoded straight to what the model expects
         image_size = image_size or hint[1]
         channels = channels or hint[0]
+    if image_size is not None:  # before the data is resized to it
+        check_training_memory(spec, channels or BUILTIN_CHANNELS.get(str(cfg.data).lower(), 3), image_size,
+                              cfg.batch_size, BUILTIN_IMAGES.get(str(cfg.data).lower(), 0))
     ds = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, image_size=image_size,
                       channels=channels, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, quiet=quiet)
     c, h, w = ds.input_shape
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
     return ds, build_model(spec, ds.num_classes, in_channels=c, image_size=(h, w))
+
+
+BUILTIN_IMAGES = {"mnist": 70_000, "fashion-mnist": 70_000, "cifar10": 60_000, "digits": 1797}  # held in memory
+BUILTIN_CHANNELS = {"mnist": 1, "fashion-mnist": 1, "cifar10": 3, "digits": 1}
+
+
+def training_bytes_at(spec: dict, channels: int, side: int, batch: int, images: int) -> int | None:
+    """The estimated memory of training `spec` on side x side images (models/memory.py), plus the
+    dataset resized in memory; None where the model cannot take that size (its own error says why)."""
+    from .models.memory import training_bytes
+    try:
+        with torch.device("meta"):  # nothing is allocated
+            model = build_model(spec, 10, in_channels=channels, image_size=(side, side))
+            return training_bytes(model, (channels, side, side), batch) + images * channels * side * side
+    except (CnnkitError, RuntimeError, ValueError):
+        return None
+
+
+def check_training_memory(spec: dict, channels: int, side: int, batch: int, images: int) -> None:
+    """Refuse an --image-size whose training cannot fit in memory, naming the largest that can."""
+    from .utils import available_memory_bytes, format_bytes
+    need, have = training_bytes_at(spec, channels, side, batch, images), available_memory_bytes()
+    if need is None or need <= have:
+        return
+    lo, hi = 1, side  # the largest side that fits, by bisection on the estimate (each a meta forward)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        fits = training_bytes_at(spec, channels, mid, batch, images)
+        lo, hi = (mid, hi) if fits is not None and fits <= have else (lo, mid - 1)
+    raise CnnkitError(f"--image-size {side} needs about {format_bytes(need)} of memory to train batches of {batch}"
+                      f"{' with the dataset resized in memory' if images else ''}; this machine has "
+                      f"{format_bytes(have)} available: use --image-size {lo} or less, or a smaller --batch-size")
 
 
 def model_meta(model: nn.Module, ds: Dataset, preprocess: Preprocess, cfg: TrainConfig) -> dict:
@@ -213,6 +249,10 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(x)  # (B, K)
             loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=label_smoothing)
+        # A diverging run (too high a learning rate, an overflow) stops at its first non-finite loss.
+        # .item() syncs a GPU, so there it is checked at the progress bar's pace (every 20 steps).
+        if (device.type == "cpu" or i % 20 == 0 or i == steps - 1) and not math.isfinite(loss.item()):
+            raise NonFinite(i + 1, steps, f"the loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -231,6 +271,20 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         loss, right, count = distributed.sum_over_ranks(loss_sum.item(), correct.item(), seen)
         return loss, int(right), int(count), lr
     return loss_sum.item(), int(correct.item()), seen, lr
+
+
+class NonFinite(Exception):
+    """Raised inside an epoch at the first non-finite loss; epoch_loop turns it into TrainingDiverged."""
+
+    def __init__(self, step: int, steps: int, what: str):
+        super().__init__(what)
+        self.step, self.steps, self.what = step, steps, what
+
+
+def non_finite_tensors(*modules: nn.Module | None) -> list[str]:
+    """Names of the floating-point tensors (parameters and buffers) holding a nan or an inf."""
+    return [k for m in modules if m is not None for k, v in unwrap(m).state_dict().items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -320,7 +374,7 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
     run.log(f"data {ds.name}: {ds.sizes()} images of {'x'.join(map(str, ds.input_shape))}, {ds.num_classes} classes "
             f"(from {ds.source})")
     if ds.skipped:
-        run.log(f"skipped {len(ds.skipped)} file(s) that could not be decoded:")
+        run.log(f"skipped {len(ds.skipped)} file(s) that could not be read or decoded:")
         for path, reason in ds.skipped:
             run.log(f"  {path}: {reason}")
     if ds.test_source == "val":
@@ -365,10 +419,13 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
     s = Session(cfg, ds, run, model, make_optimizer(cfg, model), preprocess.to(device), device, precision, transfer,
                 cfg.epochs + fine_tune_epochs, meta, augment, class_weight, sample_weight, ema, world=world)
     if resume:
-        if s.phase_of(run.checkpoint_epoch()) == "fine-tune":  # the checkpoint holds the fine-tuning optimizer
+        checkpoint, done, note = run.resume_checkpoint()
+        if note:
+            run.log(f"note: {note}")
+        if s.phase_of(done) == "fine-tune":  # the checkpoint holds the fine-tuning optimizer
             set_phase(model, "all")
             s.optimizer = make_optimizer(cfg, model, "fine-tune")
-        state = load_checkpoint(run.checkpoint_file, model, s.optimizer, {"ema": ema} if ema is not None else None)
+        state = load_checkpoint(checkpoint, model, s.optimizer, {"ema": ema} if ema is not None else None)
         s.history, s.best_val, s.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
         s.first_epoch, s.ema_steps = state["epoch"] + 1, state.get("ema_steps", 0)
         run.log(f"resuming {run.path} after epoch {state['epoch']}")
@@ -430,6 +487,11 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
                 augment=augment, generator=augment_gen, class_weight=s.class_weight, grad_clip=cfg.grad_clip,
                 after_step=ema_step(s) if s.ema is not None else None, world=s.world, seen_indices=seen_indices)
             bar.close()
+            # The loss can stay finite while the last step overflowed the weights: check them too,
+            # before anything of this epoch is validated or saved.
+            if bad := non_finite_tensors(s.model, s.ema):
+                raise NonFinite(steps_per_epoch, steps_per_epoch, f"{len(bad)} weight tensors became non-finite "
+                                f"(first: {bad[0]})")
             if seen_indices is not None:
                 record_shard(Path(record_dir), epoch, s.world, seen_indices)
             val = metrics_from_logits(predict_logits(s.evaluated, ds.val.images, s.preprocess, s.device, s.precision),
@@ -449,6 +511,8 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
                                                        "best_epoch": s.best_epoch, "ema_steps": s.ema_steps},
                                 {"ema": s.ema} if s.ema is not None else None)
         distributed.barrier(s.world)  # rank 0 has written the last model file before anyone reads it
+    except NonFinite as e:
+        raise diverged(s, epoch, e) from None
     except KeyboardInterrupt:
         raise TrainingInterrupted(f"interrupted during epoch {epoch}; {kept_checkpoint(s)}; continue with: "
                                   f"{resume_command(s)}") from None
@@ -461,6 +525,22 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
         raise TrainingInterrupted(f"another process of the job stopped during epoch {epoch} ({reason}); "
                                   f"{kept_checkpoint(s)}; continue with any number of processes: "
                                   f"{resume_command(s)}") from None
+
+
+def diverged(s: Session, epoch: int, e: NonFinite) -> TrainingDiverged:
+    """The one line a diverging run ends with: when, what is kept, and what to try."""
+    cfg = s.cfg
+    kept = (f"the best model so far (epoch {s.best_epoch}, val acc {s.best_val:.4f}) is in {s.run.model_file}"
+            if s.best_epoch else "no model file was written")
+    tries = [f"a lower --lr (this run: {cfg.lr:g})"]
+    if s.precision != "fp32":
+        tries.append("--precision fp32")
+    if not cfg.grad_clip:
+        tries.append("--grad-clip 1")
+    msg = (f"training diverged at step {e.step}/{e.steps} of epoch {epoch}: {e.what}; {kept}, and "
+           f"{kept_checkpoint(s)}; start a new run with {' or '.join(tries)}")
+    s.run.log(msg, echo=False)
+    return TrainingDiverged(msg)
 
 
 def kept_checkpoint(s: Session) -> str:

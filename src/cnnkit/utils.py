@@ -22,10 +22,51 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:  # data on disk before the rename makes it visible
             os.fsync(f.fileno())
+        # Some writers (safetensors) create files readable by their owner only; a model file is
+        # for sharing (a server under another account), so it gets the mode the umask gives.
+        mode = 0o666 & ~_umask()
+        if os.stat(tmp).st_mode & 0o777 != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask sets it to read it, racing threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str], before_replace=None) -> None:
+    """safetensors' save_file, atomically (atomic_path), with its I/O failures ("I/O error: No space
+    left on device (os error 28)") raised as the OSError they are, naming the path. before_replace:
+    called once the new file is complete, just before it replaces the old one."""
+    import errno
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+        if before_replace is not None:
+            before_replace()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -107,3 +148,39 @@ def progress(total: int | None, desc: str, unit: str = "it", disable: bool = Fal
     if sys.stderr.isatty():
         return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=False, dynamic_ncols=True)
     return LineProgress(total, desc, unit, sys.stderr)
+
+
+# ----------------------------------------------------------------------------- memory
+def available_memory_bytes() -> int:
+    """Memory this process can still take: the kernel's MemAvailable, or less where a cgroup
+    (a container's limit) allows less. Used to refuse, before allocating, what cannot fit."""
+    avail = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not Linux: no bound we can read
+            return 1 << 62
+    try:  # cgroup v2: the limit less what the group already uses
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = min(avail, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"

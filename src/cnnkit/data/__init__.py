@@ -51,6 +51,10 @@ def load_dataset(
     elif Path(key).is_dir():
         ds = folder.load(Path(key), image_size=image_size or 64, channels=channels or 3,
                          test_split=test_split, seed=seed, quiet=quiet)
+    elif Path(key).exists():
+        raise CnnkitError(f"--data {key} is a file: give a folder of images (DIR/<class>/*) or a dataset name")
+    elif os.sep in key or key.startswith((".", "~")):  # meant as a path, not a name
+        raise CnnkitError(f"no such folder: {key} (--data takes a folder of images or one of {', '.join(BUILTIN)})")
     else:
         raise CnnkitError(
             f"unknown dataset '{key}': use one of {', '.join(BUILTIN)} or a folder of images "

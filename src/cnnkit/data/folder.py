@@ -11,6 +11,7 @@ skipped and reported with their reason; they never stop a run.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -43,20 +44,46 @@ def decode_many(args: tuple[list[str], int, int]) -> list[tuple[np.ndarray | Non
     return out
 
 
-def list_files(root: Path) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
-    """{split: [(path, class_name)]} and the sorted class names. Hidden files are ignored."""
+def unreadable(path: str) -> str | None:
+    """Why a listed file cannot be read (a broken or looping symbolic link, no permission), or None."""
+    try:
+        os.stat(path)
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop (its links point at each other)"
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        return e.strerror or type(e).__name__
+
+
+def list_files(root: Path) -> tuple[dict[str, list[tuple[str, str]]], list[str], list[tuple[str, str]], list[str]]:
+    """{split: [(path, class_name)]}, the sorted class names, the files that cannot be read
+    [(path, reason)], and the class folders holding no image. Hidden files are ignored."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     has_splits = any(p.name in SPLIT_NAMES for p in subdirs)
     split_roots = {p.name: p for p in subdirs if p.name in SPLIT_NAMES} if has_splits else {"all": root}
     if has_splits and "train" not in split_roots:
         raise CnnkitError(f"{root} has {', '.join(split_roots)} folders but no train/ folder")
     files: dict[str, list[tuple[str, str]]] = {}
+    bad: list[tuple[str, str]] = []
+    empty: list[str] = []
     for split, sroot in split_roots.items():
         entries = []
         for cdir in sorted(p for p in sroot.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            before = len(entries)
             for dirpath, dirnames, filenames in os.walk(cdir):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                entries += [(os.path.join(dirpath, f), cdir.name) for f in sorted(filenames) if not f.startswith(".")]
+                for f in sorted(filenames):
+                    path = os.path.join(dirpath, f)
+                    if f.startswith("."):
+                        continue
+                    if (why := unreadable(path)) is not None:
+                        bad.append((path, why))
+                    else:
+                        entries.append((path, cdir.name))
+            if len(entries) == before:
+                empty.append(str(cdir))
         files[split] = entries
     train_key = "train" if has_splits else "all"
     class_names = sorted({c for _, c in files[train_key]})
@@ -66,7 +93,7 @@ def list_files(root: Path) -> tuple[dict[str, list[tuple[str, str]]], list[str]]
         unknown = sorted({c for _, c in entries} - set(class_names))
         if unknown:
             raise CnnkitError(f"{root}/{split} has classes {unknown} that train/ lacks")
-    return files, class_names
+    return files, class_names, bad, empty
 
 
 def cache_key(files: dict[str, list[tuple[str, str]]], size: int, channels: int) -> str:
@@ -167,7 +194,10 @@ def read_cache_meta(raw: Path, size: int, channels: int) -> dict | None:
 
 
 def load(root: Path, image_size: int, channels: int, test_split: float, seed: int, quiet: bool) -> Dataset:
-    files, class_names = list_files(root)
+    files, class_names, unreadable_files, empty = list_files(root)
+    if empty and not quiet:  # a class folder without images is no class: say so rather than drop it silently
+        print(f"note: {len(empty)} class folder(s) hold no images and are not classes of this dataset: "
+              f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}", flush=True)
     class_index = {c: i for i, c in enumerate(class_names)}
     key = cache_key(files, image_size, channels)
     raw = cache_dir() / "folders" / f"{key}.u8"
@@ -197,7 +227,7 @@ def load(root: Path, image_size: int, channels: int, test_split: float, seed: in
         start, stop = (int(index[0]), int(index[-1]) + 1) if len(index) else (0, 0)  # each split's rows are contiguous
         images = everything.subset(np.arange(start, stop)) if on_disk else everything[start:stop]
         splits[split] = Split(images, labels[start:stop], [meta["entries"][i][1] for i in range(start, stop)])
-    skipped = [(p, r) for p, r in meta["skipped"]]
+    skipped = [(p, r) for p, r in meta["skipped"]] + unreadable_files
     train_key = "all" if "all" in splits else "train"
     if len(splits[train_key]) == 0:
         raise CnnkitError(f"{root}: none of the {len(files[train_key])} training files could be decoded "
