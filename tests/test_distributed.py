@@ -102,14 +102,16 @@ def workers_of(launcher: subprocess.Popen) -> dict[int, int]:
 
 def wait_for_epoch(run: Path, epoch: int, launcher: subprocess.Popen, timeout: float = 300) -> None:
     """Until the checkpoint holds at least `epoch` finished epochs."""
-    from cnnkit.runfolder import RunFolder
+    from cnnkit.errors import CnnkitError
+    from cnnkit.runfolder import RunFolder, checkpoint_epoch
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert launcher.poll() is None, launcher.communicate()[0][-3000:]
+        ckpt = RunFolder(run).checkpoint_file
         try:
-            if RunFolder(run).has_checkpoint() and RunFolder(run).checkpoint_epoch() >= epoch:
+            if ckpt.is_file() and checkpoint_epoch(ckpt) >= epoch:
                 return
-        except Exception:  # the checkpoint is being renamed into place
+        except CnnkitError:  # the checkpoint is being renamed into place
             pass
         time.sleep(0.2)
     pytest.fail(f"no checkpoint after epoch {epoch} within {timeout} s")

@@ -7,6 +7,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -34,10 +36,14 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
-def killed_run(out, epochs_done: int):
-    """A 40-epoch run killed (SIGKILL) once at least epochs_done epochs are checkpointed."""
+def killed_run(out, epochs_done: int, also: str | None = None):
+    """A 40-epoch run killed (SIGKILL) once at least epochs_done epochs are in its history, and the
+    file `also` (if given) exists."""
     proc = start_training(out, 40)
     wait_for_checkpoint(proc, out, min_epoch=epochs_done)
+    deadline = time.time() + 120
+    while also and not (out / also).exists() and time.time() < deadline:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return out
@@ -133,10 +139,10 @@ def test_read_only_and_full_disks_are_one_line_errors(tmp_path):
         (images / c).mkdir(parents=True)
         for i in range(4):
             Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(images / c / f"{i}.png")
-    train = f"python -m cnnkit train {' '.join(SMALL)} --epochs 1 --no-report"
+    train = f"{sys.executable} -m cnnkit train {' '.join(SMALL)} --epochs 1 --no-report"
     script = (f"mount -t tmpfs -o ro none {ro} && mount -t tmpfs -o size=48k none {full} && "
               f"{{ {train} --out {ro}/run; echo rc=$?; {train} --out {full}/run; echo rc=$?; "
-              f"CNNKIT_DATA={ro}/cache python -m cnnkit train --data {images} --model seed-digits --epochs 1 "
+              f"CNNKIT_DATA={ro}/cache {sys.executable} -m cnnkit train --data {images} --model seed-digits --epochs 1 "
               f"--no-report --out {tmp_path}/folder-run; echo rc=$?; }}")
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -149,7 +155,7 @@ def test_read_only_and_full_disks_are_one_line_errors(tmp_path):
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one_or_says_how_to_start_again(tmp_path):
-    out = killed_run(tmp_path / "run", epochs_done=2)
+    out = killed_run(tmp_path / "run", epochs_done=2, also="checkpoint-previous.safetensors")
     ckpt, prev = out / "checkpoint.safetensors", out / "checkpoint-previous.safetensors"
     assert prev.exists()  # the one before is kept until a newer one is complete
     if not ckpt.exists():  # killed between the two renames of a checkpoint write: rare, and also resumable

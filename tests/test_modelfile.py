@@ -74,3 +74,21 @@ def test_weights_that_do_not_fit_the_architecture_are_refused(tmp_path):
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, wrong, metadata={"cnnkit": json.dumps(meta)})
     with pytest.raises(CnnkitError, match="do not match"):
         load_model(wrong)
+
+
+def test_architectures_load_at_their_smallest_inputs(tmp_path):
+    """The loader's checks run the model on the meta device in inference mode: BatchNorm on 1x1
+    maps (GoogLeNet's last inception at 32 px, ResNet-18 and MobileNetV2 at 8 px) or after a dense
+    layer takes a batch of one there, as it does in predict."""
+    spec = {"name": "bn-after-dense", "layers": ["flatten", {"dense": 16}, "batchnorm", {"dense": "num_classes"}]}
+    cases = [("googlenet", 3, 32), ("resnet18", 3, 8), ("mobilenet_v2", 3, 8), (spec, 1, 8)]
+    for name, c, side in cases:
+        torch.manual_seed(0)
+        model = build_model(name, 10, in_channels=c, image_size=side).eval()
+        meta = {**META, "input": {"channels": c, "height": side, "width": side},
+                "preprocessing": {**META["preprocessing"], "mean": [0.5] * c, "std": [0.25] * c},
+                "architecture": architecture_record(model)}
+        path = save_model(tmp_path / "m.safetensors", model, meta)
+        loaded, _ = load_model(path)
+        x = torch.randn(2, c, side, side)
+        assert torch.equal(model(x), loaded(x)), name

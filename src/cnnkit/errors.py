@@ -18,14 +18,14 @@ class TrainingDiverged(CnnkitError):
 # line, "cannot write PATH: Read-only file system; <this>", instead of an internal error.
 OS_ERROR_FIXES = {
     "EROFS": "the file system is read-only: choose a path on a writable disk",
-    "EACCES": "permission denied: choose a path you may write, or change its permissions",
-    "EPERM": "not permitted: choose a path you may write, or change its permissions",
+    "EACCES": "permission denied: choose a path this user may use, or change its permissions",
+    "EPERM": "not permitted: choose a path this user may use, or change its permissions",
     "ENOSPC": "the disk is full: free some space or choose a path on another disk",
     "EDQUOT": "the disk quota is used up: free some space or choose a path on another disk",
     "EEXIST": "a file of that name is in the way: remove it or choose another path",
     "ENOTDIR": "part of the path is a file, not a folder: choose another path",
     "EISDIR": "it is a folder where a file was expected: choose another path",
-    "ENOENT": "no such file or folder",
+    "ENOENT": "no such file or folder: check the path",
     "ELOOP": "a symbolic link loop (its links point at each other): fix the link",
     "ENAMETOOLONG": "the name is too long: choose a shorter path",
     "EIO": "the disk reported an input/output error: check the disk, or choose a path on another one",

@@ -98,14 +98,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     except (SafetensorError, OSError) as e:
         raise CnnkitError(f"{p} is damaged ({str(e).splitlines()[0]}); train it again or restore a copy") from None
     model = validated_architecture(p, meta, shapes)
+    declared = model.state_dict()
     with safe_open(p, framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
+    for k, v in state.items():
+        want = declared[k].dtype
+        if v.dtype != want:  # a float file in another precision is cast; an integer one cannot be a weight
+            if not (v.is_floating_point() and want.is_floating_point):
+                raise CnnkitError(f"{p}: {k} is stored as {v.dtype} where the architecture needs {want}: "
+                                  "the file is damaged or was edited")
+            state[k] = v.to(want)
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CnnkitError(f"{p} holds non-finite weights (nan or inf in {len(bad)} of {len(state)} tensors, first "
                           f"{bad[0]}): it came from a run that diverged; train again with a lower --lr")
     # assign: the file's tensors become the parameters, so the weights are in memory once
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CnnkitError(f"{p}: weights do not match the architecture ({str(e).splitlines()[0]})") from None
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # a tensor the file does not hold
         raise CnnkitError(f"{p}: weights do not match the architecture (some tensors are missing)")
     return model.to(device).eval(), meta
@@ -139,8 +150,9 @@ def validated_architecture(p: Path, meta: dict, shapes: dict[str, tuple[int, ...
             model = build_from_record(record if isinstance(record, dict) else {})
     except CnnkitError as e:
         raise CnnkitError(f"{p} has broken metadata: {e}") from None
-    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
-        raise CnnkitError(f"{p} has broken metadata: cannot rebuild the architecture ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # whatever a crafted record provokes in a constructor: the file's fault
+        raise CnnkitError(f"{p} has broken metadata: cannot rebuild the architecture "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     declared = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected = sorted(set(declared) - set(shapes)), sorted(set(shapes) - set(declared))
     if missing or unexpected:
@@ -156,8 +168,9 @@ def validated_architecture(p: Path, meta: dict, shapes: dict[str, tuple[int, ...
         raise CnnkitError(f"{p} declares {c}-channel input, but its first layer takes {first.in_channels} channels: "
                           "the metadata is wrong")
     try:
-        outputs = model(torch.empty(1, c, h, w, device="meta")).shape[-1]
-    except (RuntimeError, ValueError) as e:
+        with torch.no_grad():  # in inference mode, as it will run (BatchNorm takes a batch of one)
+            outputs = model.eval()(torch.empty(1, c, h, w, device="meta")).shape[-1]
+    except (RuntimeError, ValueError, IndexError) as e:
         raise CnnkitError(f"{p} declares input {c}x{h}x{w}, which the architecture cannot take "
                           f"({str(e).splitlines()[0][:160]})") from None
     if outputs != len(names):

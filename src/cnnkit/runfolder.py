@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -86,6 +87,13 @@ class RunFolder:
         except OSError:
             return 0
 
+    def set_aside(self, damaged: Path) -> Path:
+        """Move a damaged checkpoint out of the way (checkpoint-damaged.safetensors), so the next
+        save cannot make it the previous one in place of the intact one."""
+        aside = damaged.with_name(damaged.stem + "-damaged" + damaged.suffix)
+        os.replace(damaged, aside)
+        return aside
+
     def resume_checkpoint(self) -> tuple[Path, int, str]:
         """(the newest intact checkpoint, the epoch it ends, a note if an older one had to be used)."""
         damaged = []
@@ -147,8 +155,12 @@ class RunFolder:
         if echo and self.echo is not None:
             self.echo(msg)
         if self.primary:
-            with open(self.log_file, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
+            try:
+                with open(self.log_file, "a", encoding="utf-8") as f:
+                    f.write(msg + "\n")
+            except OSError as e:  # a full disk: name the file
+                e.filename = e.filename or str(self.log_file)
+                raise
 
     def write_config(self, cfg: TrainConfig) -> None:
         if self.primary:
@@ -220,8 +232,17 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     header = {**state, "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}}
 
     def keep_previous() -> None:
-        if previous is not None and path.exists():
-            os.replace(path, previous)
+        """The current checkpoint becomes the previous one by a second name (a hard link, renamed
+        into place), so checkpoint.safetensors exists at every moment, old until the new one lands."""
+        if previous is None or not path.exists():
+            return
+        link = previous.with_name(f".{previous.name}.{os.getpid()}.link")
+        link.unlink(missing_ok=True)
+        try:
+            os.link(path, link)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, link)
+        os.replace(link, previous)
     save_safetensors(tensors, path, {"cnnkit_checkpoint": json.dumps(header)}, before_replace=keep_previous)
 
 

@@ -25,6 +25,7 @@ import hmac
 import io
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -265,8 +266,8 @@ class Front:
         (GET /) as ?token=..., which the page then sends as the header. Constant-time comparisons."""
         if self.token is None or scope["path"] == "/health":
             return True
-        given = headers.get(b"authorization", b"")
-        if hmac.compare_digest(given, b"Bearer " + self.token):
+        scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
             return True
         if scope["path"] == "/" and scope["method"] == "GET":
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -430,17 +431,24 @@ def create_app(model: Model, token: str | None = None):
 
 
 # ----------------------------------------------------------------------------- the connection
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together; past it, 431 (a photo upload needs a few hundred)
+
+
 def deadline_protocol(seconds: float):
     """uvicorn's httptools protocol with a read deadline: a request whose headers and body have not
     all arrived `seconds` after its first byte (or after the connection opened) is answered 408 and
-    its connection closed. uvicorn itself bounds only idle keep-alive connections, so a client
-    sending a byte every few seconds would otherwise hold a connection, and a task, for ever."""
+    its connection closed, and one whose request line and headers pass MAX_HEAD_BYTES gets 431.
+    uvicorn itself bounds only idle keep-alive connections, so a client sending a byte every few
+    seconds would otherwise hold a connection, and a task, for ever."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class DeadlineProtocol(HttpToolsProtocol):
         deadline = None
+        head_bytes = 0
 
-        def arm(self) -> None:
+        def arm(self, restart: bool = False) -> None:
+            if restart:
+                self.disarm()
             if self.deadline is None:
                 self.deadline = self.loop.call_later(seconds, self.too_slow)
 
@@ -448,6 +456,11 @@ def deadline_protocol(seconds: float):
             if self.deadline is not None:
                 self.deadline.cancel()
                 self.deadline = None
+
+        def busy(self) -> bool:
+            """An earlier request of this connection is read and being answered (or queued behind one)."""
+            cycle = self.cycle
+            return bool(self.pipeline) or (cycle is not None and not cycle.more_body and not cycle.response_complete)
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -457,9 +470,30 @@ def deadline_protocol(seconds: float):
             self.disarm()
             super().connection_lost(exc)
 
+        def data_received(self, data: bytes) -> None:
+            # Bytes between requests (a stray CRLF) start no message: the clock starts with them too,
+            # or such a client would hold the connection with no timer at all.
+            if not self.busy():
+                self.arm()
+            super().data_received(data)
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self.arm()
+            self.head_bytes = 0
+            self.arm(restart=not self.busy())  # each request gets the whole window from its first byte
+
+        def on_url(self, url: bytes) -> None:
+            self.count_head(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.count_head(len(name) + len(value))
+            super().on_header(name, value)
+
+        def count_head(self, n: int) -> None:
+            self.head_bytes += n
+            if self.head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self.refuse(431, "Request Header Fields Too Large", f"the request line and headers pass {MAX_HEAD_BYTES:,} bytes")
 
         def on_message_complete(self) -> None:
             self.disarm()  # all of it arrived: from here the request's own --timeout (504) applies
@@ -469,19 +503,29 @@ def deadline_protocol(seconds: float):
             self.deadline = None
             if self.transport.is_closing():
                 return
+            if self.busy():  # reading waits for an earlier answer (pipelining): not the client's delay
+                self.arm()
+                return
+            self.refuse(408, "Request Timeout", f"the request was not sent within {seconds:g} s")
+
+        def refuse(self, status: int, reason: str, detail: str) -> None:
+            """Answer `status` (unless a response has begun) and close the connection."""
             cycle = self.cycle
             if cycle is None or cycle.response_complete or not cycle.response_started:
-                body = json.dumps({"detail": f"the request was not sent within {seconds:g} s"}).encode()
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                     b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
-                                     + body)
-                log.info("slow client %s: 408 after %g s", self.client, seconds)
+                body = json.dumps({"detail": detail}).encode()
+                self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+                                     f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+                log.info("client %s: %d (%s)", self.client, status, detail)
             if cycle is not None and not cycle.response_complete:  # the app's receive() sees a disconnect
                 cycle.disconnected = True
                 cycle.message_event.set()
+            self.disarm()
             self.transport.close()
 
     return DeadlineProtocol
+
+
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]{16,}")  # what secrets.token_urlsafe() writes
 
 
 def is_loopback(host: str) -> bool:
@@ -506,8 +550,11 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, run
     limits = limits or Limits()
     if limits.max_connections < 1:
         raise CnnkitError("--max-connections must be at least 1")
-    if token is not None and len(token) < 8:
-        raise CnnkitError("the token must be at least 8 characters (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
+    if token is not None and not TOKEN_PATTERN.fullmatch(token):
+        raise CnnkitError("the token must be at least 16 characters of A-Z, a-z, 0-9, '-', '_', '.' or '~' (safe in a "
+                          "header and a URL): make one with python -c 'import secrets; print(secrets.token_urlsafe())'")
+    if not (0 < limits.timeout_seconds < float("inf")):  # nan fails the comparison too
+        raise CnnkitError("--timeout must be a positive number of seconds")
     model = Model(model_path, runtime, max_batch, window_ms, limits)
     app = create_app(model, token)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -517,5 +564,6 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, run
     if on_ready:
         on_ready(model)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=5,
-                limit_concurrency=limits.max_connections, h11_max_incomplete_event_size=64 * 1024,
+                # uvicorn refuses when the open connections, the new one included, reach the limit
+                limit_concurrency=limits.max_connections + 1, h11_max_incomplete_event_size=64 * 1024,
                 http=deadline_protocol(limits.timeout_seconds))

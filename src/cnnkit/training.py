@@ -60,7 +60,7 @@ def load_data_and_model(cfg: TrainConfig, quiet: bool = False) -> tuple[Dataset,
         channels = channels or hint[0]
     if image_size is not None:  # before the data is resized to it
         check_training_memory(spec, channels or BUILTIN_CHANNELS.get(str(cfg.data).lower(), 3), image_size,
-                              cfg.batch_size, BUILTIN_IMAGES.get(str(cfg.data).lower(), 0))
+                              cfg.batch_size, BUILTIN_IMAGES.get(str(cfg.data).lower(), 0), pick_device(cfg.device))
     ds = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, image_size=image_size,
                       channels=channels, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, quiet=quiet)
     c, h, w = ds.input_shape
@@ -72,32 +72,44 @@ BUILTIN_IMAGES = {"mnist": 70_000, "fashion-mnist": 70_000, "cifar10": 60_000, "
 BUILTIN_CHANNELS = {"mnist": 1, "fashion-mnist": 1, "cifar10": 3, "digits": 1}
 
 
-def training_bytes_at(spec: dict, channels: int, side: int, batch: int, images: int) -> int | None:
-    """The estimated memory of training `spec` on side x side images (models/memory.py), plus the
-    dataset resized in memory; None where the model cannot take that size (its own error says why)."""
+def training_bytes_at(spec: dict, channels: int, side: int, batch: int) -> int | None:
+    """The estimated memory of training `spec` on side x side images (models/memory.py); None where
+    the model cannot take that size (its own error says why)."""
     from .models.memory import training_bytes
     try:
         with torch.device("meta"):  # nothing is allocated
             model = build_model(spec, 10, in_channels=channels, image_size=(side, side))
-            return training_bytes(model, (channels, side, side), batch) + images * channels * side * side
+            return training_bytes(model, (channels, side, side), batch)
     except (CnnkitError, RuntimeError, ValueError):
         return None
 
 
-def check_training_memory(spec: dict, channels: int, side: int, batch: int, images: int) -> None:
-    """Refuse an --image-size whose training cannot fit in memory, naming the largest that can."""
+def check_training_memory(spec: dict, channels: int, side: int, batch: int, images: int, device: torch.device) -> None:
+    """Refuse an --image-size whose training cannot fit in memory, naming the largest that can.
+    images: how many the dataset holds in host memory at that size (0 for folders, which a disk
+    cache serves). The model's share is compared with the device's free memory (a GPU's own)."""
     from .utils import available_memory_bytes, format_bytes
-    need, have = training_bytes_at(spec, channels, side, batch, images), available_memory_bytes()
-    if need is None or need <= have:
+    host = available_memory_bytes()
+    on_gpu = device.type == "cuda"
+    gpu = torch.cuda.mem_get_info(device)[0] if on_gpu else 0
+
+    def fits(n: int) -> tuple[bool, int | None]:
+        model, data = training_bytes_at(spec, channels, n, batch), images * channels * n * n
+        if model is None:
+            return False, None
+        return ((model <= gpu and data <= host) if on_gpu else model + data <= host), (model if on_gpu else model + data)
+
+    ok, need = fits(side)
+    if ok or need is None:
         return
     lo, hi = 1, side  # the largest side that fits, by bisection on the estimate (each a meta forward)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        fits = training_bytes_at(spec, channels, mid, batch, images)
-        lo, hi = (mid, hi) if fits is not None and fits <= have else (lo, mid - 1)
+        lo, hi = (mid, hi) if fits(mid)[0] else (lo, mid - 1)
+    where = f"the GPU has {format_bytes(gpu)} free" if on_gpu else f"this machine has {format_bytes(host)} available"
+    advice = f"use --image-size {lo} or less, or a smaller --batch-size" if fits(lo)[0] else "use a smaller --batch-size"
     raise CnnkitError(f"--image-size {side} needs about {format_bytes(need)} of memory to train batches of {batch}"
-                      f"{' with the dataset resized in memory' if images else ''}; this machine has "
-                      f"{format_bytes(have)} available: use --image-size {lo} or less, or a smaller --batch-size")
+                      f"{' with the dataset resized in memory' if images and not on_gpu else ''}; {where}: {advice}")
 
 
 def model_meta(model: nn.Module, ds: Dataset, preprocess: Preprocess, cfg: TrainConfig) -> dict:
@@ -233,6 +245,7 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, lr = 0, 0.0
+    first_bad: NonFinite | None = None
     steps = math.ceil(len(perm) / batch_size)
     for i in range(steps):
         lr = lr_fn(i)
@@ -251,8 +264,13 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
             loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=label_smoothing)
         # A diverging run (too high a learning rate, an overflow) stops at its first non-finite loss.
         # .item() syncs a GPU, so there it is checked at the progress bar's pace (every 20 steps).
+        # In a torchrun job each process sees its own shard's loss: the one that sees it first takes
+        # one more step, whose all-reduced gradients make every process's weights (and next loss)
+        # non-finite, so all of them stop at the same step instead of one waiting for the others.
         if (device.type == "cpu" or i % 20 == 0 or i == steps - 1) and not math.isfinite(loss.item()):
-            raise NonFinite(i + 1, steps, f"the loss became {loss.item()}")
+            if not world.active or first_bad is not None:
+                raise first_bad or NonFinite(i + 1, steps, f"the loss became {loss.item()}")
+            first_bad = NonFinite(i + 1, steps, f"the loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -419,18 +437,35 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
     s = Session(cfg, ds, run, model, make_optimizer(cfg, model), preprocess.to(device), device, precision, transfer,
                 cfg.epochs + fine_tune_epochs, meta, augment, class_weight, sample_weight, ema, world=world)
     if resume:
-        checkpoint, done, note = run.resume_checkpoint()
-        if note:
-            run.log(f"note: {note}")
-        if s.phase_of(done) == "fine-tune":  # the checkpoint holds the fine-tuning optimizer
-            set_phase(model, "all")
-            s.optimizer = make_optimizer(cfg, model, "fine-tune")
-        state = load_checkpoint(checkpoint, model, s.optimizer, {"ema": ema} if ema is not None else None)
+        state = resume_state(s, model, ema)
         s.history, s.best_val, s.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
         s.first_epoch, s.ema_steps = state["epoch"] + 1, state.get("ema_steps", 0)
         run.log(f"resuming {run.path} after epoch {state['epoch']}")
     s.trained = distributed.wrap(model, world, device)
     return s
+
+
+def resume_state(s: Session, model: nn.Module, ema: nn.Module | None) -> dict:
+    """Load the newest intact checkpoint into model, optimizer and weight average; one that cannot
+    be read is set aside (checkpoint-damaged.safetensors) and the previous one is tried."""
+    run = s.run
+    while True:
+        checkpoint, done, note = run.resume_checkpoint()
+        if note:
+            run.log(f"note: {note}")
+            if checkpoint != run.checkpoint_file and run.checkpoint_file.exists() and run.primary:
+                run.set_aside(run.checkpoint_file)
+        if s.phase_of(done) == "fine-tune":  # the checkpoint holds the fine-tuning optimizer
+            set_phase(model, "all")
+            s.optimizer = make_optimizer(s.cfg, model, "fine-tune")
+        try:
+            return load_checkpoint(checkpoint, model, s.optimizer, {"ema": ema} if ema is not None else None)
+        except CnnkitError as e:
+            if checkpoint != run.checkpoint_file or not run.previous_checkpoint_file.exists() or not run.primary:
+                raise CnnkitError(f"{e}; no earlier checkpoint is intact: start the run again: cnnkit train "
+                                  f"--config {run.config_file} --out NEW_FOLDER") from None
+            run.log(f"note: {e}; trying the previous checkpoint")
+            run.set_aside(checkpoint)
 
 
 # ----------------------------------------------------------------------------- the epoch loop

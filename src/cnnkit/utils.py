@@ -11,10 +11,12 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, before_replace=None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path` (atomic on POSIX).
 
-    A crash or kill leaves at worst a stray `.tmp` file, never a half-written `path`."""
+    A crash or kill leaves at worst a stray `.tmp` file, never a half-written `path`. before_replace:
+    called once the new file is complete and on disk, just before it replaces `path`. An OSError
+    without a file name (a full disk reported by write() or fsync()) is given `path`'s."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: writers that check it (torch.export) accept it
@@ -27,7 +29,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         mode = 0o666 & ~_umask()
         if os.stat(tmp).st_mode & 0o777 != mode:
             os.chmod(tmp, mode)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -48,16 +56,16 @@ def _umask() -> int:
 
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str], before_replace=None) -> None:
-    """safetensors' save_file, atomically (atomic_path), with its I/O failures ("I/O error: No space
-    left on device (os error 28)") raised as the OSError they are, naming the path. before_replace:
-    called once the new file is complete, just before it replaces the old one."""
+    """safetensors' save_file, atomically (atomic_path, with its before_replace), with its I/O
+    failures ("I/O error: No space left on device (os error 28)") raised as the OSError they are,
+    naming the path."""
     import errno
     import re
 
     from safetensors import SafetensorError
     from safetensors.torch import save_file
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, before_replace) as tmp:
         try:
             save_file(tensors, tmp, metadata=metadata)
         except SafetensorError as e:
@@ -65,8 +73,6 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
             if code is None:
                 raise
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
-        if before_replace is not None:
-            before_replace()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -53,6 +53,8 @@ def load_dataset(
                          test_split=test_split, seed=seed, quiet=quiet)
     elif Path(key).exists():
         raise CnnkitError(f"--data {key} is a file: give a folder of images (DIR/<class>/*) or a dataset name")
+    elif os.path.islink(key):
+        raise CnnkitError(f"--data {key} is a symbolic link to nothing ({os.readlink(key)}), or a loop of links: fix the link")
     elif os.sep in key or key.startswith((".", "~")):  # meant as a path, not a name
         raise CnnkitError(f"no such folder: {key} (--data takes a folder of images or one of {', '.join(BUILTIN)})")
     else:

@@ -6,6 +6,7 @@ renamed to `NAME`, so an interrupted or corrupt download is never used.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import os
@@ -23,6 +24,9 @@ from ..utils import cache_dir, hash_file, progress
 MIRROR_ENV = "CNNKIT_DATA_URL"
 CHUNK_BYTES = 1 << 20
 
+
+# Errors writing the download to this machine's disk: no other mirror can help (cli.py words them).
+LOCAL_FAULTS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR)
 
 def search_dirs(data_dir: str | os.PathLike | None, subdirs: list[str]) -> list[Path]:
     """Folders that may hold a dataset's files, most specific first."""
@@ -111,6 +115,9 @@ def download(urls: list[str], dest: Path, check: Callable[[Path], object], quiet
             os.replace(part, dest)
             return dest
         except (OSError, urllib.error.URLError, CnnkitError) as e:
-            errors.append(f"{url}: {getattr(e, 'reason', e)}")
             part.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno in LOCAL_FAULTS:  # this disk's fault, not the network's
+                e.filename = e.filename or str(part)
+                raise
+            errors.append(f"{url}: {getattr(e, 'reason', e)}")
     raise CnnkitError(f"could not download {dest.name} ({'; '.join(errors)})")

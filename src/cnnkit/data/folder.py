@@ -196,8 +196,8 @@ def read_cache_meta(raw: Path, size: int, channels: int) -> dict | None:
 def load(root: Path, image_size: int, channels: int, test_split: float, seed: int, quiet: bool) -> Dataset:
     files, class_names, unreadable_files, empty = list_files(root)
     if empty and not quiet:  # a class folder without images is no class: say so rather than drop it silently
-        print(f"note: {len(empty)} class folder(s) hold no images and are not classes of this dataset: "
-              f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}", flush=True)
+        print(f"note: {len(empty)} class folder(s) hold no images: {', '.join(empty[:5])}"
+              f"{' ...' if len(empty) > 5 else ''} (a class is learned only from images in its folder)", flush=True)
     class_index = {c: i for i, c in enumerate(class_names)}
     key = cache_key(files, image_size, channels)
     raw = cache_dir() / "folders" / f"{key}.u8"
