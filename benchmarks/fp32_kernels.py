@@ -18,6 +18,7 @@ import contextlib
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ from cnnkit.config import TrainConfig  # noqa: E402
 from cnnkit.models import build_model  # noqa: E402
 from cnnkit.preprocess import Preprocess  # noqa: E402
 from cnnkit.training import make_optimizer, run_epoch  # noqa: E402
+
+# torch warns about Intel-GPU TF32 each time the oneDNN flags are set: not this CPU's business
+warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
 
 NETS = {"seed-mnist-keras": 100, **{k: v[1] for k, v in ALL_NETS.items() if k in
                                     ("seed-mnist-torch", "seed-cifar10", "seed-patch64")}}
