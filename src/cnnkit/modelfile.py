@@ -37,13 +37,18 @@ def save_model(path: str | Path, model: nn.Module, meta: dict) -> Path:
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "cnnkit_version": __version__, **meta}
     # unwrap: a compiled or data-parallel model's keys would carry `_orig_mod.` / `module.` prefixes
     tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    import torch
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = non_finite(tensors)
     if bad:  # training stops before this (training.NonFinite); no caller may write such a file
         raise CnnkitError(f"refusing to write {path}: {len(bad)} tensors hold nan or inf (first {bad[0]})")
     path = Path(path)
     save_safetensors(tensors, path, {"cnnkit": json.dumps(header)})
     return path
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a nan or an inf (what a diverged run leaves)."""
+    import torch
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -88,8 +93,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     tensors' shapes in the file header, the class names against the outputs, the declared input
     against the first layer, and the memory it needs against what is available, all before a byte
     of weights is read. Weights holding a nan or an inf are refused: they came from a run that diverged."""
-    import torch
-
     p = resolve_model_path(path)
     meta = read_metadata(p)
     try:
@@ -108,7 +111,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
                 raise CnnkitError(f"{p}: {k} is stored as {v.dtype} where the architecture needs {want}: "
                                   "the file is damaged or was edited")
             state[k] = v.to(want)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = non_finite(state)
     if bad:
         raise CnnkitError(f"{p} holds non-finite weights (nan or inf in {len(bad)} of {len(state)} tensors, first "
                           f"{bad[0]}): it came from a run that diverged; train again with a lower --lr")

@@ -40,7 +40,7 @@ from .distributed import World
 from .errors import CnnkitError, TrainingDiverged, TrainingInterrupted
 from .hardware import precision_choice
 from .inference import metrics_from_logits, pick_device, predict_logits
-from .modelfile import load_model
+from .modelfile import load_model, non_finite
 from .models.base import unwrap
 from .models.registry import architecture_record, build_model, default_input, get_spec
 from .models.summary import format_summary, summary
@@ -301,8 +301,7 @@ class NonFinite(Exception):
 
 def non_finite_tensors(*modules: nn.Module | None) -> list[str]:
     """Names of the floating-point tensors (parameters and buffers) holding a nan or an inf."""
-    return [k for m in modules if m is not None for k, v in unwrap(m).state_dict().items()
-            if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [k for m in modules if m is not None for k in non_finite(unwrap(m).state_dict())]
 
 
 # ----------------------------------------------------------------------------- set-up
