@@ -24,6 +24,7 @@ What the processes share, and how (training.py does the rest):
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import signal
@@ -78,10 +79,17 @@ def start(world: World, device_kind: str) -> None:
 
 def stop_on_sigterm() -> None:
     """Turn SIGTERM into KeyboardInterrupt, so a process that torchrun stops (because another one
-    failed) ends like Ctrl-C: one line saying which checkpoint is kept and how to resume."""
+    failed) ends like Ctrl-C: one line saying which checkpoint is kept and how to resume.
+
+    Only the first SIGTERM interrupts: a second one (torchrun repeats it) and one arriving while the
+    interpreter shuts down are ignored, or the KeyboardInterrupt would surface as a traceback from
+    whatever atexit callback was running (seen in CI: torch.library's finalizer)."""
     def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)
+    # atexit runs last-registered first, so this runs before the finalizers torch registered on import
+    atexit.register(signal.signal, signal.SIGTERM, signal.SIG_IGN)
 
 
 def stop() -> None:

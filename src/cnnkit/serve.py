@@ -432,6 +432,48 @@ def create_app(model: Model, token: str | None = None):
 
 # ----------------------------------------------------------------------------- the connection
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together; past it, 431 (a photo upload needs a few hundred)
+LINGER_SECONDS = 3.0  # after answering and closing, how long the rest of a client's request is read and dropped
+
+
+class LingeringTransport:
+    """A connection's transport whose close() is a lingering close, as nginx and Apache do it.
+
+    A server that answers before reading the whole request (a 413 for an 11 MB upload, a 408, a 401)
+    and then closes with the client's bytes still arriving makes the kernel send a reset, and a reset
+    discards the answer in the client's receive buffer: the client sees "connection reset", not the
+    413 (seen in CI under load, when the answer lost the race with the body). So close() sends the
+    answer and a FIN (shutdown of our side only), then reads and drops what the client still sends
+    until it closes its side or LINGER_SECONDS pass; only then is the socket closed. The connection
+    still counts against --max-connections meanwhile, so lingering is bounded like any other."""
+
+    def __init__(self, transport, protocol):
+        self._transport, self._protocol = transport, protocol
+        self.lingering = False
+        self._timer = None
+
+    def __getattr__(self, name):  # everything else is the real transport's
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return self.abort_linger()
+        self.lingering = True
+        try:
+            self._transport.write_eof()  # after the buffered answer: FIN, our side only
+        except (OSError, RuntimeError):  # already shut, or a transport that cannot half-close
+            return self.abort_linger()
+        self._transport.resume_reading()  # flow control may have paused it mid-body
+        self._timer = self._protocol.loop.call_later(LINGER_SECONDS, self.abort_linger)
+
+    def abort_linger(self) -> None:
+        """The real close (the client closed its side, or its time is up)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport.close()
 
 
 def deadline_protocol(seconds: float):
@@ -463,14 +505,23 @@ def deadline_protocol(seconds: float):
             return bool(self.pipeline) or (cycle is not None and not cycle.more_body and not cycle.response_complete)
 
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+            super().connection_made(LingeringTransport(transport, self))
             self.arm()
 
         def connection_lost(self, exc) -> None:
             self.disarm()
+            if isinstance(self.transport, LingeringTransport) and self.transport.lingering:
+                self.transport.abort_linger()
             super().connection_lost(exc)
 
+        def eof_received(self):
+            if self.transport.lingering:  # the client has sent all it will: close now
+                self.transport.abort_linger()
+            return super().eof_received()
+
         def data_received(self, data: bytes) -> None:
+            if self.transport.lingering:  # the rest of a request already answered: dropped
+                return
             # Bytes between requests (a stray CRLF) start no message: the clock starts with them too,
             # or such a client would hold the connection with no timer at all.
             if not self.busy():
