@@ -12,7 +12,7 @@ import cnnkit
 from cnnkit import CnnkitError, build_model, summary
 from cnnkit.models.pretrained import load_pretrained, read_state_dict
 from cnnkit.models.zoo import ARCHS
-from conftest import CodePayload, run_cli, run_main, shared
+from conftest import CodePayload, run_main, shared
 
 PUBLISHED = {name: a.published_params for name, a in ARCHS.items() if a.published_params}
 
@@ -108,7 +108,7 @@ def test_wrong_shapes_or_missing_keys_are_named(tmp_path):
 def test_pickle_with_code_payload_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"conv1.weight": CodePayload(marker)}, tmp_path / "evil.pth")
-    r = run_cli("train", "--data", "digits", "--model", "resnet18", "--image-size", "32",
+    r = run_main("train", "--data", "digits", "--model", "resnet18", "--image-size", "32",
                 "--pretrained", str(tmp_path / "evil.pth"))
     assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr
     assert not marker.exists()

@@ -31,7 +31,7 @@ def test_config_file_sets_fields_and_flags_override_it(tmp_path):
     recipe.write_text("# a recipe\ndata: digits\nmodel: seed-digits\nepochs: 2\nlr: 0.004\nimage_size: 16\n"
                       "optimizer: sgd\nreport: false\n")
     run = tmp_path / "run"
-    r = run_cli("train", "--config", str(recipe), "--epochs", "1", "--out", str(run), "--quiet")
+    r = run_main("train", "--config", str(recipe), "--epochs", "1", "--out", str(run), "--quiet")
     assert r.returncode == 0, r.stderr
     saved = json.loads((run / "config.json").read_text())
     assert (saved["epochs"], saved["lr"], saved["optimizer"], saved["image_size"]) == (1, 0.004, "sgd", 16)
@@ -40,9 +40,9 @@ def test_config_file_sets_fields_and_flags_override_it(tmp_path):
 
 def test_a_run_re_runs_identically_from_its_own_config_json(tmp_path):
     first = tmp_path / "first"
-    assert run_cli("train", *SMALL, "--epochs", "3", "--lr", "0.003", "--no-report", "--out", str(first)).returncode == 0
+    assert run_main("train", *SMALL, "--epochs", "3", "--lr", "0.003", "--no-report", "--out", str(first)).returncode == 0
     again = tmp_path / "again"
-    r = run_cli("train", "--config", str(first / "config.json"), "--out", str(again), "--quiet")
+    r = run_main("train", "--config", str(first / "config.json"), "--out", str(again), "--quiet")
     assert r.returncode == 0, r.stderr
     assert_same_run(first, again)
     ca, cb = (json.loads((d / "config.json").read_text()) for d in (first, again))
@@ -52,7 +52,7 @@ def test_a_run_re_runs_identically_from_its_own_config_json(tmp_path):
 def test_a_config_file_with_an_unknown_field_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: 2\nlearning_rate: 0.1\n")
-    r = run_cli("train", "--config", str(bad), "--out", str(tmp_path / "run"))
+    r = run_main("train", "--config", str(bad), "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "learning_rate" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 

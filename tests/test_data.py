@@ -14,7 +14,7 @@ from PIL import Image
 from cnnkit import CnnkitError, load_dataset
 from cnnkit.data import stratified_split
 from cnnkit.data.builtin import parse_cifar_bin, parse_idx
-from conftest import run_cli, run_main, shared
+from conftest import run_main, shared
 
 
 # ----------------------------------------------------------------------------- MNIST and downloads
@@ -187,7 +187,7 @@ def test_bad_and_odd_files_are_skipped_or_converted(tmp_path):
 
 def test_bad_folder_trains_and_lists_skipped_files(tmp_path):
     make_bad_folder(tmp_path / "bad")
-    r = run_cli("train", "--data", str(tmp_path / "bad"), "--model", "linear", "--image-size", "16",
+    r = run_main("train", "--data", str(tmp_path / "bad"), "--model", "linear", "--image-size", "16",
                 "--epochs", "2", "--out", str(tmp_path / "run"), "--quiet", "--json")
     assert r.returncode == 0, r.stderr
     import json

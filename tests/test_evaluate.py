@@ -12,7 +12,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 import cnnkit
 from cnnkit import evaluate as ev
 from cnnkit.inference import tta_views
-from conftest import run_cli, run_main, shared
+from conftest import run_main, shared
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_metrics_equal_scikit_learn_on_mnist(mnist_run, tmp_path):
 
 def test_evaluate_cli_writes_files(mnist_run, tmp_path):
     out = tmp_path / "ev"
-    r = run_cli("evaluate", str(mnist_run.run_dir), "--data", "mnist", "--data-dir", str(shared()),
+    r = run_main("evaluate", str(mnist_run.run_dir), "--data", "mnist", "--data-dir", str(shared()),
                 "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)

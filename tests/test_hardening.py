@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from cnnkit import CnnkitError, build_model, load_model, read_metadata, save_model
 from cnnkit.models.registry import architecture_record
-from conftest import run_cli, run_main
+from conftest import run_main
 from test_train import SMALL, start_training, wait_for_checkpoint
 
 META = {"class_names": [str(i) for i in range(10)], "input": {"channels": 1, "height": 16, "width": 16},
@@ -75,7 +75,7 @@ def model_file(path, meta_changes: dict | None = None, tensors_change=None, spec
 # ----------------------------------------------------------------------------- 1. divergence
 def test_a_diverging_run_stops_in_one_line_and_writes_no_nan_model(tmp_path):
     out = tmp_path / "nan"
-    r = run_cli("train", *SMALL, "--epochs", "2", "--no-report", "--lr", "1e308", "--out", str(out))
+    r = run_main("train", *SMALL, "--epochs", "2", "--no-report", "--lr", "1e308", "--out", str(out))
     line = one_line_error(r, "training diverged at step", "of epoch 1", "the loss became nan", "--lr",
                           "no model file was written")
     assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
@@ -90,7 +90,7 @@ def test_divergence_after_a_good_epoch_keeps_the_best_model_and_its_checkpoint(t
     config = json.loads((out / "config.json").read_text())
     config["lr"] = 1e308  # the rest of the run diverges at once
     (out / "config.json").write_text(json.dumps(config))
-    r = run_cli("train", "--resume", str(out))
+    r = run_main("train", "--resume", str(out))
     one_line_error(r, f"of epoch {done + 1}", "the best model so far (epoch", f"checkpoint after epoch {done} is kept")
     model, _ = load_model(out)  # the best model so far: finite, loadable
     assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
@@ -168,7 +168,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one_or_says_how_to_star
     (out / "config.json").write_text(json.dumps(cfg))
     old_umask = os.umask(0o022)
     try:
-        r = run_cli("train", "--resume", str(out))
+        r = run_main("train", "--resume", str(out))
     finally:
         os.umask(old_umask)
     assert r.returncode == 0, r.stderr

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import cnnkit
-from conftest import ARTIFACTS, run_cli, shared
+from conftest import ARTIFACTS, run_main, shared
 
 CHROMIUM = os.environ.get("CNNKIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 # Flags from this machine's notes: no sandbox as root, and no background connections to Google
@@ -117,7 +117,7 @@ def test_train_writes_a_report_that_opens_in_chromium(folder_run):
 
 def test_evaluate_writes_a_report_for_any_split(folder_run, tmp_path):
     out = tmp_path / "ev"
-    r = run_cli("evaluate", str(folder_run.run_dir), "--data", folder_run.config.data, "--split", "val",
+    r = run_main("evaluate", str(folder_run.run_dir), "--data", folder_run.config.data, "--split", "val",
                 "--out", str(out), "--tta", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
@@ -131,7 +131,7 @@ def test_evaluate_writes_a_report_for_any_split(folder_run, tmp_path):
 def test_explain_draws_kernels_feature_maps_and_gradcam(folder_run, tmp_path):
     image = sorted(shared("hymenoptera", "val", "bees").glob("*.jpg"))[0]
     out = tmp_path / "explain"
-    r = run_cli("explain", str(folder_run.run_dir), str(image), "--out", str(out), "--class", "ants", "--json")
+    r = run_main("explain", str(folder_run.run_dir), str(image), "--out", str(out), "--class", "ants", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["predicted"] in ("ants", "bees") and sum(t["probability"] for t in info["top"]) == pytest.approx(1, abs=1e-5)
@@ -153,7 +153,7 @@ def test_explain_bad_input_is_one_line(folder_run, tmp_path, args, message):
     text_file.write_text("not an image")
     image = sorted(shared("hymenoptera", "val", "ants").glob("*.jpg"))[0]
     args = [str(text_file) if a == "NOTIMAGE" else str(image) if a == "IMAGE" else a for a in args]
-    r = run_cli("explain", str(folder_run.run_dir), *args, "--out", str(tmp_path / "x"))
+    r = run_main("explain", str(folder_run.run_dir), *args, "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -161,6 +161,6 @@ def test_explain_refuses_a_model_without_convolutions(tmp_path):
     run = cnnkit.train(cnnkit.TrainConfig(model="linear", epochs=1, out=str(tmp_path / "lin")), quiet=True)
     img = tmp_path / "digit.png"
     Image.fromarray(run.dataset.test.images[0, 0].numpy()).save(img)
-    r = run_cli("explain", str(run.run_dir), str(img), "--out", str(tmp_path / "x"))
+    r = run_main("explain", str(run.run_dir), str(img), "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "no convolution layers" in r.stderr
     assert (run.run_dir / "report.html").is_file()  # its report simply has no heatmaps

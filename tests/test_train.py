@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cnnkit
-from conftest import ROOT, assert_same_run, run_cli
+from conftest import ROOT, assert_same_run, run_cli, run_main
 
 # A small CPU run whose epochs take a fraction of a second: digits upscaled to 16 px.
 SMALL = ["--data", "digits", "--model", "seed-digits", "--image-size", "16", "--batch-size", "64", "--quiet"]
@@ -20,7 +20,7 @@ SMALL = ["--data", "digits", "--model", "seed-digits", "--image-size", "16", "--
 
 def test_cli_train_writes_a_complete_run_folder(tmp_path):
     run = tmp_path / "run"
-    r = run_cli("train", *SMALL, "--epochs", "3", "--out", str(run), "--json")
+    r = run_main("train", *SMALL, "--epochs", "3", "--out", str(run), "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)  # stdout holds only the JSON
     assert {p.name for p in run.iterdir()} >= {"model.safetensors", "history.csv", "curves.png", "config.json",
@@ -41,7 +41,7 @@ def test_cli_train_writes_a_complete_run_folder(tmp_path):
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
     with open(run / "curves.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    s = run_cli("summary", str(run), "--json")
+    s = run_main("summary", str(run), "--json")
     assert json.loads(s.stdout)["total_params"] == cnnkit.summary(model)["total_params"]
 
 
@@ -110,13 +110,13 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
 
 
 def test_resume_of_a_finished_or_missing_run_is_refused(tmp_path):
-    r = run_cli("train", "--resume", str(tmp_path / "nothing"))
+    r = run_main("train", "--resume", str(tmp_path / "nothing"))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "config.json" in r.stderr
     run = tmp_path / "run"
-    assert run_cli("train", *SMALL, "--no-report", "--epochs", "1", "--out", str(run)).returncode == 0
-    r = run_cli("train", "--resume", str(run))
+    assert run_main("train", *SMALL, "--no-report", "--epochs", "1", "--out", str(run)).returncode == 0
+    r = run_main("train", "--resume", str(run))
     assert r.returncode != 0 and "already complete" in r.stderr
-    r = run_cli("train", *SMALL, "--epochs", "1", "--out", str(run))
+    r = run_main("train", *SMALL, "--epochs", "1", "--out", str(run))
     assert r.returncode != 0 and "already holds a run" in r.stderr
 
 
@@ -198,7 +198,7 @@ def test_progress_off_a_terminal_is_a_few_plain_lines(tmp_path):
     """Issue 10: with stderr a pipe (CI logs, `2> file`), no carriage-return bar updates: the epoch
     lines, and at most one progress line per PROGRESS_LINE_SECONDS of a long epoch."""
     args = [a for a in SMALL if a != "--quiet"]
-    r = run_cli("train", *args, "--epochs", "3", "--no-report", "--out", str(tmp_path / "run"))
+    r = run_main("train", *args, "--epochs", "3", "--no-report", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     out = r.stdout + r.stderr
     assert "\r" not in out and "\x1b[" not in out

@@ -22,24 +22,25 @@ def train(tmp_path, name, *args):
 
 @pytest.mark.slow
 def test_frozen_pretrained_beats_scratch_and_fine_tuning_keeps_it(tmp_path):
-    frozen = train(tmp_path, "frozen", "--pretrained", "efficientnet_lite0", "--freeze-backbone", "--epochs", "5")
-    m = frozen["metrics"]
-    print(f"frozen: {m['test_accuracy']:.4f} on val in {m['train_seconds']:.0f} s")
-    assert m["test_accuracy"] >= 0.90  # no time bound: a slow machine must not fail a test
-    assert m["test_split"] == "val" and m["test_n"] == 153
-    meta_pretrained = json.loads((tmp_path / "frozen" / "config.json").read_text())["pretrained"]
-    assert meta_pretrained == "efficientnet_lite0"
-
-    scratch = train(tmp_path, "scratch", "--epochs", "2")["metrics"]  # 5 epochs gave no more: 245 images are few
-    print(f"scratch: {scratch['test_accuracy']:.4f}")
-    assert scratch["test_accuracy"] < m["test_accuracy"] - 0.2
-
+    # One run holds both phases: 5 epochs on the frozen backbone, then 3 with everything trainable.
+    # Hymenoptera's test split is its val split, so the frozen phase's own val accuracy (history)
+    # is what a frozen-only run would report as its test accuracy.
     tuned = train(tmp_path, "tuned", "--pretrained", "efficientnet_lite0", "--fine-tune", "--epochs", "5",
                   "--fine-tune-epochs", "3")
-    phases = [h["epoch"] for h in tuned["history"]]
-    print(f"fine-tune: {tuned['metrics']['test_accuracy']:.4f} in {tuned['metrics']['train_seconds']:.0f} s")
-    assert phases == list(range(1, 9))
-    assert tuned["metrics"]["test_accuracy"] >= m["test_accuracy"]
+    m = tuned["metrics"]
+    assert [h["epoch"] for h in tuned["history"]] == list(range(1, 9))
+    assert m["test_split"] == "val" and m["test_n"] == 153
+    frozen = max(h["val_acc"] for h in tuned["history"][:5])
+    print(f"frozen phase: {frozen:.4f} on val; after fine-tuning: {m['test_accuracy']:.4f} in {m['train_seconds']:.0f} s")
+    assert frozen >= 0.90  # no time bound: a slow machine must not fail a test
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["pretrained"] == "efficientnet_lite0"
+
+    scratch = train(tmp_path, "scratch", "--epochs", "2")["metrics"]  # 5 epochs gave no more: 245 images are few
+    print(f"scratch: {scratch['test_accuracy']:.4f} in {scratch['train_seconds']:.0f} s")
+    assert scratch["test_accuracy"] < frozen - 0.2
+    # the best model of the whole run (fp32 test of the epoch with the best val accuracy) is no worse than
+    # the frozen phase's best: one image of 153 allowed for the bf16 validation pass against the fp32 test
+    assert m["test_accuracy"] >= frozen - 1 / 153
     # the fine-tuning phase really trained the backbone: its weights moved away from the package's
     import torch
     from cnnkit import load_model
