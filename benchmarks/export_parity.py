@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_export import model_file  # noqa: E402  (the tests' model files)
 
-from cnnkit.run import export_with_proof  # noqa: E402
+from cnnkit.jobs.export import export_with_proof  # noqa: E402
 
 NETS = [("seed-mnist-torch", 1, 28, "mnist"), ("seed-mnist-keras", 1, 28, "mnist"), ("seed-cifar10", 3, 32, None),
         ("seed-patch64", 3, 64, None), ("resnet18", 3, 32, None), ("efficientnet_lite0", 3, 64, None)]

@@ -17,7 +17,7 @@ import torch
 
 import cnnkit
 from cnnkit.config import recipe_file
-from cnnkit.labelissues import label_issues
+from cnnkit.jobs.label_issues import label_issues
 from cnnkit.training import load_data_and_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -118,7 +118,7 @@ def start_server(model: str, max_batch: int, extra: list[str] | None = None) -> 
             return proc, port
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError("the server exited at start")
+                raise RuntimeError("the server exited at start") from None
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("the server did not start in 60 s")

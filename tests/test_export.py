@@ -172,14 +172,15 @@ def test_deployable_matches_the_inference_layer():
 
 def test_auto_runtime_measures_once_and_falls_back_when_export_fails(tmp_path, monkeypatch):
     import cnnkit.export
-    import cnnkit.predict as predict
-    monkeypatch.setattr(predict, "MEASURE_FROM_FILES", 1)  # measure on this small job
+    import cnnkit.jobs.predict as predict
+    import cnnkit.runtimes as runtimes
+    monkeypatch.setattr(runtimes, "MEASURE_FROM_FILES", 1)  # measure on this small job
     path = model_file(tmp_path, "seed-mnist-keras", 1, 28, None)
     png = tmp_path / "d.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
     rows, info = predict.predict_files(path, [str(png)])
     assert info["why"].startswith("measured now") and info["runtime"] in ("onnx", "torch")
-    record = json.loads(next((predict.exports_dir()).glob("*.runtime.json")).read_text())
+    record = json.loads(next((runtimes.exports_dir()).glob("*.runtime.json")).read_text())
     assert set(record["images_per_second"]) == {"onnx", "torch"} and record["runtime"] == info["runtime"]
     rows2, info2 = predict.predict_files(path, [str(png)])
     assert info2["why"].startswith("measured before") and rows2 == rows

@@ -167,7 +167,6 @@ def test_two_thousand_requests_a_fifth_malformed(server):
 
     results, slow_ended, health = asyncio.run(everything())
     after = rss_mb(pid)
-    statuses = [r[0] for r in results]
     failed = [(kind, status, seconds, body[:120]) for kind, (status, seconds, body) in zip(kinds, results)
               if status >= 500 or status == 0]
     assert not failed, f"5xx or dropped connections: {failed[:10]}"
@@ -352,7 +351,7 @@ def test_a_server_on_the_network_without_a_token_is_warned_about(server, monkeyp
 
     import uvicorn
 
-    from cnnkit.serve import is_loopback, serve
+    from cnnkit.jobs.serve import is_loopback, serve
     _, model_path, _ = server
     started = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw))  # no socket is opened

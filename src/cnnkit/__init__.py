@@ -20,7 +20,7 @@ _EXPORTS = {
     "TrainConfig": "config", "Dataset": "data", "Split": "data", "load_dataset": "data",
     "CnnkitError": "errors", "load_model": "modelfile", "read_metadata": "modelfile", "save_model": "modelfile",
     "build_model": "models", "list_models": "models", "summary": "models", "Preprocess": "preprocess",
-    "predict_logits": "inference", "probabilities": "inference", "train": "run", "RunResult": "run",
+    "predict_logits": "inference", "probabilities": "inference", "train": "jobs.train", "RunResult": "jobs.train",
 }
 __all__ = ["__version__", *_EXPORTS]
 

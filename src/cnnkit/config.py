@@ -1,5 +1,5 @@
 """One config object per job. Every field says what it means and its unit in its comment; the
-`cnnkit train` flags are derived from these fields and comments (cli.py), `--config FILE.yaml` sets
+`cnnkit train` flags are derived from these fields and comments (cli/common.py), `--config FILE.yaml` sets
 any of them, and the resolved config is saved with each run as config.json, which `--config` and
 `--resume` read back. So a recipe is a file a user can read and share.
 """

@@ -1,4 +1,4 @@
-"""Evaluation: numbers only (pictures are in report.py; prediction of files is predict.py).
+"""Evaluation: numbers only (pictures are in report.py; prediction of files is jobs/predict.py).
 
 Everything here reads a model file: its architecture, class names, input size and normalization, so
 the preprocessing is the one training used.

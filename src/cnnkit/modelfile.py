@@ -184,3 +184,23 @@ def validated_architecture(p: Path, meta: dict, shapes: dict[str, tuple[int, ...
                           f"({format_bytes(4 * activation_numel(model, (c, h, w)))} of activations); "
                           f"this machine has {format_bytes(have)} available")
     return model
+
+
+def is_model_file(arg: str | Path) -> bool:
+    """Whether a command's model argument names a model file or run folder (else a registered name or a YAML spec)."""
+    p = Path(arg)
+    return p.is_dir() or p.suffix == ".safetensors" or (p.is_file() and p.suffix not in (".yaml", ".yml"))
+
+
+def model_from_argument(model: str, input_shape: tuple[int, ...] | None = None,
+                        num_classes: int = 10) -> tuple[nn.Module, dict | None, str]:
+    """(model, its metadata, its name) from a model file or run folder, or (a freshly built model,
+    None, the spec's name) from a registered name or YAML spec, for input (C, H, W) (default: the
+    spec's own, else 1x28x28). One helper for every command that takes either."""
+    if is_model_file(model):
+        built, meta = load_model(model)
+        return built, meta, meta["architecture"].get("name") or str(model)
+    from .models.registry import build_model, default_input, get_spec
+    spec = get_spec(model)
+    c, h, w = input_shape or default_input(spec) or (1, 28, 28)
+    return build_model(spec, num_classes, in_channels=c, image_size=(h, w)), None, spec.get("name") or str(model)

@@ -1,6 +1,6 @@
 """Pictures, drawn from numbers: matplotlib lives here only, with the non-interactive Agg backend.
 
-Nothing here evaluates or explains a model: run.py computes the numbers (evaluate.py, explain.py)
+Nothing here evaluates or explains a model: the jobs compute the numbers (evaluate.py, explain.py)
 and hands them over, so this module imports no other cnnkit layer but utils."""
 from __future__ import annotations
 

@@ -231,7 +231,7 @@ def loss_example(logits: list[float], target: int) -> dict:
 
 def format_loss(r: dict) -> str:
     if r["kind"] == "binary":
-        z, y, p = r["logit"], r["target"], r["probability"]
+        z, p = r["logit"], r["probability"]
         return "\n".join([
             f"p = σ(z) = 1 / (1 + e^−{fmt(z)}) = {p:.4f}",
             f"from the probability: −[y·ln p + (1 − y)·ln(1 − p)] = {r['from_probabilities']:.4f}",

@@ -12,7 +12,7 @@ activations are on by default (benchmarks/NOTES.md). A checkpoint is written ato
 loses at most the epoch in progress, and a resumed run continues to the same end: shuffling and
 dropout are seeded per epoch, so a resumed CPU run equals an uninterrupted one.
 
-Testing, calibration and the report are the run's next steps (run.py); this module imports none of
+Testing, calibration and the report are the run's next steps (jobs/train.py); this module imports none of
 them. Every file goes through the RunFolder, which knows whether this process writes.
 """
 from __future__ import annotations

@@ -59,7 +59,6 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     """safetensors' save_file, atomically (atomic_path, with its before_replace), with its I/O
     failures ("I/O error: No space left on device (os error 28)") raised as the OSError they are,
     naming the path."""
-    import errno
     import re
 
     from safetensors import SafetensorError

@@ -25,7 +25,7 @@ MIRROR_ENV = "CNNKIT_DATA_URL"
 CHUNK_BYTES = 1 << 20
 
 
-# Errors writing the download to this machine's disk: no other mirror can help (cli.py words them).
+# Errors writing the download to this machine's disk: no other mirror can help (cli/ words them).
 LOCAL_FAULTS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR)
 
 def search_dirs(data_dir: str | os.PathLike | None, subdirs: list[str]) -> list[Path]:

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig
-from .data import Dataset
-from .errors import CnnkitError
-from .inference import probabilities
-from .models.registry import build_model, get_spec
-from .runfolder import RunFolder
-from .training import fit, load_data_and_model
-from .utils import write_csv, write_text_atomic
+from ..config import TrainConfig
+from ..data import Dataset
+from ..errors import CnnkitError
+from ..inference import probabilities
+from ..models.registry import build_model, get_spec
+from ..runfolder import RunFolder
+from ..training import fit, load_data_and_model
+from ..utils import write_csv, write_text_atomic
 
 GALLERY_IMAGES = 48  # the most likely label errors drawn in label_issues.png
 
@@ -83,7 +83,7 @@ def label_issues(cfg: TrainConfig, folds: int = 3, retrain: bool = False, out: s
                  ds: Dataset | None = None, echo=None) -> tuple[dict, dict[str, Path]]:
     """The job: rank, write label_issues.csv, label_issues.png and label_issues.json into `out`.
     ds: the data, when the caller has it (tests flip labels in it); else loaded from cfg."""
-    from .report import plot_misclassified
+    from ..report import plot_misclassified
 
     say = echo or (lambda msg: None)
     if ds is None:

@@ -1,14 +1,12 @@
-"""`cnnkit predict`: classify files and folders at the speed of the decoder.
+"""The runtimes a model file runs on (PyTorch, or its ONNX export in onnxruntime), and the choice
+between them: the one measured fastest for this model on this machine. `cnnkit predict`
+(jobs/predict.py) and `cnnkit serve` use it.
 
-Three things make it fast, each measured (benchmarks/predict_speed.py, benchmarks/NOTES.md):
-- decoding runs in a process pool on every core while the model runs on the batches already
-  decoded (Pillow holds the GIL for its Python-side work, so threads would not overlap);
-- the runtime is the one measured fastest for this model on this machine: the first large job
-  exports the model to ONNX in the cache (parity-checked), times onnxruntime against PyTorch on
-  the same batch and records the winner; later jobs read the record. On 2 CPU cores in fp32,
-  onnxruntime ran seed-cifar10 1.9x and seed-mnist-torch 1.7x faster than PyTorch, seed-patch64
-  about as fast (`python benchmarks/runtimes.py`, batches of 64);
-- with the ONNX runtime PyTorch is never imported (about 1 s of a short job): this module, the
+- The first large job exports the model to ONNX in the cache (parity-checked), times onnxruntime
+  against PyTorch on the same batch and records the winner; later jobs read the record. On 2 CPU
+  cores in fp32, onnxruntime ran seed-cifar10 1.9x and seed-mnist-torch 1.7x faster than PyTorch,
+  seed-patch64 about as fast (`python benchmarks/runtimes.py`, batches of 64).
+- With the ONNX runtime PyTorch is never imported (about 1 s of a short job): this module, the
   decoder and the model file's metadata reader import numpy, Pillow and safetensors only.
 
 Probabilities are fp32 and calibrated on every runtime (the export includes the temperature), equal
@@ -19,22 +17,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .decode import decode_files, die_with_parent, expand_paths
 from .errors import CnnkitError
-from .modelfile import read_metadata, resolve_model_path
 from .utils import cache_dir, hash_file, write_text_atomic
 
 RUNTIMES = ("auto", "torch", "onnx")
-CHUNK_FILES = 256  # files per decoding task: large enough that a task's overhead (pickling ~3 MB back) is small
-PARALLEL_FROM_FILES = 512  # below this a process pool's start-up costs more than it saves
 MEASURE_FROM_FILES = 2000  # auto runtime: smaller jobs use PyTorch rather than pay an export (1-4 s) to choose
 MEASURE_BATCH = 128  # images per timed batch when choosing a runtime
 
@@ -165,84 +156,3 @@ def choose_runtime(model_path: Path, meta: dict, runtime: str, tta: bool, measur
     if record["runtime"] == "onnx":
         return OnnxRuntime(cached_onnx(model_path, key)), how
     return TorchRuntime(model_path), how
-
-
-# ----------------------------------------------------------------------------- the pipeline
-def decoded_chunks(files: list[str], size: int, channels: int, workers: int):
-    """Yield (paths, [(array or None, error)]) in order; decoding runs ahead in a process pool,
-    at most 2 chunks per worker in flight, so memory stays bounded for any number of files."""
-    chunks = [files[i:i + CHUNK_FILES] for i in range(0, len(files), CHUNK_FILES)]
-    if workers <= 1 or len(files) < PARALLEL_FROM_FILES:
-        for chunk in chunks:
-            yield chunk, decode_files((chunk, size, channels))
-        return
-    # fork: workers start in milliseconds and need nothing the parent has not imported (no torch)
-    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=die_with_parent) as pool:
-        pending: deque = deque()
-        todo = iter(chunks)
-        for chunk in todo:
-            pending.append((chunk, pool.submit(decode_files, (chunk, size, channels))))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            chunk, future = pending.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(decode_files, (nxt, size, channels))))
-            yield chunk, future.result()
-
-
-def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confidence: float | None = None,
-                  tta: bool = False, runtime: str = "auto", workers: int | None = None,
-                  on_progress: Callable[[int], None] | None = None) -> tuple[list[dict], dict]:
-    """(rows, info). One row per file: {path, labels, probabilities} or {path, error}; a bad file
-    never stops the batch. info: {runtime, why, files, classified, errors, seconds}.
-
-    model: a model file, a run folder, or an ONNX file written by `cnnkit export`."""
-    start = time.perf_counter()
-    model_path = Path(model)
-    if model_path.suffix == ".onnx":
-        if not model_path.is_file():
-            raise CnnkitError(f"no ONNX file at {model}")
-        meta = None
-    else:
-        model_path = resolve_model_path(model)
-        meta = read_metadata(model_path)
-    files = expand_paths(paths)
-    if not files:
-        return [], {"files": 0}
-    workers = cpu_count() if workers is None else workers
-    # The pool forks before the runtime loads, so the workers carry no PyTorch or onnxruntime threads.
-    rt, why = None, ""
-    rows: list[dict] = []
-    if meta is None:
-        rt, why = choose_runtime(model_path, {}, runtime, tta, measure=False)
-        meta = rt.meta
-        if not meta or "class_names" not in meta:
-            raise CnnkitError(f"{model} is an ONNX file without cnnkit metadata; export it with `cnnkit export`")
-    inp, names = meta["input"], meta["class_names"]
-    if inp["height"] != inp["width"]:
-        raise CnnkitError("predict supports square model inputs only")
-    k = min(top_k, len(names))
-    for chunk, decoded in decoded_chunks(files, inp["height"], inp["channels"], workers):
-        if rt is None:  # after the pool has forked: the runtime's threads are the parent's alone
-            rt, why = choose_runtime(model_path, meta, runtime, tta, measure=len(files) >= MEASURE_FROM_FILES)
-        good = [a for a, _ in decoded if a is not None]
-        probs = rt(np.stack(good)) if good else np.zeros((0, len(names)))
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (B, k)
-        j = 0
-        for path, (array, error) in zip(chunk, decoded):
-            if array is None:
-                rows.append({"path": path, "error": error})
-                continue
-            labels = [names[i] for i in order[j]]
-            values = [float(probs[j, i]) for i in order[j]]
-            if min_confidence is not None and values[0] < min_confidence:
-                labels[0] = "unknown"
-            rows.append({"path": path, "labels": labels, "probabilities": values})
-            j += 1
-        if on_progress:
-            on_progress(len(chunk))
-    errors = sum("error" in r for r in rows)
-    return rows, {"runtime": rt.name, "why": why, "files": len(rows), "classified": len(rows) - errors,
-                  "errors": errors, "seconds": time.perf_counter() - start}

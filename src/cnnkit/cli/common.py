@@ -1,0 +1,71 @@
+"""What several commands share: exit codes, shapes typed as CxHxW, and the TrainConfig flags
+(train, label-issues and augment-preview take every one)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import CnnkitError
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+def print_json(result: dict, files: dict | None = None) -> None:
+    """A job's result on stdout as JSON (--json), with its files as strings when it wrote some."""
+    import json
+    print(json.dumps({**result, "files": {k: str(v) for k, v in files.items()}} if files is not None else result,
+                     indent=2, ensure_ascii=False))
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(v) for v in text.lower().replace("×", "x").split("x"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 1:
+        raise CnnkitError(f"--input must look like CxHxW, e.g. 1x28x28, not {text!r}")
+    return parts
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """--config and --recipe, then one flag per TrainConfig field, its help text the field's
+    comment: the config is the one place an option is defined. Defaults are SUPPRESSed, so
+    config_from_args sees only the flags a user typed and a --config file keeps every value they do
+    not override."""
+    import dataclasses
+
+    from ..config import CHOICES, FIELD_TYPES, PER_DATASET_RECIPES, TrainConfig, field_help, recipe_names
+
+    parser.add_argument("--config", metavar="FILE.yaml", default=None,
+                        help="a YAML (or JSON) file of config fields, e.g. a recipe or a run's config.json")
+    parser.add_argument("--recipe", metavar="NAME", default=None,
+                        help=f"a shipped recipe (src/cnnkit/recipes): {', '.join(recipe_names())}, or "
+                             f"{' / '.join(PER_DATASET_RECIPES)} for the --data given; --config and flags override it")
+    helps, defaults = field_help(), TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag, kind, default = "--" + f.name.replace("_", "-"), FIELD_TYPES[f.name], getattr(defaults, f.name)
+        text = f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        else:
+            choices = [c for c in CHOICES.get(f.name, ()) if c is not None] or None
+            parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
+                                metavar=None if choices else f.name.upper(), help=text)
+
+
+def config_from_args(args):
+    """The TrainConfig a command's flags describe: lowest to highest precedence, the recipe, the
+    --config file, the flags typed (their defaults are SUPPRESSed, so only typed ones are here)."""
+    import dataclasses
+
+    from ..config import TrainConfig, recipe_choice
+
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    if args.recipe:
+        data = given.get("data") or base.get("data") or TrainConfig().data
+        path, why = recipe_choice(args.recipe, data)
+        if why:  # chosen by looking at the folder: say what and why
+            print(f"recipe fast for {data}: {why} ({path.name})", file=sys.stderr)
+        base = {**TrainConfig.from_file(path).to_dict(), **base}
+    return TrainConfig.from_dict({**base, **given}, source=f"config file {args.config}" if args.config else "the flags"), given

@@ -1,0 +1,40 @@
+"""cnnkit evaluate: accuracy, per-class metrics, confusion matrix, mistakes and calibration of a model file."""
+from __future__ import annotations
+
+import json
+
+
+def add(sub) -> None:
+    p = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix, mistakes, calibration")
+    p.add_argument("model", help="model file or run folder")
+    p.add_argument("--data", required=True, help="the dataset the model was trained on (name or folder)")
+    p.add_argument("--split", choices=["test", "val", "train"], default="test")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None, help="output folder (default: RUN/evaluate-<split>)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average over flipped and shifted copies")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..jobs.evaluate import evaluate_model
+
+    metrics, files, names = evaluate_model(args.model, args.data, args.split, args.data_dir, args.out, args.tta)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    top5 = f", top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
+    tta = f" ({metrics['tta_accuracy']:.4f} with TTA)" if args.tta else ""
+    print(f"{args.split} split of {args.data}: {metrics['n']} images, accuracy {metrics['accuracy']:.4f}{tta}{top5}, "
+          f"loss {metrics['loss']:.4f}, ECE {metrics['ece']:.4f} at temperature {metrics['temperature']:.3f} "
+          f"({metrics['ece_uncalibrated']:.4f} before)")
+    width = max(max(len(n) for n in names), len("weighted avg")) + 2
+    print(f"{'class':<{width}} precision  recall      f1  support")
+    for c in metrics["per_class"]:
+        print(f"{c['class']:<{width}} {c['precision']:9.4f} {c['recall']:7.4f} {c['f1']:7.4f} {c['support']:8d}")
+    for avg, v in metrics["averages"].items():
+        print(f"{avg + ' avg':<{width}} {v['precision']:9.4f} {v['recall']:7.4f} {v['f1']:7.4f} {metrics['n']:8d}")
+    if metrics["most_confused"]:
+        print("most confused: " + ", ".join(f"{m['true']}→{m['predicted']} ({m['count']})" for m in metrics["most_confused"][:5]))
+    print(f"report: {files['report']} (confusion matrix, misclassified gallery and reliability diagram in {files['report'].parent})")
+    return 0

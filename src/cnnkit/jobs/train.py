@@ -1,0 +1,146 @@
+"""`cnnkit train`: resolve the run folder -> train (training.py) -> finish: calibrate on validation,
+test, write the model file and metrics -> report (report_folder.py)."""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .. import distributed
+from ..config import TrainConfig
+from ..data import Dataset
+from ..distributed import World, broadcast_text
+from ..errors import CnnkitError
+from ..evaluate import fit_temperature
+from ..inference import metrics_from_logits, pick_device, predict_logits, probabilities
+from ..preprocess import Preprocess
+from ..report_folder import evaluate_and_report
+from ..runfolder import RunFolder
+from ..training import TrainResult, fit, load_data_and_model, train_svm
+from ..version import __version__
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model: nn.Module
+    dataset: Dataset
+    history: list[dict]
+    metrics: dict  # test metrics of the best model, plus best_epoch / val_accuracy / timing / versions
+    config: TrainConfig
+    meta: dict = field(default_factory=dict)
+    primary: bool = True  # False in the other processes of a torchrun job: they train, rank 0 tests and writes
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    data = Path(cfg.data).name if Path(cfg.data).is_dir() else cfg.data
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{data}-{Path(cfg.model).stem}-{stamp}"
+
+
+def resolve_run(cfg: TrainConfig | None, resume: str | Path | None, *, echo: Callable[[str], None] | None,
+                quiet: bool, world: World = World()) -> tuple[TrainConfig, RunFolder]:
+    """The config and run folder: a new run's (refusing a folder that already holds one), or, with
+    resume, the interrupted run's own config.json (refusing a complete or never-started run)."""
+    if resume is not None:
+        run = RunFolder(resume, primary=world.primary, echo=echo, quiet=quiet)
+        cfg = run.read_config()
+        if run.is_complete():
+            raise CnnkitError(f"{run.path} is already complete (metrics.json exists); start a new run instead")
+        run.resume_checkpoint()  # an intact checkpoint, or the reason there is none, before any work
+    else:
+        cfg = cfg or TrainConfig()
+        path = broadcast_text(str(Path(cfg.out) if cfg.out else default_run_dir(cfg)), world)  # rank 0's time stamp
+        run = RunFolder(path, primary=world.primary, echo=echo, quiet=quiet)
+        run.check_writable()
+        if run.has_checkpoint() or run.is_complete():
+            raise CnnkitError(f"{run.path} already holds a run; choose another --out or continue it with "
+                              f"--resume {run.path}")
+        cfg.out = str(run.path)
+    return cfg.validate(), run
+
+
+def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, quiet: bool = False,
+          echo: Callable[[str], None] | None = print) -> RunResult:
+    """Train a model, writing a run folder; see TrainConfig for the options (cfg.report: whether
+    to write report.html at the end).
+
+    resume: a run folder of an interrupted run; its config.json is used and training continues
+    from its last checkpoint to the same final epoch.
+
+    Started by torchrun (WORLD_SIZE > 1), every process trains a shard of each epoch
+    (distributed.py); rank 0 alone writes, tests and reports, and the others return a RunResult
+    with primary False and no metrics."""
+    world = World.from_env()
+    if world.active:
+        device_choice = cfg.device if resume is None and cfg is not None else RunFolder(resume).read_config().device
+        distributed.start(world, pick_device(device_choice).type)
+        distributed.stop_on_sigterm()  # torchrun stops the others with SIGTERM when one process fails
+    try:
+        return train_in(world, cfg, resume, quiet=quiet, echo=echo)
+    finally:
+        distributed.stop()
+
+
+def train_in(world: World, cfg: TrainConfig | None, resume: str | Path | None, *, quiet: bool,
+             echo: Callable[[str], None] | None) -> RunResult:
+    cfg, run = resolve_run(cfg, resume, echo=echo, quiet=quiet, world=world)
+    if cfg.model == "svm":
+        if world.active:
+            raise CnnkitError("the SVM baseline trains in one process: start it without torchrun")
+        run.create()
+        run.write_config(cfg)
+        ds, result = train_svm(cfg, run, quiet)
+    else:
+        ds, model = load_data_and_model(cfg, quiet or not world.primary)  # before the run folder exists: a bad --data or --model leaves nothing
+        run.create()
+        run.write_config(cfg)
+        result = fit(cfg, ds, model, run, resume=resume is not None, quiet=quiet, world=world)
+    if not world.primary:
+        return RunResult(run.path, result.model, ds, result.history, {}, cfg, result.meta, primary=False)
+    return finish(cfg, run, ds, result)
+
+
+def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -> RunResult:
+    """The end of every run, CNN or SVM: calibrate on validation, test the best model on the held-out
+    split in fp32 (the figure users will quote), write the model file and metrics.json, then the
+    report, and remove the checkpoint."""
+    t0 = time.perf_counter()
+    best, device = result.model, result.device
+    best = best.to(memory_format=torch.channels_last)  # faster fp32 inference too (inference.probabilities)
+    preprocess = Preprocess.from_meta(result.meta, channels_last=True).to(device)
+    test_logits = predict_logits(best, ds.test.images, preprocess, device, "fp32")  # (N, K)
+    val_logits = predict_logits(best, ds.val.images, preprocess, device, "fp32")
+    meta = {**result.meta, "calibration": {"temperature": fit_temperature(val_logits, ds.val.labels), "fitted_on": "val"}}
+    metrics = {"test_" + k: v for k, v in metrics_from_logits(test_logits, ds.test.labels).items()}
+    metrics.update({"test_split": ds.test_source, "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc,
+                    "train_seconds": result.train_seconds, "device": device.type, "precision": result.precision,
+                    "precision_reason": result.meta.get("precision", {}).get("reason", ""),
+                    "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
+    tta_probs = None
+    if cfg.report_tta:  # mirror and shifts, averaged: in metrics.json, and the report reuses them
+        tta_probs = probabilities(best, meta, ds.test.images, tta=True, device=device, logits=test_logits)
+        metrics["test_tta_accuracy"] = float((tta_probs.argmax(1) == ds.test.labels.numpy()).mean())
+    meta["metrics"], meta["history"] = metrics, result.history
+    run.save_model(best, meta)
+    run.write_history(result.history)
+    run.write_metrics(metrics)
+    report = ""
+    if cfg.report and run.primary:
+        _, files = evaluate_and_report(best, meta, ds.test, run.path, data_name=ds.name, split_name=ds.test_source,
+                                       tta=cfg.report_tta, device=device, logits=test_logits, tta_probs=tta_probs)
+        report = f"; report {files['report']}"
+    run.remove_checkpoint()
+    top5 = f", top-5 {metrics['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in metrics else ""
+    tta = f", {metrics['test_tta_accuracy']:.4f} with TTA" if "test_tta_accuracy" in metrics else ""
+    run.log(f"test accuracy {metrics['test_accuracy']:.4f}{top5}{tta} on {metrics['test_n']} {ds.test_source} images "
+            f"(best epoch {result.best_epoch}){report}")
+    run.log(f"after the last epoch: {time.perf_counter() - t0:.1f} s to test, calibrate, save"
+            + (" and report" if report else ""))
+    return RunResult(run.path, best, ds, result.history, metrics, cfg, meta)
