@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +222,20 @@ def test_line_progress_prints_whole_lines_at_its_interval(monkeypatch):
     bar.set_postfix(loss="0.1234")
     bar.update(1)
     assert buf.getvalue() == "epoch 1/2: 51/100 step loss 0.1234\n"
+
+
+def test_dry_run_goes_through_the_whole_pipeline_on_one_batch_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    r = run_main("train", *SMALL, "--augment", "light", "--dry-run", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["images"] == {"train": 64, "val": 64, "test": 64} and result["steps"] == 1
+    assert all(math.isfinite(v) for v in result["train_loss"])
+    assert {"model.safetensors", "metrics.json", "report.html", "config.json"} <= set(result["would_write"])
+    assert not out.exists()  # nothing where --out points, and the temporary folder is gone
+    assert not list(Path(tempfile.gettempdir()).glob("cnnkit-dry-run-*"))
+    # a config that fails at the first forward pass fails the dry run the same way, in one line
+    bad = run_main("train", "--data", "digits", "--model", "alexnet", "--image-size", "8", "--dry-run")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    r = run_main("train", "--resume", str(tmp_path), "--dry-run")
+    assert r.returncode == 2 and "--dry-run" in r.stderr

@@ -2,13 +2,16 @@
 test, write the model file and metrics -> report (report_folder.py)."""
 from __future__ import annotations
 
+import dataclasses
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -89,7 +92,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
 
 
 def train_in(world: World, cfg: TrainConfig | None, resume: str | Path | None, *, quiet: bool,
-             echo: Callable[[str], None] | None) -> RunResult:
+             echo: Callable[[str], None] | None, images: int | None = None) -> RunResult:
+    """images: cut every split to its first `images` images (a dry run)."""
     cfg, run = resolve_run(cfg, resume, echo=echo, quiet=quiet, world=world)
     if cfg.model == "svm":
         if world.active:
@@ -99,12 +103,44 @@ def train_in(world: World, cfg: TrainConfig | None, resume: str | Path | None, *
         ds, result = train_svm(cfg, run, quiet)
     else:
         ds, model = load_data_and_model(cfg, quiet or not world.primary)  # before the run folder exists: a bad --data or --model leaves nothing
+        if images is not None:
+            ds = first_images(ds, images)
         run.create()
         run.write_config(cfg)
         result = fit(cfg, ds, model, run, resume=resume is not None, quiet=quiet, world=world)
     if not world.primary:
         return RunResult(run.path, result.model, ds, result.history, {}, cfg, result.meta, primary=False)
     return finish(cfg, run, ds, result)
+
+
+def first_images(ds: Dataset, n: int) -> Dataset:
+    """The dataset with each split cut to its first n images (the model is already built for all the classes)."""
+    def cut(split):
+        return split.subset(np.arange(min(n, len(split)))) if split is not None else None
+    return dataclasses.replace(ds, train=cut(ds.train), val=cut(ds.val), test=cut(ds.test))
+
+
+def dry_run(cfg: TrainConfig, *, quiet: bool = False, echo: Callable[[str], None] | None = print) -> dict:
+    """`cnnkit train --dry-run`: the whole pipeline on one batch, in a temporary run folder removed
+    afterwards. The data is loaded and the model built as for the real run; then one optimizer step
+    (augmented, if the config augments at all: from the first step here), validation, calibration,
+    the test, the model file and, unless report is off, the report, each on at most batch_size images
+    of its split (two steps with --fine-tune: one per phase). A config that would fail after an hour
+    of training fails here in seconds, and nothing is written where --out points."""
+    if cfg.model == "svm":
+        raise CnnkitError("--dry-run runs one batch of a CNN; the SVM baseline has no batches (it trains in seconds)")
+    if World.from_env().active:
+        raise CnnkitError("--dry-run runs in one process: start it without torchrun")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cnnkit-dry-run-") as tmp:
+        trial = dataclasses.replace(cfg, epochs=1, fine_tune_epochs=1, augment_from_epoch=1, early_stop=0,
+                                    out=str(Path(tmp) / "run"))
+        result = train_in(World(), trial, None, quiet=quiet, echo=echo, images=cfg.batch_size)
+        files = sorted(p.name for p in result.run_dir.iterdir())
+    return {"dry_run": True, "data": result.dataset.name, "model": cfg.model, "images": result.dataset.sizes(),
+            "steps": len(result.history), "train_loss": [h["train_loss"] for h in result.history],
+            "precision": result.metrics.get("precision"), "would_write": files,
+            "seconds": time.perf_counter() - start}
 
 
 def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -> RunResult:
