@@ -508,7 +508,7 @@ def deadline_protocol(seconds: float):
 
         def connection_lost(self, exc) -> None:
             self.disarm()
-            if isinstance(self.transport, LingeringTransport) and self.transport.lingering:
+            if self.transport.lingering:  # a reset ends it early: cancel the timer too
                 self.transport.abort_linger()
             super().connection_lost(exc)
 

@@ -52,7 +52,7 @@ def run(args) -> int:
 
     if args.topic == "conv":
         result = math.conv(args.n, args.m, args.padding, args.stride, args.input, args.kernel, args.mode, args.picture)
-        if "steps" in result or "picture" in result:
+        if "steps" in result:  # values given: the steps (and the picture, if drawn)
             text = teach.format_conv_steps(result) + (f"\npicture: {result['picture']}" if "picture" in result else "")
         else:
             text = teach.format_conv_output(result)
