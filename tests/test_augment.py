@@ -116,7 +116,7 @@ def test_only_training_batches_are_augmented_from_the_chosen_epoch(tmp_path, mon
     n_train = len(result.dataset.train)
     assert sum(seen) == 2 * n_train  # epochs 2 and 3, every training image once; never val or test
     model, meta = cnnkit.load_model(result.run_dir)
-    logits = cnnkit.predict_logits(model, result.dataset.test.images, cnnkit.Preprocess.from_meta(meta))
+    logits = cnnkit.predict_logits(model, result.dataset.test.images, cnnkit.Preprocess.from_info(meta))
     assert (logits.argmax(1) == result.dataset.test.labels).float().mean().item() == pytest.approx(
         result.metrics["test_accuracy"])  # the reported test figure is of unaugmented images
     assert "augmentation from epoch 2" in (result.run_dir / "train.log").read_text()

@@ -85,7 +85,7 @@ def test_gradcam_points_at_the_digit_on_mnist(tmp_path):
                                           out=str(tmp_path / "run")), quiet=True)
     model, meta = cnnkit.load_model(run.run_dir)
     test = run.dataset.test
-    x = cnnkit.Preprocess.from_meta(meta)(test.images[:400])
+    x = cnnkit.Preprocess.from_info(meta)(test.images[:400])
     masks = test.images[:400, 0] > 0
 
     def mean_mass(net) -> float:

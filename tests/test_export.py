@@ -62,7 +62,7 @@ def test_export_holds_preprocessing_calibration_and_metadata(tmp_path):
     out = export(model, meta, "onnx", tmp_path / "m.onnx")
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     info = json.loads(session.get_modelmeta().custom_metadata_map["cnnkit"])
-    assert info["class_names"] == meta["class_names"] and info["input"]["layout"] == "NHWC"
+    assert info["class_names"] == meta.class_names and info["input"]["layout"] == "NHWC"
     assert info["calibration"]["temperature"] == 1.7 and info["preprocessing"]["mean"] == [0.13]
     # The graph maps raw pixels to softmax(model((x/255 - mean)/std) / T), for any batch size.
     pixels = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
@@ -161,8 +161,10 @@ def test_predict_with_onnx_never_imports_torch(tmp_path):
 def test_deployable_matches_the_inference_layer():
     torch.manual_seed(0)
     model = build_model(get_spec("seed-cifar10"), 10, in_channels=3, image_size=(32, 32)).eval()
-    meta = {"preprocessing": {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}, "calibration": {"temperature": 2.0},
-            "input": {"channels": 3, "height": 32, "width": 32}}
+    meta = cnnkit.ModelInfo.from_dict({
+        "preprocessing": {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}, "calibration": {"temperature": 2.0},
+        "input": {"channels": 3, "height": 32, "width": 32}, "class_names": [str(i) for i in range(10)],
+        "architecture": {}})
     pixels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     expected = cnnkit.probabilities(model, meta, pixels)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from cnnkit import CnnkitError, build_model, load_model, read_metadata, save_model
+from cnnkit import CnnkitError, build_model, load_model, read_info, save_model
 from cnnkit.models.registry import architecture_record
 from conftest import run_main
 from test_train import SMALL, start_training, wait_for_checkpoint
@@ -215,7 +215,7 @@ def test_model_files_whose_metadata_lies_are_refused_before_anything_is_allocate
             load_model(path)
         assert message in str(e.value), (name, str(e.value))
         one_line_error(run_main("predict", str(path), image), message)
-    read_metadata(model_file(tmp_path / "fine.safetensors"))
+    read_info(model_file(tmp_path / "fine.safetensors"))
     load_model(tmp_path / "fine.safetensors")  # the unchanged file loads
 
 

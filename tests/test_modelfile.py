@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cnnkit import CnnkitError, build_model, load_model, read_metadata, save_model
+from cnnkit import CnnkitError, build_model, load_model, read_info, save_model
 from cnnkit.models.registry import architecture_record
 from conftest import CodePayload, run_main
 
@@ -28,7 +28,7 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     loaded, meta = load_model(path)
     x = torch.randn(3, 1, 28, 28)
     assert torch.equal(model.eval()(x), loaded(x))
-    assert meta["class_names"] == META["class_names"] and meta["architecture"]["spec"]["name"] == "seed-mnist-keras"
+    assert meta.class_names == META["class_names"] and meta.architecture["spec"]["name"] == "seed-mnist-keras"
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # written via a temporary name, renamed
 
 
@@ -59,7 +59,7 @@ def test_broken_metadata_is_refused(tmp_path):
     missing = tmp_path / "missing.safetensors"
     save_file(tensors, missing, metadata={"cnnkit": json.dumps({"format": "cnnkit-model", "format_version": 1})})
     with pytest.raises(CnnkitError, match="missing architecture"):
-        read_metadata(missing)
+        read_info(missing)
     plain = tmp_path / "plain.safetensors"
     save_file(tensors, plain)
     with pytest.raises(CnnkitError, match="without cnnkit metadata"):
@@ -68,10 +68,10 @@ def test_broken_metadata_is_refused(tmp_path):
 
 def test_weights_that_do_not_fit_the_architecture_are_refused(tmp_path):
     model, path = saved(tmp_path)
-    meta = read_metadata(path)
+    meta = read_info(path)
     other = build_model("seed-mnist-torch", 10)
     wrong = tmp_path / "wrong.safetensors"
-    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, wrong, metadata={"cnnkit": json.dumps(meta)})
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, wrong, metadata={"cnnkit": json.dumps({"format": "cnnkit-model", **meta.to_dict()})})
     with pytest.raises(CnnkitError, match="do not match"):
         load_model(wrong)
 

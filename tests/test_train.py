@@ -39,8 +39,8 @@ def test_cli_train_writes_a_complete_run_folder(tmp_path):
     best = max(rows, key=lambda r: float(r["val_acc"]))
     assert metrics["best_epoch"] == int(best["epoch"])
     model, meta = cnnkit.load_model(run)  # a run folder works wherever a model file does
-    assert meta["metrics"]["test_accuracy"] == metrics["test_accuracy"]
-    assert meta["input"] == {"channels": 1, "height": 16, "width": 16}
+    assert meta.metrics["test_accuracy"] == metrics["test_accuracy"]
+    assert meta.input.chw == (1, 16, 16)
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
     with open(run / "curves.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -130,7 +130,7 @@ def test_python_api_mirrors_the_cli(tmp_path):
     result = cnnkit.train(cfg, quiet=True)
     assert isinstance(result.model, torch.nn.Module) and result.metrics["test_accuracy"] > 0.8
     model, meta = cnnkit.load_model(result.run_dir / "model.safetensors")
-    logits = cnnkit.predict_logits(model, result.dataset.test.images, cnnkit.Preprocess.from_meta(meta))
+    logits = cnnkit.predict_logits(model, result.dataset.test.images, cnnkit.Preprocess.from_info(meta))
     acc = (logits.argmax(1) == result.dataset.test.labels).float().mean().item()
     assert acc == pytest.approx(result.metrics["test_accuracy"])
 

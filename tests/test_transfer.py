@@ -46,7 +46,7 @@ def test_frozen_pretrained_beats_scratch_and_fine_tuning_keeps_it(tmp_path):
     from cnnkit import load_model
     from cnnkit.models.pretrained import read_state_dict
     model, meta = load_model(tmp_path / "tuned")
-    assert meta["pretrained"]["mean"] == pytest.approx([127 / 255] * 3)
+    assert meta.pretrained["mean"] == pytest.approx([127 / 255] * 3)
     original, _, _ = read_state_dict("efficientnet_lite0")
-    if meta["metrics"]["best_epoch"] > 5:
+    if meta.metrics["best_epoch"] > 5:
         assert not torch.equal(model.state_dict()["_blocks.3._project_conv.weight"], original["_blocks.3._project_conv.weight"])

@@ -3,7 +3,7 @@
     import cnnkit
     ds = cnnkit.load_dataset("digits")
     result = cnnkit.train(cnnkit.TrainConfig(data="digits", model="seed-digits", epochs=5))
-    model, meta = cnnkit.load_model(result.run_dir)
+    model, info = cnnkit.load_model(result.run_dir)
     print(cnnkit.summary(model)["total_params"])
 
 The names below are loaded on first use (PEP 562), so `import cnnkit.inference` (or the future
@@ -18,7 +18,7 @@ from .version import __version__
 # public name -> the module that defines it
 _EXPORTS = {
     "TrainConfig": "config", "Dataset": "data", "Split": "data", "load_dataset": "data",
-    "CnnkitError": "errors", "load_model": "modelfile", "read_metadata": "modelfile", "save_model": "modelfile",
+    "CnnkitError": "errors", "load_model": "modelfile", "read_info": "modelfile", "ModelInfo": "modelfile", "save_model": "modelfile",
     "build_model": "models", "list_models": "models", "summary": "models", "Preprocess": "preprocess",
     "predict_logits": "inference", "probabilities": "inference", "train": "jobs.train", "RunResult": "jobs.train",
 }

@@ -12,22 +12,22 @@ import torch.nn.functional as F
 
 from .data import Split, load_dataset
 from .errors import CnnkitError
-from .inference import predict_logits, probabilities, temperature_of, top_k_accuracy
+from .inference import predict_logits, probabilities, top_k_accuracy
+from .modelfile import ModelInfo
 from .preprocess import Preprocess
 
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017
 
 
-def load_split_for(meta: dict, data: str, split: str, data_dir=None) -> tuple[Split, list[str]]:
+def load_split_for(info: ModelInfo, data: str, split: str, data_dir=None) -> tuple[Split, list[str]]:
     """The dataset split a model is evaluated on, decoded and split exactly as in training."""
-    cfg = meta.get("training", {})
-    inp = meta["input"]
-    ds = load_dataset(data, data_dir=data_dir or cfg.get("data_dir"), image_size=inp["height"],
-                      channels=inp["channels"], val_split=cfg.get("val_split", 0.1),
-                      test_split=cfg.get("test_split", 0.2), seed=cfg.get("seed", 0), quiet=True)
-    if ds.class_names != meta["class_names"]:
+    cfg = info.train_config()
+    ds = load_dataset(data, data_dir=data_dir or cfg.data_dir, image_size=info.input.height,
+                      channels=info.input.channels, val_split=cfg.val_split, test_split=cfg.test_split,
+                      seed=cfg.seed, quiet=True)
+    if ds.class_names != info.class_names:
         raise CnnkitError(f"{data} has classes {ds.class_names[:5]}..., the model was trained on "
-                          f"{meta['class_names'][:5]}...: evaluate on the data it was trained for")
+                          f"{info.class_names[:5]}...: evaluate on the data it was trained for")
     if split not in ("train", "val", "test"):
         raise CnnkitError("--split must be train, val or test")
     return getattr(ds, split), ds.class_names
@@ -108,7 +108,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.exp().clamp(0.05, 20).item())
 
 
-def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list[str],
+def evaluate(model: torch.nn.Module, info: ModelInfo, split: Split, class_names: list[str],
              device: torch.device = torch.device("cpu"), tta: bool = False,
              logits: torch.Tensor | None = None, tta_probs: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     """(metrics, probabilities (N, K)) of `model` on `split`, in fp32, with the model file's
@@ -116,10 +116,10 @@ def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list
     logits / tta_probs: the split's fp32 logits and TTA probabilities when the caller has them already
     (train's test pass)."""
     labels = split.labels.numpy()
-    temperature = temperature_of(meta)
+    temperature = info.temperature
     model = model.eval().to(memory_format=torch.channels_last)
     if logits is None:  # one pass serves both calibrations
-        logits = predict_logits(model, split.images, Preprocess.from_meta(meta, channels_last=True).to(device), device)
+        logits = predict_logits(model, split.images, Preprocess.from_info(info, channels_last=True).to(device), device)
     raw = F.softmax(logits, dim=1).numpy().astype(np.float64)
     probs = F.softmax(logits / temperature, dim=1).numpy().astype(np.float64)
     metrics = classification_metrics(probs, labels, class_names)
@@ -128,7 +128,7 @@ def evaluate(model: torch.nn.Module, meta: dict, split: Split, class_names: list
     metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean()) if len(labels) else 0.0
     if tta:  # reported beside, not instead: TTA averages make probabilities less confident
         if tta_probs is None:
-            tta_probs = probabilities(model, meta, split.images, tta=True, device=device, logits=logits)
+            tta_probs = probabilities(model, info, split.images, tta=True, device=device, logits=logits)
         metrics["tta_accuracy"] = float((tta_probs.argmax(1) == labels).mean())
         if len(class_names) >= 5:
             metrics["tta_top5_accuracy"] = top_k_accuracy(tta_probs, labels, 5)

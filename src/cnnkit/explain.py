@@ -193,7 +193,7 @@ def feature_maps(model: nn.Module, x: torch.Tensor, sites: list[Site]) -> list[t
 def explain_image(model: nn.Module, preprocess: Preprocess, image: torch.Tensor, class_index: int | None = None,
                   temperature: float = 1.0) -> dict:
     """Everything `cnnkit explain` draws, for one uint8 image (C, H, W) preprocessed as in training
-    (Preprocess.from_meta) and probabilities at the model file's temperature:
+    (Preprocess.from_info) and probabilities at the model file's temperature:
     {'probabilities' (K,), 'predicted', 'kernels' (F, C, kh, kw), 'layers' [(Site, map (C, H, W))],
     'gradcam_site', 'heatmaps' {class index: (H, W)}}."""
     model.eval()

@@ -11,6 +11,7 @@ dynamo-based ONNX exporter built on it (TorchScript is deprecated).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -23,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CnnkitError
-from .inference import INFERENCE_BATCH, temperature_of
+from .inference import INFERENCE_BATCH
+from .modelfile import ModelInfo
 from .onnxrun import OnnxRunner
 from .preprocess import Preprocess
 from .utils import atomic_path
@@ -38,28 +40,25 @@ MAX_BATCH = 65536  # the dynamic batch dimension's upper bound (torch.export wan
 class Deployable(nn.Module):
     """uint8 images (N, H, W, C) -> calibrated probabilities (N, K): everything a client needs."""
 
-    def __init__(self, model: nn.Module, meta: dict):
+    def __init__(self, model: nn.Module, info: ModelInfo):
         super().__init__()
         self.model = model.eval()
-        self.preprocess = Preprocess.from_meta(meta)
-        self.temperature = float(temperature_of(meta))
+        self.preprocess = Preprocess.from_info(info)
+        self.temperature = float(info.temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images.permute(0, 3, 1, 2))  # (N, C, H, W) float32, normalized
         return F.softmax(self.model(x) / self.temperature, dim=1)  # (N, K)
 
 
-def export_metadata(meta: dict) -> dict:
-    """What an export records beside its graph: enough for a client to feed it and read it."""
-    inp = meta["input"]
-    return {"format": "cnnkit-export", "cnnkit_version": meta.get("cnnkit_version"),
-            "input": {"layout": "NHWC", "dtype": "uint8", "channels": inp["channels"], "height": inp["height"],
-                      "width": inp["width"]},
+def export_metadata(info: ModelInfo) -> dict:
+    """What an export records beside its graph: enough for a client to feed it and read it
+    (ModelInfo.from_export reads it back)."""
+    return {"format": "cnnkit-export", "cnnkit_version": info.cnnkit_version,
+            "input": {"layout": "NHWC", "dtype": "uint8", **dataclasses.asdict(info.input)},
             "output": "calibrated probabilities (N, num_classes), float32, in class_names order",
-            "class_names": meta["class_names"], "preprocessing": meta["preprocessing"],
-            "calibration": meta.get("calibration", {"temperature": 1.0}),
-            "architecture": meta["architecture"].get("name") or meta["architecture"].get("kind"),
-            "metrics": {k: v for k, v in meta.get("metrics", {}).items() if isinstance(v, (int, float))}}
+            "class_names": info.class_names, "preprocessing": dataclasses.asdict(info.preprocessing),
+            "calibration": info.calibration(), "architecture": info.name, "metrics": info.numeric_metrics()}
 
 
 @contextlib.contextmanager
@@ -76,34 +75,34 @@ def quiet_exporter():
         logging.getLogger("torch.onnx").setLevel(level)
 
 
-def example_input(meta: dict, n: int = 2) -> torch.Tensor:
-    inp = meta["input"]
-    return torch.zeros(n, inp["height"], inp["width"], inp["channels"], dtype=torch.uint8)
+def example_input(info: ModelInfo, n: int = 2) -> torch.Tensor:
+    c, h, w = info.input.chw
+    return torch.zeros(n, h, w, c, dtype=torch.uint8)
 
 
-def export(model: nn.Module, meta: dict, fmt: str, out: str | Path) -> Path:
+def export(model: nn.Module, info: ModelInfo, fmt: str, out: str | Path) -> Path:
     """Write the export to `out` (via a temporary name) and return its path."""
     if fmt not in FORMATS:
         raise CnnkitError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     out = Path(out)
-    wrapped = Deployable(model, meta).eval()
+    wrapped = Deployable(model, info).eval()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    info = json.dumps(export_metadata(meta))
+    record = json.dumps(export_metadata(info))
     try:
         with quiet_exporter():
             if fmt == "torch-export":
-                program = torch.export.export(wrapped, (example_input(meta),), dynamic_shapes=({0: batch},))
+                program = torch.export.export(wrapped, (example_input(info),), dynamic_shapes=({0: batch},))
                 with atomic_path(out) as tmp:
-                    torch.export.save(program, tmp, extra_files={"cnnkit.json": info})
+                    torch.export.save(program, tmp, extra_files={"cnnkit.json": record})
             else:
                 try:
                     import onnxscript  # noqa: F401  (the dynamo exporter needs it)
                 except ImportError:
                     raise CnnkitError("ONNX export needs the onnx extras: pip install 'cnnkit[export]'") from None
-                program = torch.onnx.export(wrapped, (example_input(meta),), dynamo=True, opset_version=ONNX_OPSET,
+                program = torch.onnx.export(wrapped, (example_input(info),), dynamo=True, opset_version=ONNX_OPSET,
                                             input_names=["images"], output_names=["probabilities"],
                                             dynamic_shapes=({0: batch},), verbose=False)
-                program.model.metadata_props["cnnkit"] = info
+                program.model.metadata_props["cnnkit"] = record
                 program.model.doc_string = ("cnnkit classifier: uint8 images (N, H, W, C) in, calibrated probabilities "
                                             "(N, K) out; class names and preprocessing in metadata_props['cnnkit']")
                 with atomic_path(out) as tmp:
@@ -126,11 +125,11 @@ def load_torch_export(path: str | Path) -> tuple[nn.Module, dict]:
     return program.module(), json.loads(extra["cnnkit.json"] or "{}")
 
 
-def parity(model: nn.Module, meta: dict, path: str | Path, fmt: str, images: torch.Tensor) -> dict:
+def parity(model: nn.Module, info: ModelInfo, path: str | Path, fmt: str, images: torch.Tensor) -> dict:
     """Run uint8 images (N, C, H, W) through PyTorch (the model file's weights, fp32) and through
     the export; {n, agreement (top-1 share), max_abs_diff (probabilities), passed}."""
     nhwc = images.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): what the export takes
-    reference = Deployable(model, meta).eval()
+    reference = Deployable(model, info).eval()
     batches = range(0, len(nhwc), INFERENCE_BATCH)
     with torch.no_grad():
         expected = torch.cat([reference(nhwc[i:i + INFERENCE_BATCH]) for i in batches]).numpy()

@@ -2,14 +2,16 @@
 safetensors header (`__metadata__["cnnkit"]`). Loading parses JSON and raw tensors only: nothing in
 the file can execute code. Writes go to a temporary name and are renamed.
 
-Metadata keys: format, format_version, cnnkit_version, architecture (rebuild record), class_names,
-input {channels, height, width}, preprocessing {resize, mean, std}, training (config), metrics.
+The metadata is a `ModelInfo`: read once per command (`read_info`, `load_model`) and handed on; its
+defaults live here and nowhere else, and this is the one module that reads the JSON by key.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError, safe_open
 
@@ -21,20 +23,189 @@ if TYPE_CHECKING:  # torch is imported when weights are read or written, not for
     import torch  # `cnnkit predict` on an ONNX runtime never loads PyTorch
     import torch.nn as nn
 
+    from .config import TrainConfig
+
 FORMAT = "cnnkit-model"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"  # its name inside a run folder
 REQUIRED = ("architecture", "class_names", "input", "preprocessing")
+TASKS = ("single-label",)  # one class per image (softmax); multi-label models come next
 
 
-def save_model(path: str | Path, model: nn.Module, meta: dict) -> Path:
-    """Write weights + metadata atomically. `meta` needs the REQUIRED keys."""
+@dataclass(frozen=True)
+class InputShape:
+    """What the model takes: channels x height x width, in pixels."""
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        return self.channels, self.height, self.width
+
+    @property
+    def square(self) -> bool:
+        return self.height == self.width
+
+    def __str__(self) -> str:
+        return f"{self.channels}x{self.height}x{self.width}"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """pixel (uint8) -> (pixel / scale - mean) / std per channel, after decoding by `resize`."""
+    mean: list[float]
+    std: list[float]
+    scale: int = 255
+    resize: str = "shorter-side-center-crop"  # decode.RESIZE_METHOD, the only rule so far
+
+
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: the image, maybe its mirror, and four shifts of shift_pixels."""
+    hflip: bool = True  # False where a mirror changes the class (digits)
+    shift_pixels: int = 2  # the notes' 2 pixels on 28x28
+
+
+@dataclass(frozen=True)
+class DataRecord:
+    """The data a model was trained on, as the report tells it."""
+    name: str = ""  # dataset name or folder name
+    source: str = ""  # where it was read from
+    sizes: dict = field(default_factory=dict)  # images per split
+    test_source: str = "test"  # 'val' when the data had no test split
+    skipped: list = field(default_factory=list)  # [path, reason] of files that could not be decoded
+
+
+@dataclass
+class ModelInfo:
+    """Everything a model file records besides its weights: enough to rebuild the model, preprocess
+    new images exactly as in training, and tell what it is. Fields absent from older files take the
+    defaults here."""
+    architecture: dict  # the rebuild record (models.registry.build_from_record): kind, name, spec or args
+    class_names: list[str]  # output k is class_names[k]
+    input: InputShape
+    preprocessing: Preprocessing
+    task: str = "single-label"  # one of TASKS
+    temperature: float = 1.0  # calibration: logits / temperature before the softmax (1: uncalibrated)
+    calibrated_on: str | None = None  # the split the temperature was fitted on ('val'), None if never
+    tta: TTA = field(default_factory=TTA)
+    data: DataRecord = field(default_factory=DataRecord)
+    training: dict = field(default_factory=dict)  # the run's TrainConfig as a dict (config.json)
+    metrics: dict = field(default_factory=dict)  # metrics.json's figures
+    history: list[dict] = field(default_factory=list)  # one row per epoch (history.csv)
+    precision: dict = field(default_factory=dict)  # {"training": 'bf16'|'fp32', "reason": why}
+    pretrained: dict | None = None  # where ImageNet weights came from, their mean/std, tensors loaded
+    cnnkit_version: str = __version__  # of the cnnkit that wrote the file
+
+    @property
+    def name(self) -> str:
+        """The architecture's name for people (the SVM's, a spec's, a registered one's)."""
+        return self.architecture.get("name") or self.architecture.get("kind") or "model"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def data_name(self) -> str | None:
+        """The dataset it was trained on, by name (the data record's, else the config's)."""
+        return self.data.name or self.training.get("data")
+
+    def train_config(self) -> TrainConfig:
+        """The run's TrainConfig; fields an older cnnkit recorded and this one lacks are dropped,
+        fields it lacks take today's defaults."""
+        from .config import TrainConfig
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in self.training.items() if k in known})
+
+    def numeric_metrics(self) -> dict[str, float]:
+        return {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}
+
+    def square_side(self, what: str) -> int:
+        """The input side of a model that takes square images; a one-line error naming `what` otherwise."""
+        if not self.input.square:
+            raise CnnkitError(f"{what} needs a model with square input; this one takes {self.input}")
+        return self.input.height
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        d = {"architecture": self.architecture, "class_names": list(self.class_names),
+             "input": dataclasses.asdict(self.input), "preprocessing": dataclasses.asdict(self.preprocessing),
+             "task": self.task, "tta": dataclasses.asdict(self.tta), "data": dataclasses.asdict(self.data),
+             "training": self.training, "metrics": self.metrics, "history": self.history,
+             "precision": self.precision, "pretrained": self.pretrained, "cnnkit_version": self.cnnkit_version}
+        if self.calibrated_on is not None or self.temperature != 1.0:
+            d["calibration"] = self.calibration()
+        return d
+
+    def calibration(self) -> dict:
+        """The calibration record: {temperature, fitted_on (when fitted)}."""
+        return {"temperature": self.temperature, **({"fitted_on": self.calibrated_on} if self.calibrated_on else {})}
+
+    @classmethod
+    def from_export(cls, record: Any, where: str) -> ModelInfo:
+        """The ModelInfo of an export (export.export_metadata's record: input with its layout, the
+        architecture's name only), so predict and serve read ONNX files and model files alike."""
+        if not (isinstance(record, dict) and record.get("format") == "cnnkit-export"):
+            raise CnnkitError(f"{where} is an ONNX file without cnnkit metadata; export it with `cnnkit export`")
+        inp = {k: v for k, v in (record.get("input") or {}).items() if k in ("channels", "height", "width")}
+        calibration = record.get("calibration") or {}
+        return cls.from_dict({"architecture": {"name": record.get("architecture")}, "input": inp,
+                              "class_names": record.get("class_names"), "preprocessing": record.get("preprocessing"),
+                              "calibration": calibration, "metrics": record.get("metrics") or {},
+                              "cnnkit_version": record.get("cnnkit_version", "?")}, where=where)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "the metadata") -> ModelInfo:
+        """A ModelInfo from the JSON of a model file (or a dict a caller built), checked for shape:
+        one CnnkitError naming the first field that is missing, unknown or of the wrong kind."""
+        def broken(why: str) -> CnnkitError:
+            return CnnkitError(f"{where} has broken metadata: {why}")
+        if not isinstance(d, dict):
+            raise broken("it is not a JSON object")
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            raise broken(f"missing {', '.join(missing)}")
+        known = {"format", "format_version", "calibration", *(f.name for f in dataclasses.fields(cls))}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise broken(f"unknown field(s) {', '.join(unknown)} (written by a newer cnnkit? upgrade cnnkit)")
+        names, inp, pre = d["class_names"], d["input"], d["preprocessing"]
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise broken("class_names must be a list of names")
+        if not (isinstance(inp, dict) and all(isinstance(inp.get(k), int) and 0 < inp[k] for k in ("channels", "height", "width"))):
+            raise broken("input must give positive channels, height and width")
+        if not (isinstance(pre, dict) and all(isinstance(pre.get(k), list) and pre[k] for k in ("mean", "std"))):
+            raise broken("preprocessing must give mean and std per channel")
+        if not isinstance(d["architecture"], dict):
+            raise broken("architecture must be a record")
+        if d.get("task", "single-label") not in TASKS:
+            raise broken(f"task {d.get('task')!r} is not one of {', '.join(TASKS)} (written by a newer cnnkit?)")
+
+        def record(kind, key: str):
+            value = d.get(key) or {}
+            try:
+                return kind(**value) if isinstance(value, dict) else kind()
+            except TypeError as e:
+                raise broken(f"{key}: {e}") from None
+        calibration = d.get("calibration") or {}
+        return cls(architecture=d["architecture"], class_names=names,
+                   input=InputShape(inp["channels"], inp["height"], inp["width"]),
+                   preprocessing=record(Preprocessing, "preprocessing"), task=d.get("task", "single-label"),
+                   temperature=float(calibration.get("temperature", 1.0)), calibrated_on=calibration.get("fitted_on"),
+                   tta=record(TTA, "tta"), data=record(DataRecord, "data"), training=d.get("training") or {},
+                   metrics=d.get("metrics") or {}, history=d.get("history") or [], precision=d.get("precision") or {},
+                   pretrained=d.get("pretrained"), cnnkit_version=d.get("cnnkit_version", "?"))
+
+
+def save_model(path: str | Path, model: nn.Module, info: ModelInfo | dict) -> Path:
+    """Write weights + metadata atomically. A dict is read as ModelInfo.from_dict reads a file's."""
     from .models.base import unwrap
 
-    missing = [k for k in REQUIRED if k not in meta]
-    if missing:
-        raise ValueError(f"model metadata lacks {missing}")
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "cnnkit_version": __version__, **meta}
+    if not isinstance(info, ModelInfo):
+        info = ModelInfo.from_dict(info, where="the model to save")
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, **info.to_dict(), "cnnkit_version": __version__}
     # unwrap: a compiled or data-parallel model's keys would carry `_orig_mod.` / `module.` prefixes
     tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     bad = non_finite(tensors)
@@ -61,7 +232,8 @@ def resolve_model_path(path: str | Path) -> Path:
     return p
 
 
-def read_metadata(path: str | Path) -> dict:
+def read_info(path: str | Path) -> ModelInfo:
+    """The metadata of a model file or run folder, checked for shape (not yet against the tensors)."""
     p = resolve_model_path(path)
     try:
         with safe_open(p, framework="numpy") as f:
@@ -79,14 +251,13 @@ def read_metadata(path: str | Path) -> dict:
         raise CnnkitError(f"{p} has metadata that is not a cnnkit model's (format={meta.get('format') if isinstance(meta, dict) else '?'})")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CnnkitError(f"{p} was written by a newer cnnkit ({meta.get('cnnkit_version')}); upgrade cnnkit")
-    missing = [k for k in REQUIRED if k not in meta]
-    if missing:
-        raise CnnkitError(f"{p} has broken metadata: missing {', '.join(missing)}")
-    return meta
+    return ModelInfo.from_dict(meta, where=str(p))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """(model in eval mode, metadata) from a model file or run folder.
+def load_model(path: str | Path, device: str | torch.device = "cpu", info: ModelInfo | None = None
+               ) -> tuple[nn.Module, ModelInfo]:
+    """(model in eval mode, metadata) from a model file or run folder (`info`: its metadata, if
+    already read, so the file is parsed once).
 
     A model file may come from anywhere (a served file, a download), so nothing in its metadata is
     trusted: the architecture is rebuilt on the meta device (no memory) and checked against the
@@ -94,13 +265,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     against the first layer, and the memory it needs against what is available, all before a byte
     of weights is read. Weights holding a nan or an inf are refused: they came from a run that diverged."""
     p = resolve_model_path(path)
-    meta = read_metadata(p)
+    info = info or read_info(p)
     try:
         with safe_open(p, framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CnnkitError(f"{p} is damaged ({str(e).splitlines()[0]}); train it again or restore a copy") from None
-    model = validated_architecture(p, meta, shapes)
+    model = validated_architecture(p, info, shapes)
     declared = model.state_dict()
     with safe_open(p, framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -122,13 +293,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise CnnkitError(f"{p}: weights do not match the architecture ({str(e).splitlines()[0]})") from None
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # a tensor the file does not hold
         raise CnnkitError(f"{p}: weights do not match the architecture (some tensors are missing)")
-    return model.to(device).eval(), meta
+    return model.to(device).eval(), info
 
 
 MAX_SIDE = 16384  # pixels: no input side larger than this is believed (a 16k x 16k image is 800 MB of fp32)
 
 
-def validated_architecture(p: Path, meta: dict, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+def validated_architecture(p: Path, info: ModelInfo, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
     """The module the metadata describes, on the meta device, once every claim is checked against
     the file's tensor shapes and the memory available; a CnnkitError naming the first lie otherwise."""
     import torch
@@ -138,19 +309,14 @@ def validated_architecture(p: Path, meta: dict, shapes: dict[str, tuple[int, ...
     from .models.registry import build_from_record
     from .utils import available_memory_bytes, format_bytes
 
-    names, inp = meta["class_names"], meta["input"]
-    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-        raise CnnkitError(f"{p} has broken metadata: class_names must be a list of names")
-    if not (isinstance(inp, dict) and all(isinstance(inp.get(k), int) and 0 < inp[k] for k in ("channels", "height", "width"))):
-        raise CnnkitError(f"{p} has broken metadata: input must give positive channels, height and width")
-    c, h, w = inp["channels"], inp["height"], inp["width"]
+    names = info.class_names
+    c, h, w = info.input.chw
     if max(h, w) > MAX_SIDE or c > 4:
         raise CnnkitError(f"{p} declares an input of {c}x{h}x{w}, larger than cnnkit reads (at most 4 channels "
                           f"and {MAX_SIDE} pixels a side): the file is damaged or not made by cnnkit")
-    record = meta["architecture"]
     try:
         with torch.device("meta"):  # shapes only: a record claiming 10^12 filters allocates nothing
-            model = build_from_record(record if isinstance(record, dict) else {})
+            model = build_from_record(info.architecture)
     except CnnkitError as e:
         raise CnnkitError(f"{p} has broken metadata: {e}") from None
     except Exception as e:  # whatever a crafted record provokes in a constructor: the file's fault
@@ -193,13 +359,13 @@ def is_model_file(arg: str | Path) -> bool:
 
 
 def model_from_argument(model: str, input_shape: tuple[int, ...] | None = None,
-                        num_classes: int = 10) -> tuple[nn.Module, dict | None, str]:
+                        num_classes: int = 10) -> tuple[nn.Module, ModelInfo | None, str]:
     """(model, its metadata, its name) from a model file or run folder, or (a freshly built model,
     None, the spec's name) from a registered name or YAML spec, for input (C, H, W) (default: the
     spec's own, else 1x28x28). One helper for every command that takes either."""
     if is_model_file(model):
-        built, meta = load_model(model)
-        return built, meta, meta["architecture"].get("name") or str(model)
+        built, info = load_model(model)
+        return built, info, info.name
     from .models.registry import build_model, default_input, get_spec
     spec = get_spec(model)
     c, h, w = input_shape or default_input(spec) or (1, 28, 28)

@@ -1,7 +1,7 @@
 """Preprocessing as a module: uint8 pixels in, the normalized float tensor a network expects out.
 
 One object serves training (every batch), evaluation, explain, predict and, through the model file,
-export and serving: `Preprocess.from_meta(meta)` rebuilds exactly the transform a model was trained
+export and serving: `Preprocess.from_info(info)` rebuilds exactly the transform a model was trained
 with. Its scale and shift are buffers made once, so the training loop creates no tensors per batch,
 and `.to(device)` moves them with the model. They are not persistent: the model file records mean
 and std as JSON metadata, not as weights.
@@ -57,9 +57,10 @@ class Preprocess(nn.Module):
         return cls(mean, std, channels_last)
 
     @classmethod
-    def from_meta(cls, meta: dict, channels_last: bool = False) -> "Preprocess":
-        """The preprocessing a model file records (its `preprocessing` metadata)."""
-        return cls(meta["preprocessing"]["mean"], meta["preprocessing"]["std"], channels_last)
+    def from_info(cls, info, channels_last: bool = False) -> "Preprocess":
+        """The preprocessing a model file records (a modelfile.ModelInfo's `preprocessing`; not
+        imported here: the model file and preprocessing are sibling layers)."""
+        return cls(info.preprocessing.mean, info.preprocessing.std, channels_last)
 
     def record(self) -> dict:
         """The model file's `preprocessing` metadata, less the decoding rule (the data layer's `resize`)."""

@@ -15,6 +15,7 @@ import torch.nn as nn
 from .data import Split
 from .errors import CnnkitError
 from .evaluate import evaluate
+from .modelfile import ModelInfo
 from .models.summary import summary
 from .preprocess import Preprocess
 from .utils import write_csv, write_text_atomic
@@ -22,14 +23,14 @@ from .utils import write_csv, write_text_atomic
 GALLERY_SIZE = 24  # mistakes drawn in misclassified.png (misclassified.csv lists up to 50)
 
 
-def gallery_heatmaps(model: nn.Module, meta: dict, images: torch.Tensor, rows: list[dict]) -> torch.Tensor | None:
+def gallery_heatmaps(model: nn.Module, info: ModelInfo, images: torch.Tensor, rows: list[dict]) -> torch.Tensor | None:
     """Grad-CAM (N, H, W) for the predicted class of each gallery image, or None for a model without convolutions."""
     from .explain import gradcam
     if not rows:
         return None
     device = next(model.parameters()).device
-    x = Preprocess.from_meta(meta).to(device)(images[torch.tensor([r["index"] for r in rows])].to(device))
-    names = meta["class_names"]
+    x = Preprocess.from_info(info).to(device)(images[torch.tensor([r["index"] for r in rows])].to(device))
+    names = info.class_names
     try:
         heat, _ = gradcam(model.eval(), x, torch.tensor([names.index(r["predicted"]) for r in rows], device=device))
     except CnnkitError:  # linear, MLP and SVM models: nothing spatial to explain
@@ -37,11 +38,11 @@ def gallery_heatmaps(model: nn.Module, meta: dict, images: torch.Tensor, rows: l
     return heat.cpu()
 
 
-def write_evaluation(out: Path, model: nn.Module, meta: dict, split: Split, metrics: dict) -> dict[str, Path]:
+def write_evaluation(out: Path, model: nn.Module, info: ModelInfo, split: Split, metrics: dict) -> dict[str, Path]:
     """The files of an evaluation: confusion matrix (PNG, row-normalized PNG, CSV), the misclassified
     gallery with Grad-CAM heatmaps (PNG) and list (CSV), the reliability diagram. {name: path}."""
     from . import report
-    names = meta["class_names"]
+    names = info.class_names
     cm = metrics["confusion_matrix"]
     files = {"confusion_matrix_csv": out / "confusion_matrix.csv", "misclassified_csv": out / "misclassified.csv"}
     write_csv(files["confusion_matrix_csv"], ["true \\ predicted", *names], [[n, *row] for n, row in zip(names, cm)])
@@ -54,12 +55,12 @@ def write_evaluation(out: Path, model: nn.Module, meta: dict, split: Split, metr
         metrics["confusion_matrix_normalized"], names, out / "confusion_matrix_normalized.png", normalized=True)
     gallery = mis[:GALLERY_SIZE]
     files["misclassified"] = report.plot_misclassified(split.images, gallery, out / "misclassified.png", columns=6,
-                                                       heatmaps=gallery_heatmaps(model, meta, split.images, gallery))
+                                                       heatmaps=gallery_heatmaps(model, info, split.images, gallery))
     files["reliability"] = report.plot_reliability(metrics["reliability"], metrics["ece"], out / "reliability.png")
     return files
 
 
-def evaluate_and_report(model: nn.Module, meta: dict, split: Split, out: str | Path, *, data_name: str,
+def evaluate_and_report(model: nn.Module, info: ModelInfo, split: Split, out: str | Path, *, data_name: str,
                         split_name: str = "test", tta: bool = False, device: torch.device | str | None = None,
                         title: str | None = None, logits: torch.Tensor | None = None,
                         tta_probs: np.ndarray | None = None) -> tuple[dict, dict[str, Path]]:
@@ -71,20 +72,20 @@ def evaluate_and_report(model: nn.Module, meta: dict, split: Split, out: str | P
     device = torch.device(device or next(model.parameters()).device)
     out = Path(out)
     t0 = time.perf_counter()
-    metrics, _ = evaluate(model, meta, split, meta["class_names"], device=device, tta=tta, logits=logits,
+    metrics, _ = evaluate(model, info, split, info.class_names, device=device, tta=tta, logits=logits,
                           tta_probs=tta_probs)
     evaluate_seconds = time.perf_counter() - t0
-    files = write_evaluation(out, model, meta, split, metrics)
-    arch = meta["architecture"].get("name") or meta["architecture"].get("kind", "model")
-    if meta.get("history"):
-        files["curves"] = plot_curves(meta["history"], out / "curves.png", title=f"{arch} on {data_name}")
+    files = write_evaluation(out, model, info, split, metrics)
+    arch = info.name
+    if info.history:
+        files["curves"] = plot_curves(info.history, out / "curves.png", title=f"{arch} on {data_name}")
     metrics.update({"split": split_name, "data": data_name, "out": str(out), "evaluate_seconds": evaluate_seconds})
     files["evaluation_json"] = out / "evaluation.json"
     write_text_atomic(files["evaluation_json"], json.dumps(metrics, indent=2))
-    training = meta.get("metrics", {})
+    training = info.metrics
     files["report"] = write_report(
         out / "report.html", title=title or f"{arch} on {data_name}: {split_name} split",
-        model_info=summary(model), meta=meta, evaluation=metrics, files=files,
+        model_info=summary(model), info=info, evaluation=metrics, files=files,
         timing={"train_seconds": training.get("train_seconds"), "evaluate_seconds": evaluate_seconds},
         env={**environment(str(device)), **({"precision (training)": training["precision"]} if "precision" in training else {})})
     return metrics, files

@@ -14,6 +14,7 @@ import statistics
 from datetime import datetime
 from pathlib import Path
 
+from .modelfile import ModelInfo
 from .utils import write_text_atomic
 from .version import __version__
 
@@ -80,18 +81,18 @@ def environment(device: str = "cpu") -> dict:
     return env
 
 
-def write_report(path: str | Path, *, title: str, model_info: dict, meta: dict, evaluation: dict,
+def write_report(path: str | Path, *, title: str, model_info: dict, info: ModelInfo, evaluation: dict,
                  files: dict[str, Path], timing: dict, env: dict) -> Path:
-    """Write report.html. model_info: models.summary's dict; meta: the model file's metadata (config,
+    """Write report.html. model_info: models.summary's dict; info: the model file's metadata (config,
     data, history, calibration); evaluation: evaluate.evaluate's metrics plus 'split' and 'data';
     files: PNGs by name (curves, confusion_matrix, confusion_matrix_normalized, misclassified,
     reliability); timing: {train_seconds, evaluate_seconds, ...}."""
-    ev, names = evaluation, meta["class_names"]
-    data, cfg = meta.get("data", {}), meta.get("training", {})
-    arch = meta["architecture"].get("name") or meta["architecture"].get("kind", "model")
+    ev, names = evaluation, info.class_names
+    data, cfg = info.data, info.training
+    arch = info.name
     parts = [f"<h1>{esc(title)}</h1>",
-             f'<p class="muted">{esc(arch)} · {len(names)} classes · input {esc("x".join(str(meta["input"][k]) for k in ("channels", "height", "width")))}'
-             f' · {esc(ev.get("split", "test"))} split of {esc(ev.get("data", data.get("name", "")))} ({ev["n"]:,} images)'
+             f'<p class="muted">{esc(arch)} · {len(names)} classes · input {esc(str(info.input))}'
+             f' · {esc(ev.get("split", "test"))} split of {esc(ev.get("data", data.name))} ({ev["n"]:,} images)'
              f' · written {datetime.now().strftime("%Y-%m-%d %H:%M")} by cnnkit {esc(__version__)}</p>']
 
     cards = [("accuracy", pct(ev["accuracy"]))]
@@ -112,9 +113,9 @@ def write_report(path: str | Path, *, title: str, model_info: dict, meta: dict, 
     rows += [[f"{k} avg", f'{v["precision"]:.4f}', f'{v["recall"]:.4f}', f'{v["f1"]:.4f}', ev["n"]] for k, v in ev["averages"].items()]
     parts.append(table(["class", "precision", "recall", "F1", "support"], rows))
     if "tta_accuracy" in ev:
-        tta = meta.get("tta", {})
-        parts.append(f'<p>Test-time augmentation (the image{", its mirror" if tta.get("hflip", True) else ""} '
-                     f'and four {tta.get("shift_pixels", 2)}-pixel shifts, softmax averaged): accuracy {pct(ev["tta_accuracy"])} '
+        tta = info.tta
+        parts.append(f'<p>Test-time augmentation (the image{", its mirror" if tta.hflip else ""} '
+                     f'and four {tta.shift_pixels}-pixel shifts, softmax averaged): accuracy {pct(ev["tta_accuracy"])} '
                      f'against {pct(ev["accuracy"])} without.</p>')
 
     parts.append("<h2>Confusion matrix</h2>")
@@ -134,9 +135,9 @@ def write_report(path: str | Path, *, title: str, model_info: dict, meta: dict, 
                      'predicted class (where the network found its evidence). The table lists up to 50.</p>')
         if "misclassified" in files:
             parts.append(image_tag(files["misclassified"], "misclassified gallery"))
-        parts.append(table(["#", "true", "predicted", "probability", "loss", f"file (in {data.get('source', '')})"],
+        parts.append(table(["#", "true", "predicted", "probability", "loss", f"file (in {data.source})"],
                            [[m["index"], m["true"], m["predicted"], f'{m["probability"]:.3f}', f'{m["loss"]:.3f}',
-                             relative(m["path"], data.get("source", "")) or "–"] for m in mis],
+                             relative(m["path"], data.source) or "–"] for m in mis],
                            text_columns=(1, 2), wrap_columns=(5,)))
     else:
         parts.append("<p>No mistakes on this split.</p>")
@@ -149,7 +150,7 @@ def write_report(path: str | Path, *, title: str, model_info: dict, meta: dict, 
         parts.append(image_tag(files["reliability"], "reliability diagram"))
 
     # -- training
-    history = meta.get("history") or []
+    history = info.history
     parts.append("<h2>Training</h2>")
     if "curves" in files:
         parts.append(image_tag(files["curves"], "training curves"))
@@ -160,8 +161,8 @@ def write_report(path: str | Path, *, title: str, model_info: dict, meta: dict, 
     if cfg:
         parts.append("<details><summary>configuration</summary>" +
                      table(["field", "value"], [[k, v] for k, v in cfg.items()], wrap_columns=(1,)) + "</details>")
-    if meta.get("pretrained"):
-        p = meta["pretrained"]
+    if info.pretrained:
+        p = info.pretrained
         parts.append(f'<p>Pretrained weights: {esc(p.get("source"))} ({p.get("loaded_tensors")} tensors).</p>')
 
     parts.append("<h2>Model</h2>")
@@ -173,12 +174,12 @@ def write_report(path: str | Path, *, title: str, model_info: dict, meta: dict, 
                  f'{model_info["macs_per_image"]:,} multiply-adds per image.</p>')
 
     parts.append("<h2>Data</h2>")
-    sizes = data.get("sizes", {})
+    sizes = data.sizes
     parts.append(table(["split", "images"], [[k, f"{v:,}"] for k, v in sizes.items()]))
-    parts.append(f'<p>Source: {esc(data.get("source", "?"))}.'
-                 + (" The data has no test split: test figures are on the validation split." if data.get("test_source") == "val" else "")
+    parts.append(f'<p>Source: {esc(data.source or "?")}.'
+                 + (" The data has no test split: test figures are on the validation split." if data.test_source == "val" else "")
                  + "</p>")
-    skipped = data.get("skipped") or []
+    skipped = data.skipped
     if skipped:
         parts.append(f"<p>{len(skipped)} file(s) skipped because they could not be decoded:</p>"
                      + table(["file", "reason"], skipped, text_columns=(), wrap_columns=(0, 1)))

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import TrainConfig
 from .errors import CnnkitError, os_error_message
-from .modelfile import MODEL_FILE, save_model
+from .modelfile import MODEL_FILE, ModelInfo, save_model
 from .models.base import unwrap
 from .utils import save_safetensors, write_text_atomic
 
@@ -176,9 +176,9 @@ class RunFolder:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         write_text_atomic(self.history_file, buf.getvalue())
 
-    def save_model(self, model: nn.Module, meta: dict) -> None:
+    def save_model(self, model: nn.Module, info: ModelInfo) -> None:
         if self.primary:
-            save_model(self.model_file, model, meta)
+            save_model(self.model_file, model, info)
 
     def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
                         extra: dict[str, nn.Module] | None = None) -> None:

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import CnnkitError
+from .modelfile import ModelInfo
 from .utils import cache_dir, hash_file, write_text_atomic
 
 RUNTIMES = ("auto", "torch", "onnx")
@@ -42,16 +43,16 @@ class TorchRuntime:
     """The model file in PyTorch (fp32, channels-last), optionally with test-time augmentation."""
     name = "torch"
 
-    def __init__(self, model_path: Path, tta: bool = False):
+    def __init__(self, model_path: Path, tta: bool = False, info: ModelInfo | None = None):
         from .modelfile import load_model
-        self.model, self.meta = load_model(model_path)
+        self.model, self.info = load_model(model_path, info=info)
         self.tta = tta
 
     def __call__(self, images: np.ndarray) -> np.ndarray:  # uint8 (N, C, H, W) -> (N, K)
         import torch
 
         from .inference import probabilities
-        return probabilities(self.model, self.meta, torch.from_numpy(images), tta=self.tta)
+        return probabilities(self.model, self.info, torch.from_numpy(images), tta=self.tta)
 
 
 class OnnxRuntime:
@@ -60,7 +61,7 @@ class OnnxRuntime:
     def __init__(self, onnx_path: Path):
         from .onnxrun import OnnxRunner
         self.runner = OnnxRunner(onnx_path)
-        self.meta = self.runner.meta
+        self.info = ModelInfo.from_export(self.runner.meta, where=str(onnx_path))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.runner(images, layout="NCHW").astype(np.float64)
@@ -88,12 +89,11 @@ def cached_onnx(model_path: Path, key: str) -> Path:
 
         from .export import export, parity
         from .modelfile import load_model
-        model, meta = load_model(model_path)
-        export(model, meta, "onnx", onnx_path)
-        inp = meta["input"]
-        probe = torch.randint(0, 256, (64, inp["channels"], inp["height"], inp["width"]),
-                              generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-        check = parity(model, meta, onnx_path, "onnx", probe)
+        model, info = load_model(model_path)
+        export(model, info, "onnx", onnx_path)
+        probe = torch.randint(0, 256, (64, *info.input.chw), generator=torch.Generator().manual_seed(0),
+                              dtype=torch.uint8)
+        check = parity(model, info, onnx_path, "onnx", probe)
         if not check["passed"]:
             onnx_path.unlink()
             raise CnnkitError(f"the ONNX export of {model_path} disagrees with PyTorch (max difference "
@@ -112,7 +112,7 @@ def time_runtime(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, re
     return len(images) / best
 
 
-def choose_runtime(model_path: Path, meta: dict, runtime: str, tta: bool, measure: bool):
+def choose_runtime(model_path: Path, info: ModelInfo | None, runtime: str, tta: bool, measure: bool):
     """(runtime object, how it was chosen). measure: with `auto` and no record yet, export and
     time both runtimes now (a large job, or a server) rather than use PyTorch for this job."""
     if runtime not in RUNTIMES:
@@ -122,11 +122,11 @@ def choose_runtime(model_path: Path, meta: dict, runtime: str, tta: bool, measur
             raise CnnkitError("--tta needs the model file (PyTorch); an ONNX export has one view built in")
         return OnnxRuntime(model_path), "an ONNX file"
     if runtime == "torch" or tta:
-        return TorchRuntime(model_path, tta), "asked" if runtime == "torch" else "--tta runs in PyTorch"
+        return TorchRuntime(model_path, tta, info), "asked" if runtime == "torch" else "--tta runs in PyTorch"
     if not onnxruntime_available():
         if runtime == "onnx":
             raise CnnkitError("--runtime onnx needs onnxruntime: pip install 'cnnkit[export]'")
-        return TorchRuntime(model_path), "onnxruntime is not installed"
+        return TorchRuntime(model_path, info=info), "onnxruntime is not installed"
     key = hash_file(model_path, "sha256")  # the cache's key: the model file's bytes
     if runtime == "onnx":
         return OnnxRuntime(cached_onnx(model_path, key)), "asked"
@@ -135,17 +135,15 @@ def choose_runtime(model_path: Path, meta: dict, runtime: str, tta: bool, measur
     record = json.loads(record_path.read_text()) if record_path.exists() else None
     if record is None:
         if not measure:
-            return TorchRuntime(model_path), f"fewer than {MEASURE_FROM_FILES} files: not worth measuring"
-        torch_rt = TorchRuntime(model_path)
+            return TorchRuntime(model_path, info=info), f"fewer than {MEASURE_FROM_FILES} files: not worth measuring"
+        torch_rt = TorchRuntime(model_path, info=info)
         try:
             onnx_rt = OnnxRuntime(cached_onnx(model_path, key))
         except CnnkitError as e:  # an op the exporter cannot write, or a failed parity check: PyTorch it is
             record = {"runtime": "torch", "images_per_second": {}, "why": f"no ONNX export: {e}"}
             write_text_atomic(record_path, json.dumps(record, indent=2))
             return torch_rt, record["why"]
-        inp = meta["input"]
-        probe = np.random.default_rng(0).integers(0, 256, (MEASURE_BATCH, inp["channels"], inp["height"], inp["width"]),
-                                                  dtype=np.uint8)
+        probe = np.random.default_rng(0).integers(0, 256, (MEASURE_BATCH, *torch_rt.info.input.chw), dtype=np.uint8)
         speeds = {"torch": time_runtime(torch_rt, probe), "onnx": time_runtime(onnx_rt, probe)}
         record = {"runtime": max(speeds, key=speeds.get), "images_per_second": speeds, "cpus": cpu_count()}
         write_text_atomic(record_path, json.dumps(record, indent=2))
@@ -155,4 +153,4 @@ def choose_runtime(model_path: Path, meta: dict, runtime: str, tta: bool, measur
                                                              for k, v in record["images_per_second"].items())
     if record["runtime"] == "onnx":
         return OnnxRuntime(cached_onnx(model_path, key)), how
-    return TorchRuntime(model_path), how
+    return TorchRuntime(model_path, info=info), how

@@ -21,6 +21,7 @@ address other than loopback without one is warned about.
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import io
 import json
@@ -38,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .decode import ImageTooLarge, decode_image
 from .errors import CnnkitError
-from .modelfile import read_metadata, resolve_model_path
+from .modelfile import read_info, resolve_model_path
 from .runtimes import choose_runtime
 from .version import __version__
 
@@ -105,13 +106,12 @@ class Model:
             raise CnnkitError("serve takes the model file or run folder (it also explains with Grad-CAM); "
                               "--runtime onnx runs its ONNX export")
         self.path = resolve_model_path(path)
-        self.meta = read_metadata(self.path)
-        if self.meta["input"]["height"] != self.meta["input"]["width"]:
-            raise CnnkitError("serve supports square model inputs only")
+        self.info = read_info(self.path)  # the file is parsed once: the runtime and /model use this
+        self.side = self.info.square_side("serve")
         if max_batch < 1:
             raise CnnkitError("--max-batch must be at least 1")
         # A server runs for long: with `auto` it measures both runtimes at start (once per model file).
-        self.runtime, self.runtime_why = choose_runtime(self.path, self.meta, runtime, False, measure=True)
+        self.runtime, self.runtime_why = choose_runtime(self.path, self.info, runtime, False, measure=True)
         self.max_batch, self.window_seconds = max_batch, window_ms / 1000
         self.limits = limits or Limits()
         # One thread runs the model: batches follow one another, each using all intra-op threads.
@@ -164,11 +164,10 @@ class Model:
         forward pass for all that decoded. Per image: (pixels (C, H, W), probabilities (K,)) or a RequestError.
         Decoding here rather than in a thread of its own saves a thread hand-off per request
         (measured: benchmarks/NOTES.md, serving)."""
-        inp = self.meta["input"]
         decoded: list = []
         for data in uploads:
             try:
-                decoded.append(decode_upload(data, inp["height"], inp["channels"], self.limits.max_pixels))
+                decoded.append(decode_upload(data, self.side, self.info.input.channels, self.limits.max_pixels))
             except RequestError as e:
                 decoded.append(e)
         good = [d for d in decoded if not isinstance(d, RequestError)]
@@ -193,7 +192,7 @@ class Model:
     async def answer(self, files: list[tuple[str, bytes]], top_k: int, explain: bool) -> dict:
         """The /predict response for [(name, bytes)], within the time limit; RequestError otherwise."""
         start = time.perf_counter()
-        names = self.meta["class_names"]
+        names = self.info.class_names
         if not 1 <= top_k <= len(names):
             raise RequestError(422, f"top_k must be between 1 and {len(names)}")
         if len(files) > self.limits.max_images:
@@ -225,21 +224,21 @@ class Model:
         from .modelfile import load_model
         from .preprocess import Preprocess
         with self.explain_lock:  # one backward pass at a time; the model's hooks are not thread-safe
-            if self.torch_model is None:
-                self.torch_model, _ = load_model(self.path)
-                self.preprocess = Preprocess.from_meta(self.meta)
+            if self.torch_model is None:  # the PyTorch runtime's model if it runs one, else loaded now
+                self.torch_model = getattr(self.runtime, "model", None) or load_model(self.path, info=self.info)[0]
+                self.preprocess = Preprocess.from_info(self.info)
             x = self.preprocess(torch.from_numpy(np.ascontiguousarray(image))[None])
             heat, _ = gradcam(self.torch_model, x, torch.tensor([class_index]))
         return heatmap_png(image, heat[0].numpy())
 
-    def info(self) -> dict:
-        m = self.meta
-        return {"cnnkit_version": __version__, "model_file": str(self.path), "class_names": m["class_names"],
-                "input": m["input"], "architecture": m["architecture"].get("name") or m["architecture"].get("kind"),
-                "metrics": {k: v for k, v in m.get("metrics", {}).items() if isinstance(v, (int, float))},
-                "calibration": m.get("calibration", {"temperature": 1.0}), "runtime": self.runtime.name,
+    def description(self) -> dict:
+        """What /model answers."""
+        m = self.info
+        return {"cnnkit_version": __version__, "model_file": str(self.path), "class_names": m.class_names,
+                "input": dataclasses.asdict(m.input), "architecture": m.name, "metrics": m.numeric_metrics(),
+                "calibration": m.calibration(), "runtime": self.runtime.name,
                 "runtime_choice": self.runtime_why, "max_batch": self.max_batch,
-                "limits": self.limits.__dict__, "data": m.get("data", {}).get("name")}
+                "limits": self.limits.__dict__, "data": m.data.name or None}
 
 
 # ----------------------------------------------------------------------------- the app
@@ -363,8 +362,8 @@ def create_app(model: Model, token: str | None = None):
         raise CnnkitError("serving needs FastAPI and uvicorn: pip install 'cnnkit[serve]'") from None
     from contextlib import asynccontextmanager
 
-    limits, meta = model.limits, model.meta
-    names, inp = meta["class_names"], meta["input"]
+    limits, info = model.limits, model.info
+    names = info.class_names
 
     @asynccontextmanager
     async def lifespan(app):
@@ -375,8 +374,7 @@ def create_app(model: Model, token: str | None = None):
     # No /docs or /redoc: their pages load scripts from a CDN, blank on an offline machine; the
     # schema itself is at /openapi.json for any OpenAPI viewer or client generator.
     app = FastAPI(title="cnnkit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=f"A cnnkit image classifier: {len(names)} classes, input {inp['channels']}x"
-                              f"{inp['height']}x{inp['width']}.")
+                  description=f"A cnnkit image classifier: {len(names)} classes, input {info.input}.")
 
     @app.exception_handler(RequestError)
     async def request_error(request, e: RequestError):
@@ -391,7 +389,7 @@ def create_app(model: Model, token: str | None = None):
     @app.get("/model")
     async def model_info() -> dict:
         """Class names, input size, test metrics, calibration, runtime, limits and version."""
-        return model.info()
+        return model.description()
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:

@@ -40,7 +40,7 @@ from .distributed import World
 from .errors import CnnkitError, TrainingDiverged, TrainingInterrupted
 from .hardware import precision_choice
 from .inference import metrics_from_logits, pick_device, predict_logits
-from .modelfile import load_model, non_finite
+from .modelfile import DataRecord, InputShape, ModelInfo, Preprocessing, TTA, load_model, non_finite
 from .models.base import unwrap
 from .models.registry import architecture_record, build_model, default_input, get_spec
 from .models.summary import format_summary, summary
@@ -112,21 +112,17 @@ def check_training_memory(spec: dict, channels: int, side: int, batch: int, imag
                       f"{' with the dataset resized in memory' if images and not on_gpu else ''}; {where}: {advice}")
 
 
-def model_meta(model: nn.Module, ds: Dataset, preprocess: Preprocess, cfg: TrainConfig) -> dict:
+def model_info(model: nn.Module, ds: Dataset, preprocess: Preprocess, cfg: TrainConfig, **more) -> ModelInfo:
     """What a model file records about a run besides weights and metrics: enough to rebuild the
-    model and preprocess new images exactly as in training."""
-    return {
-        "architecture": architecture_record(model),
-        "class_names": ds.class_names,
-        "input": dict(zip(("channels", "height", "width"), ds.input_shape)),
-        "preprocessing": {"resize": RESIZE_METHOD, **preprocess.record()},
-        "training": cfg.to_dict(),
+    model and preprocess new images exactly as in training (`more`: other ModelInfo fields)."""
+    return ModelInfo(
+        architecture=architecture_record(model), class_names=ds.class_names, input=InputShape(*ds.input_shape),
+        preprocessing=Preprocessing(resize=RESIZE_METHOD, **preprocess.record()), training=cfg.to_dict(),
         # Test-time augmentation mirrors images unless that changes the class (digits), and shifts
         # them by 1/14 of their side: the notes' 2 pixels on 28x28, 1 on 8x8 digits, 16 on 224x224.
-        "tta": {"hflip": hflip_keeps_class(ds.name), "shift_pixels": max(1, round(min(ds.input_shape[1:]) / 14))},
-        "data": {"name": ds.name, "source": ds.source, "sizes": ds.sizes(), "test_source": ds.test_source,
-                 "skipped": [list(x) for x in ds.skipped]},
-    }
+        tta=TTA(hflip=hflip_keeps_class(ds.name), shift_pixels=max(1, round(min(ds.input_shape[1:]) / 14))),
+        data=DataRecord(name=ds.name, source=ds.source, sizes=ds.sizes(), test_source=ds.test_source,
+                        skipped=[list(x) for x in ds.skipped]), **more)
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
@@ -320,7 +316,7 @@ class Session:
     precision: str  # 'bf16' or 'fp32'
     transfer: bool  # a frozen-backbone phase first (and maybe a fine-tuning phase)
     total_epochs: int
-    meta: dict  # the model file's metadata, less metrics
+    info: ModelInfo  # the model file's metadata, less metrics
     augment: BatchAugment  # from cfg.augment_from_epoch on
     class_weight: torch.Tensor | None  # (K,) loss weights (balance: weights)
     sample_weight: torch.Tensor | None  # (N,) drawing weights of the training images (balance: sampler)
@@ -352,7 +348,7 @@ class TrainResult:
     device: torch.device
     precision: str  # what trained: 'bf16', 'fp32', or the SVM's 'fp64 (scikit-learn)'
     train_seconds: float
-    meta: dict  # the model file's metadata, less metrics and calibration
+    info: ModelInfo  # the model file's metadata, less metrics and calibration
 
 
 def augmentation_and_balance(cfg: TrainConfig, ds: Dataset, device: torch.device
@@ -423,8 +419,8 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    meta = {**model_meta(model, ds, preprocess, cfg), "pretrained": pretrained,
-            "precision": {"training": precision, "reason": precision_why}}
+    info = model_info(model, ds, preprocess, cfg, pretrained=pretrained,
+                      precision={"training": precision, "reason": precision_why})
     augment, class_weight, sample_weight = augmentation_and_balance(cfg, ds, device)
     if augment.active:
         run.log(f"augmentation from epoch {cfg.augment_from_epoch}: {augment.default.describe()}"
@@ -434,7 +430,7 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
         import copy
         ema = copy.deepcopy(model).eval().requires_grad_(False)
     s = Session(cfg, ds, run, model, make_optimizer(cfg, model), preprocess.to(device), device, precision, transfer,
-                cfg.epochs + fine_tune_epochs, meta, augment, class_weight, sample_weight, ema, world=world)
+                cfg.epochs + fine_tune_epochs, info, augment, class_weight, sample_weight, ema, world=world)
     if resume:
         state = resume_state(s, model, ema)
         s.history, s.best_val, s.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
@@ -539,7 +535,8 @@ def epoch_loop(s: Session, quiet: bool = False) -> None:
                     f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {row['seconds']:.1f} s")
             if row["val_acc"] > s.best_val:  # keep the best model by validation accuracy
                 s.best_val, s.best_epoch = row["val_acc"], epoch
-                run.save_model(s.evaluated, {**s.meta, "metrics": {"best_epoch": epoch, "val_accuracy": s.best_val}})
+                run.save_model(s.evaluated, dataclasses.replace(s.info, metrics={"best_epoch": epoch,
+                                                                                   "val_accuracy": s.best_val}))
             run.write_history(s.history)
             run.save_checkpoint(s.model, s.optimizer, {"epoch": epoch, "history": s.history, "best_val_acc": s.best_val,
                                                        "best_epoch": s.best_epoch, "ema_steps": s.ema_steps},
@@ -622,7 +619,7 @@ def fit(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, *, resu
     epoch_loop(s, quiet)
     best, _ = load_model(run.model_file, s.device)
     return TrainResult(best, s.preprocess, s.history, s.best_epoch, s.best_val, s.device, s.precision,
-                       sum(r["seconds"] for r in s.history), s.meta)
+                       sum(r["seconds"] for r in s.history), s.info)
 
 
 # ----------------------------------------------------------------------------- the SVM baseline
@@ -659,7 +656,7 @@ def train_svm(cfg: TrainConfig, run: RunFolder, quiet: bool = False) -> tuple[Da
     val = metrics_from_logits(predict_logits(model, ds.val.images, preprocess), ds.val.labels)
     history = [{"epoch": 1, "train_loss": float("nan"), "train_acc": float(svm.score(flat(ds.train.images),
                 ds.train.labels.numpy())), "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": 0.0, "seconds": seconds}]
-    meta = model_meta(model, ds, preprocess, cfg)
-    meta["architecture"]["name"] = "linear SVM"
+    info = model_info(model, ds, preprocess, cfg)
+    info.architecture["name"] = "linear SVM"
     return ds, TrainResult(model, preprocess, history, 1, val["accuracy"], torch.device("cpu"),
-                           "fp64 (scikit-learn)", seconds, meta)
+                           "fp64 (scikit-learn)", seconds, info)

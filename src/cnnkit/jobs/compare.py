@@ -21,17 +21,17 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out: str | Path | None = 
     from ..report import plot_compare_curves
     from ..report_html import write_compare_page
 
-    (model_a, meta_a), (model_b, meta_b) = load_model(run_a), load_model(run_b)
+    (model_a, info_a), (model_b, info_b) = load_model(run_a), load_model(run_b)
     name_a, name_b = Path(run_a).name or "A", Path(run_b).name or "B"
     if name_a == name_b:
         name_a, name_b = f"A ({name_a})", f"B ({name_b})"
-    if meta_a["class_names"] != meta_b["class_names"]:
+    if info_a.class_names != info_b.class_names:
         raise CnnkitError("the two models have different classes: compare models trained on the same data")
-    data = data or meta_a.get("data", {}).get("name") or meta_a.get("training", {}).get("data")
+    data = data or info_a.data_name
     if not data:
         raise CnnkitError("the model files do not name their dataset: give it with --data")
-    split_a, _ = load_split_for(meta_a, data, "test", data_dir)
-    split_b, _ = load_split_for(meta_b, data, "test", data_dir)
+    split_a, _ = load_split_for(info_a, data, "test", data_dir)
+    split_b, _ = load_split_for(info_b, data, "test", data_dir)
     # Pairing needs the same images in the same order. Data without its own test split is carved
     # by each run's seed and fractions: two seeds hold out different images (and train on the other's).
     same = len(split_a) == len(split_b) and torch.equal(split_a.labels, split_b.labels)
@@ -44,12 +44,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out: str | Path | None = 
                           "--test-split differ and the data has no test split of its own): compare runs made with "
                           "the same split settings, or on data with a test split")
     labels = split_a.labels.numpy()
-    pred_a = probabilities(model_a, meta_a, split_a.images).argmax(1)
-    pred_b = probabilities(model_b, meta_b, split_b.images).argmax(1)
+    pred_a = probabilities(model_a, info_a, split_a.images).argmax(1)
+    pred_b = probabilities(model_b, info_b, split_b.images).argmax(1)
     result = paired_comparison(pred_a == labels, pred_b == labels)
     sentence = verdict(result, name_a, name_b)
     per_class = []
-    for k, cls in enumerate(meta_a["class_names"]):
+    for k, cls in enumerate(info_a.class_names):
         mask = labels == k
         if mask.any():
             ra, rb = float((pred_a[mask] == k).mean()), float((pred_b[mask] == k).mean())
@@ -57,8 +57,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out: str | Path | None = 
     out = Path(out or f"compare-{Path(run_a).name}-{Path(run_b).name}")
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    if meta_a.get("history") and meta_b.get("history"):
-        files["curves"] = plot_compare_curves({name_a: meta_a["history"], name_b: meta_b["history"]}, out / "curves.png")
+    if info_a.history and info_b.history:
+        files["curves"] = plot_compare_curves({name_a: info_a.history, name_b: info_b.history}, out / "curves.png")
     result.update({"a": str(run_a), "b": str(run_b), "data": data, "verdict": sentence, "out": str(out)})
     files["compare_json"] = out / "compare.json"
     write_text_atomic(files["compare_json"], json.dumps(result, indent=2))

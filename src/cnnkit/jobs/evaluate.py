@@ -12,9 +12,9 @@ def evaluate_model(model_path: str | Path, data: str, split: str = "test", data_
                    out: str | Path | None = None, tta: bool = False) -> tuple[dict, dict[str, Path], list[str]]:
     """(metrics, {name: file}, class names): the files of report_folder.evaluate_and_report in
     `out` (default: RUN/evaluate-<split>, beside the model file)."""
-    model, meta = load_model(model_path)
-    loaded, names = load_split_for(meta, data, split, data_dir)
+    model, info = load_model(model_path)
+    loaded, names = load_split_for(info, data, split, data_dir)
     out = Path(out) if out else resolve_model_path(model_path).parent / f"evaluate-{split}"
-    metrics, files = evaluate_and_report(model, meta, loaded, out, data_name=data, split_name=split, tta=tta)
+    metrics, files = evaluate_and_report(model, info, loaded, out, data_name=data, split_name=split, tta=tta)
     metrics["files"] = {k: str(v) for k, v in files.items()}
     return metrics, files, names

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CnnkitError
-from ..inference import temperature_of
+from ..modelfile import ModelInfo
 from ..preprocess import Preprocess
 from ..utils import write_text_atomic
 
@@ -18,21 +18,20 @@ def explain(model_path: str | Path, image_path: str | Path, out: str | Path | No
             class_name: str | None = None) -> dict:
     """Load the model file (or run folder) and explain one image into `out` (default explain-<image name>)."""
     from ..modelfile import load_model
-    model, meta = load_model(model_path)
-    return explain_to_folder(model, meta, image_path, Path(out) if out else Path(f"explain-{Path(image_path).stem}"),
+    model, info = load_model(model_path)
+    return explain_to_folder(model, info, image_path, Path(out) if out else Path(f"explain-{Path(image_path).stem}"),
                              class_name=class_name)
 
 
-def explain_to_folder(model: nn.Module, meta: dict, image_path: str | Path, out: str | Path,
+def explain_to_folder(model: nn.Module, info: ModelInfo, image_path: str | Path, out: str | Path,
                       class_name: str | None = None, top_k: int = 5) -> dict:
     """`cnnkit explain`: kernels.png, one feature-map figure per conv layer (or stage), gradcam.png
     and explain.json in `out`, for one image file. Returns explain.json's dict."""
     from ..decode import decode_image
     from ..explain import explain_image
     from ..report import plot_feature_maps, plot_gradcam, plot_kernels
-    inp, names = meta["input"], meta["class_names"]
-    if inp["height"] != inp["width"]:
-        raise CnnkitError("explain supports square model inputs only")
+    names = info.class_names
+    side = info.square_side("explain")
     class_index = None
     if class_name is not None:
         if class_name not in names:
@@ -40,12 +39,12 @@ def explain_to_folder(model: nn.Module, meta: dict, image_path: str | Path, out:
                               + (" ..." if len(names) > 20 else ""))
         class_index = names.index(class_name)
     try:
-        image = torch.from_numpy(decode_image(str(image_path), inp["height"], inp["channels"]).copy())  # (C, H, W) uint8
+        image = torch.from_numpy(decode_image(str(image_path), side, info.input.channels).copy())  # (C, H, W) uint8
     except FileNotFoundError:
         raise CnnkitError(f"no such image file: {image_path}") from None
     except Exception as e:  # any decoder failure: the user's file, not our bug
         raise CnnkitError(f"cannot read {image_path} as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    result = explain_image(model.eval(), Preprocess.from_meta(meta), image, class_index, temperature_of(meta))
+    result = explain_image(model.eval(), Preprocess.from_info(info), image, class_index, info.temperature)
     out = Path(out)
     probs = result["probabilities"]
     top = probs.topk(min(top_k, len(names)))
@@ -59,12 +58,12 @@ def explain_to_folder(model: nn.Module, meta: dict, image_path: str | Path, out:
     heat = {f"{names[c]} ({probs[c]:.2f})": h for c, h in result["heatmaps"].items()}
     files["gradcam"] = plot_gradcam(image, heat, out / "gradcam.png")
     site = result["gradcam_site"]
-    info = {"image": str(image_path), "predicted": predicted, "probability": float(probs[result["predicted"]]),
+    record = {"image": str(image_path), "predicted": predicted, "probability": float(probs[result["predicted"]]),
             "top": [{"label": names[i], "probability": float(p)} for p, i in zip(top.values.tolist(), top.indices.tolist())],
             "gradcam_classes": [names[c] for c in result["heatmaps"]],
             "gradcam_layer": {"name": site.name, "shape": list(site.shape)},
             "kernels_shape": list(result["kernels"].shape), "feature_maps": layers,
             "files": {"kernels": str(files["kernels"]), "gradcam": str(files["gradcam"]),
                       "json": str(out / "explain.json")}}
-    write_text_atomic(out / "explain.json", json.dumps(info, indent=2))
-    return info
+    write_text_atomic(out / "explain.json", json.dumps(record, indent=2))
+    return record

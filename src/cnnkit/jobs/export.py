@@ -20,25 +20,24 @@ def export_with_proof(model_path: str | Path, fmt: str, out: str | Path | None =
     from ..modelfile import load_model, resolve_model_path
 
     src = resolve_model_path(model_path)
-    model, meta = load_model(src)
+    model, info = load_model(src)
     out = Path(out) if out else src.with_suffix(FORMATS.get(fmt, ""))
-    inp = meta["input"]
     if image_paths:
-        decoded = decode_files((expand_paths(image_paths), inp["height"], inp["channels"]))
+        decoded = decode_files((expand_paths(image_paths), info.input.height, info.input.channels))
         arrays = [a for a, _ in decoded if a is not None][:PARITY_IMAGES]
         if not arrays:
             raise CnnkitError("none of the --images files could be decoded")
         images, source = torch.from_numpy(np.stack(arrays)), f"{len(arrays)} of the files named"
     else:
-        data = meta.get("data", {}).get("name") or meta.get("training", {}).get("data")
+        data = info.data_name
         if not data:
             raise CnnkitError("the model file does not name its dataset: give image files with --images to check the export")
         try:
-            split, _ = load_split_for(meta, data, "val")
+            split, _ = load_split_for(info, data, "val")
         except CnnkitError as e:
             raise CnnkitError(f"cannot load {data} to check the export ({e}); give image files with --images") from None
         images, source = split.images[:PARITY_IMAGES], f"{min(len(split), PARITY_IMAGES)} validation images of {data}"
-    export(model, meta, fmt, out)
-    check = parity(model, meta, out, fmt, images)
+    export(model, info, fmt, out)
+    check = parity(model, info, out, fmt, images)
     return {"out": str(out), "format": fmt, "bytes": out.stat().st_size, "checked_on": source, **check,
             "max_allowed_diff": PARITY_MAX_DIFF}

@@ -42,7 +42,7 @@ def train_on(cfg: TrainConfig, ds: Dataset, train_index: np.ndarray | None, fold
     run = RunFolder(folder, echo=None, quiet=True)
     run.create()
     result = fit(dataclasses.replace(cfg, seed=seed, report=False), subset, model, run, quiet=True)
-    return result.model.cpu(), result.meta
+    return result.model.cpu(), result.info
 
 
 def out_of_fold_probabilities(cfg: TrainConfig, ds: Dataset, folds: int, workdir: Path,
@@ -58,8 +58,8 @@ def out_of_fold_probabilities(cfg: TrainConfig, ds: Dataset, folds: int, workdir
     probs = np.zeros((len(labels), ds.num_classes))
     splitter = StratifiedKFold(folds, shuffle=True, random_state=cfg.seed)
     for f, (train_index, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        model, meta = train_on(cfg, ds, train_index, workdir / f"fold{f + 1}", cfg.seed + f)
-        probs[held_out] = probabilities(model, meta, ds.train.images[torch.as_tensor(held_out)], calibrated=False)
+        model, info = train_on(cfg, ds, train_index, workdir / f"fold{f + 1}", cfg.seed + f)
+        probs[held_out] = probabilities(model, info, ds.train.images[torch.as_tensor(held_out)], calibrated=False)
         if on_fold:
             on_fold(f + 1, folds)
     return probs
@@ -120,8 +120,8 @@ def label_issues(cfg: TrainConfig, folds: int = 3, retrain: bool = False, out: s
         with tempfile.TemporaryDirectory(prefix="cnnkit-retrain-") as work:
             accuracy = {}
             for name, index in (("with_flagged", None), ("without_flagged", keep)):
-                model, meta = train_on(cfg, ds, index, Path(work) / name, cfg.seed)
-                accuracy[name] = float((probabilities(model, meta, ds.test.images).argmax(1)
+                model, info = train_on(cfg, ds, index, Path(work) / name, cfg.seed)
+                accuracy[name] = float((probabilities(model, info, ds.test.images).argmax(1)
                                         == ds.test.labels.numpy()).mean())
         summary["retrain"] = {"test_accuracy_with_flagged": accuracy["with_flagged"],
                               "test_accuracy_without_flagged": accuracy["without_flagged"],

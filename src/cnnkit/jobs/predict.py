@@ -20,7 +20,7 @@ import numpy as np
 from .. import runtimes
 from ..decode import decode_files, die_with_parent, expand_paths
 from ..errors import CnnkitError
-from ..modelfile import read_metadata, resolve_model_path
+from ..modelfile import read_info, resolve_model_path
 from ..runtimes import choose_runtime, cpu_count
 
 CHUNK_FILES = 256  # files per decoding task: large enough that a task's overhead (pickling ~3 MB back) is small
@@ -63,10 +63,10 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
     if model_path.suffix == ".onnx":
         if not model_path.is_file():
             raise CnnkitError(f"no ONNX file at {model}")
-        meta = None
+        info = None
     else:
         model_path = resolve_model_path(model)
-        meta = read_metadata(model_path)
+        info = read_info(model_path)  # once: the runtime is handed it
     files = expand_paths(paths)
     if not files:
         return [], {"files": 0}
@@ -74,18 +74,14 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
     # The pool forks before the runtime loads, so the workers carry no PyTorch or onnxruntime threads.
     rt, why = None, ""
     rows: list[dict] = []
-    if meta is None:
-        rt, why = choose_runtime(model_path, {}, runtime, tta, measure=False)
-        meta = rt.meta
-        if not meta or "class_names" not in meta:
-            raise CnnkitError(f"{model} is an ONNX file without cnnkit metadata; export it with `cnnkit export`")
-    inp, names = meta["input"], meta["class_names"]
-    if inp["height"] != inp["width"]:
-        raise CnnkitError("predict supports square model inputs only")
+    if info is None:
+        rt, why = choose_runtime(model_path, None, runtime, tta, measure=False)
+        info = rt.info
+    names, side = info.class_names, info.square_side("predict")
     k = min(top_k, len(names))
-    for chunk, decoded in decoded_chunks(files, inp["height"], inp["channels"], workers):
+    for chunk, decoded in decoded_chunks(files, side, info.input.channels, workers):
         if rt is None:  # after the pool has forked: the runtime's threads are the parent's alone
-            rt, why = choose_runtime(model_path, meta, runtime, tta, measure=len(files) >= runtimes.MEASURE_FROM_FILES)
+            rt, why = choose_runtime(model_path, info, runtime, tta, measure=len(files) >= runtimes.MEASURE_FROM_FILES)
         good = [a for a, _ in decoded if a is not None]
         probs = rt(np.stack(good)) if good else np.zeros((0, len(names)))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (B, k)

@@ -8,8 +8,8 @@ from ..models import summary
 def summarize(model: str, input_shape: tuple[int, int, int] | None = None, num_classes: int = 10) -> tuple[dict, str]:
     """(models.summary's dict, a title naming what was summarized) for a registered name, a YAML
     spec, a model file or a run folder."""
-    built, meta, name = model_from_argument(model, input_shape, num_classes)
-    if meta is not None:
-        return summary(built), f"model file {model} ({meta['architecture'].get('name')})"
+    built, info, name = model_from_argument(model, input_shape, num_classes)
+    if info is not None:
+        return summary(built), f"model file {model} ({info.name})"
     c, h, w = built.input_shape
     return summary(built), f"model {name} on input {c}x{h}x{w}, {num_classes} classes"

@@ -6,7 +6,7 @@ import dataclasses
 import platform
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .. import distributed
 from ..config import TrainConfig
+from ..modelfile import ModelInfo
 from ..data import Dataset
 from ..distributed import World, broadcast_text
 from ..errors import CnnkitError
@@ -37,7 +38,7 @@ class RunResult:
     history: list[dict]
     metrics: dict  # test metrics of the best model, plus best_epoch / val_accuracy / timing / versions
     config: TrainConfig
-    meta: dict = field(default_factory=dict)
+    info: ModelInfo | None = None  # the model file's metadata
     primary: bool = True  # False in the other processes of a torchrun job: they train, rank 0 tests and writes
 
 
@@ -109,7 +110,7 @@ def train_in(world: World, cfg: TrainConfig | None, resume: str | Path | None, *
         run.write_config(cfg)
         result = fit(cfg, ds, model, run, resume=resume is not None, quiet=quiet, world=world)
     if not world.primary:
-        return RunResult(run.path, result.model, ds, result.history, {}, cfg, result.meta, primary=False)
+        return RunResult(run.path, result.model, ds, result.history, {}, cfg, result.info, primary=False)
     return finish(cfg, run, ds, result)
 
 
@@ -150,26 +151,26 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
     t0 = time.perf_counter()
     best, device = result.model, result.device
     best = best.to(memory_format=torch.channels_last)  # faster fp32 inference too (inference.probabilities)
-    preprocess = Preprocess.from_meta(result.meta, channels_last=True).to(device)
+    preprocess = Preprocess.from_info(result.info, channels_last=True).to(device)
     test_logits = predict_logits(best, ds.test.images, preprocess, device, "fp32")  # (N, K)
     val_logits = predict_logits(best, ds.val.images, preprocess, device, "fp32")
-    meta = {**result.meta, "calibration": {"temperature": fit_temperature(val_logits, ds.val.labels), "fitted_on": "val"}}
+    info = dataclasses.replace(result.info, temperature=fit_temperature(val_logits, ds.val.labels), calibrated_on="val")
     metrics = {"test_" + k: v for k, v in metrics_from_logits(test_logits, ds.test.labels).items()}
     metrics.update({"test_split": ds.test_source, "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc,
                     "train_seconds": result.train_seconds, "device": device.type, "precision": result.precision,
-                    "precision_reason": result.meta.get("precision", {}).get("reason", ""),
+                    "precision_reason": result.info.precision.get("reason", ""),
                     "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
     tta_probs = None
     if cfg.report_tta:  # mirror and shifts, averaged: in metrics.json, and the report reuses them
-        tta_probs = probabilities(best, meta, ds.test.images, tta=True, device=device, logits=test_logits)
+        tta_probs = probabilities(best, info, ds.test.images, tta=True, device=device, logits=test_logits)
         metrics["test_tta_accuracy"] = float((tta_probs.argmax(1) == ds.test.labels.numpy()).mean())
-    meta["metrics"], meta["history"] = metrics, result.history
-    run.save_model(best, meta)
+    info.metrics, info.history = metrics, result.history
+    run.save_model(best, info)
     run.write_history(result.history)
     run.write_metrics(metrics)
     report = ""
     if cfg.report and run.primary:
-        _, files = evaluate_and_report(best, meta, ds.test, run.path, data_name=ds.name, split_name=ds.test_source,
+        _, files = evaluate_and_report(best, info, ds.test, run.path, data_name=ds.name, split_name=ds.test_source,
                                        tta=cfg.report_tta, device=device, logits=test_logits, tta_probs=tta_probs)
         report = f"; report {files['report']}"
     run.remove_checkpoint()
@@ -179,4 +180,4 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
             f"(best epoch {result.best_epoch}){report}")
     run.log(f"after the last epoch: {time.perf_counter() - t0:.1f} s to test, calibrate, save"
             + (" and report" if report else ""))
-    return RunResult(run.path, best, ds, result.history, metrics, cfg, meta)
+    return RunResult(run.path, best, ds, result.history, metrics, cfg, info)
