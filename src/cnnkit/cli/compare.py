@@ -6,7 +6,7 @@ from .common import print_json
 def add(sub) -> None:
     p = sub.add_parser("compare", help="two runs on the same test images: accuracy difference, McNemar's test, curves",
                         description="Evaluates both models on the same test images and reports the accuracy "
-                                    "difference with a 95%% interval, McNemar's exact test (p-value, and the images "
+                                    "difference with a 95% interval, McNemar's exact test (p-value, and the images "
                                     "only A or only B gets right), recall per class and both runs' curves "
                                     "(compare.json, compare.html).")
     p.add_argument("run_a", metavar="RUN_A", help="model file or run folder")
