@@ -2,6 +2,7 @@
 they settle it and by a cached probe elsewhere. $CNNKIT_CPU_FLAGS stands in for another CPU."""
 from __future__ import annotations
 
+import ast
 import json
 
 import pytest
@@ -132,14 +133,27 @@ def test_train_prints_and_records_the_choice(machine, tmp_path):
     assert json.loads((tmp_path / "bf16" / "metrics.json").read_text())["precision"] == "bf16"
 
 
-def test_every_benchmark_names_its_machine_first():
-    """Every script in benchmarks/ prints machine_line() before anything else it prints."""
+def test_every_benchmark_names_its_machine_first(monkeypatch, capsys):
+    """Every script in benchmarks/<group>/ prints machine_line() before anything else it prints: its
+    `__main__` block starts with benchmarks.common.machine_header(), which prints that line and nothing else."""
+    from benchmarks import common
     from conftest import ROOT
-    scripts = sorted((ROOT / "benchmarks").glob("*.py"))
-    assert len(scripts) >= 20
+    bench = ROOT / "benchmarks"
+    groups = sorted(p.parent.name for p in bench.glob("*/__init__.py"))
+    assert groups == ["data", "inference", "serving", "training"]
+    assert sorted(p.name for p in bench.glob("*.py")) == ["__init__.py", "common.py"]  # scripts live in a group
+    scripts = sorted(p for group in groups for p in (bench / group).glob("*.py") if p.name != "__init__.py")
+    assert len(scripts) >= 20 and all(any(p.parent.name == g for p in scripts) for g in groups)
     for path in scripts:
-        _, sep, block = path.read_text().partition('if __name__ == "__main__":\n')
-        assert sep, path.name
-        lines = [line.strip() for line in block.splitlines() if line.strip()]
-        assert lines[:2] == ["from cnnkit.hardware import machine_line",
-                             "print(machine_line(), flush=True)  # the machine every figure below was measured on"], path.name
+        name = path.relative_to(bench).as_posix()
+        tree = ast.parse(path.read_text())
+        assert any(isinstance(node, ast.ImportFrom) and node.module == "benchmarks.common"
+                   and "machine_header" in [a.name for a in node.names] for node in tree.body), name
+        mains = [node for node in tree.body
+                 if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"]
+        assert len(mains) == 1, name
+        assert ast.unparse(mains[0].body[0]) == "machine_header()", name
+    assert common.machine_line is hardware.machine_line
+    monkeypatch.setattr(common, "machine_line", lambda: "machine: this one")
+    common.machine_header()
+    assert capsys.readouterr().out == "machine: this one\n"

@@ -10,7 +10,6 @@ import http.client
 import io
 import json
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -19,11 +18,9 @@ import pytest
 from PIL import Image
 
 import cnnkit
-from conftest import ARTIFACTS, ROOT, shared
+from benchmarks.serving.serve_load import load, start_server  # the benchmark's client and server start-up
+from conftest import ARTIFACTS, shared
 from test_report import CHROMIUM, CHROMIUM_ARGS, DESKTOP, PHONE, require_browser
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from serve_load import load, start_server  # noqa: E402  (the benchmark's client and server start-up)
 
 
 @pytest.fixture(scope="module")

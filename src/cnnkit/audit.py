@@ -11,7 +11,7 @@
 - Leakage per pair of splits, class balance, image sizes and modes (folders: read from the file
   headers), and the files that could not be decoded.
 
-Why not a perceptual hash (imagehash's pHash): `python benchmarks/duplicate_signatures.py`, on
+Why not a perceptual hash (imagehash's pHash): `python -m benchmarks.data.duplicate_signatures`, on
 3,000 distinct MNIST test digits decoded at 64x64: the 64-bit pHash puts 40 pairs of different
 digits at distance 0, closer than any copy; the 256-bit pHash has different digits from 22 bits
 and JPEG copies up to 28, trimmed copies up to 144. The thumbnail cosine: different digits at most

@@ -8,7 +8,7 @@ Geometric:   shift (the notes' width/height_shift_range, edges replicated), hori
 Photometric: brightness, contrast, saturation, gaussian noise, gaussian blur.
 
 Written with plain torch ops rather than kornia: on 2 CPU cores a batch of 128 CIFAR images ran
-faster this way for each op measured in benchmarks/augment_speed.py (NOTES.md, "augmentation"):
+faster this way for each op measured in benchmarks/data/augment_speed.py (NOTES.md, "augmentation"):
 integer shifts and flips are index gathers on uint8 with no warp at all, and the affine ops are
 composed into a single grid_sample. Whether a flip keeps the class is the dataset's fact
 (cnnkit.data.hflip_keeps_class): digits are never mirrored.

@@ -10,7 +10,7 @@ import numpy as np
 from .errors import CnnkitError
 
 # Images per onnxruntime call. The call size matters little on 2 CPU cores (64 to 512 within 7% for
-# seed-mnist-torch, seed-cifar10 and seed-patch64: `python benchmarks/runtimes.py`); 64 keeps the
+# seed-mnist-torch, seed-cifar10 and seed-patch64: `python -m benchmarks.inference.runtimes`); 64 keeps the
 # arrays handed over small.
 BATCH = 64
 

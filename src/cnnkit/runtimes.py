@@ -5,7 +5,7 @@ between them: the one measured fastest for this model on this machine. `cnnkit p
 - The first large job exports the model to ONNX in the cache (parity-checked), times onnxruntime
   against PyTorch on the same batch and records the winner; later jobs read the record. On 2 CPU
   cores in fp32, onnxruntime ran seed-cifar10 1.9x and seed-mnist-torch 1.7x faster than PyTorch,
-  seed-patch64 about as fast (`python benchmarks/runtimes.py`, batches of 64).
+  seed-patch64 about as fast (`python -m benchmarks.inference.runtimes`, batches of 64).
 - With the ONNX runtime PyTorch is never imported (about 1 s of a short job): this module, the
   decoder and the model file's metadata reader import numpy, Pillow and safetensors only.
 

@@ -4,7 +4,7 @@ Uploads are queued; one batcher task takes everything waiting (up to max_batch i
 single inference thread, decodes them and runs the model once for all of them. While a batch runs
 the next one gathers, so a lone request waits for nothing and under load batches grow by themselves:
 throughput grows with load instead of each request paying for its own forward pass
-(benchmarks/serve_load.py measures both in one run).
+(benchmarks/serving/serve_load.py measures both in one run).
 
 Every input is bounded: the body's bytes (413, counted as it arrives, not trusted from headers), the
 images per request (413), the pixels an image header claims (413, before decoding: decompression

@@ -105,7 +105,7 @@ def fetch(remote: Remote, urls: list[str], subdirs: list[str], looked: list[Path
 def decoded_cache_path(name: str, paths: list[Path]) -> Path:
     """Where the decoded tensors of these exact files are kept: keyed by each file's resolved path,
     size and modification time, so a changed file is verified and decoded afresh (load times:
-    `python benchmarks/run_overhead.py` prints them)."""
+    `python -m benchmarks.training.run_overhead` prints them)."""
     h = hashlib.sha256(f"v{DECODED_CACHE_VERSION}\0{name}".encode())
     for p in paths:
         st = p.stat()

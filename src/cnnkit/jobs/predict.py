@@ -1,6 +1,6 @@
 """`cnnkit predict`: classify files and folders at the speed of the decoder.
 
-Two things make it fast, each measured (benchmarks/predict_speed.py, benchmarks/NOTES.md):
+Two things make it fast, each measured (benchmarks/inference/predict_speed.py, benchmarks/NOTES.md):
 - decoding runs in a process pool on every core while the model runs on the batches already
   decoded (Pillow holds the GIL for its Python-side work, so threads would not overlap);
 - the runtime is the one measured fastest for this model on this machine (runtimes.py); with the

@@ -2,7 +2,7 @@
 (1) images/s of onnxruntime per call size (what onnxrun.BATCH is chosen from), (2) milliseconds for
 one image alone and per image in a batch of 64, in both runtimes (what batching can save a server).
 
-    python benchmarks/runtimes.py [--repeats 5]
+    python -m benchmarks.inference.runtimes [--repeats 5]
 
 Networks with seeded random weights (speed does not depend on them), exported as `cnnkit export`
 does, on random uint8 images.
@@ -10,30 +10,19 @@ does, on random uint8 images.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.common import machine_header, median_seconds
 from cnnkit.export import export
 from cnnkit.inference import probabilities
 from cnnkit.models.registry import architecture_record, build_model, get_spec
 from cnnkit.onnxrun import OnnxRunner
 
 NETS = {"seed-mnist-torch": (1, 28), "seed-cifar10": (3, 32), "seed-patch64": (3, 64)}
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -57,16 +46,16 @@ def main() -> None:
         for size in (64, 128, 256, 512):
             run = lambda: [runner.session.run(None, {runner.input_name: np.ascontiguousarray(  # noqa: E731
                 x[i:i + size].transpose(0, 2, 3, 1))}) for i in range(0, len(x), size)]
-            per_call.append(len(x) / timed(run, args.repeats))
-        single = [1000 * timed(lambda: [probabilities(model, meta, xt[i:i + 1]) for i in range(64)], args.repeats) / 64,
-                  1000 * timed(lambda: [runner(x[i:i + 1]) for i in range(64)], args.repeats) / 64]
-        batched = [1000 * timed(lambda: probabilities(model, meta, xt[:64]), args.repeats) / 64,
-                   1000 * timed(lambda: runner(x[:64]), args.repeats) / 64]
+            per_call.append(len(x) / median_seconds(run, args.repeats))
+        single = [1000 * median_seconds(lambda: [probabilities(model, meta, xt[i:i + 1]) for i in range(64)],
+                                        args.repeats) / 64,
+                  1000 * median_seconds(lambda: [runner(x[i:i + 1]) for i in range(64)], args.repeats) / 64]
+        batched = [1000 * median_seconds(lambda: probabilities(model, meta, xt[:64]), args.repeats) / 64,
+                   1000 * median_seconds(lambda: runner(x[:64]), args.repeats) / 64]
         print(f"{name:<18} {' / '.join(f'{v:,.0f}' for v in per_call):<50} "
               f"{single[0]:.3f} / {single[1]:.3f}{'':<20} {batched[0]:.3f} / {batched[1]:.3f}")
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

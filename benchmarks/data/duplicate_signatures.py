@@ -4,22 +4,21 @@ at 64x64 (as a folder is), with copies of the first 300 (resized to 56x56, JPEG 
 distance) and cnnkit audit's signature (32x32 grey thumbnails, cosine, best over centre-crop scales).
 A good signature puts every copy closer than every pair of different digits.
 
-    python benchmarks/duplicate_signatures.py      (needs `pip install imagehash`)
+    python -m benchmarks.data.duplicate_signatures      (needs `pip install imagehash`)
 """
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 import cnnkit
+from benchmarks.common import SHARED_DATA, machine_header
 from cnnkit.audit import CROP_SCALES, NEAR_THRESHOLD, thumbnails
 from cnnkit.decode import decode_image
 
-ROOT = Path(__file__).resolve().parents[1]
 COPIES = {
     "resized 56x56": lambda im: (im.resize((56, 56), Image.Resampling.BICUBIC), "PNG", {}),
     "JPEG q60": lambda im: (im, "JPEG", {"quality": 60}),
@@ -39,7 +38,7 @@ def decoded(img: Image.Image, fmt: str = "PNG", **kw) -> np.ndarray:
 def main() -> None:
     import imagehash
 
-    digits = cnnkit.load_dataset("mnist", data_dir=str(ROOT.parent / "shared" / "data"), quiet=True).test.images[:3000, 0]
+    digits = cnnkit.load_dataset("mnist", data_dir=str(SHARED_DATA), quiet=True).test.images[:3000, 0]
     originals = [Image.fromarray(d.numpy()) for d in digits]
     base = np.stack([decoded(im) for im in originals])  # (3000, 1, 64, 64)
     copies = {kind: np.stack([decoded(*make(im)[:2], **make(im)[2]) for im in originals[:300]]) for kind, make in COPIES.items()}
@@ -65,6 +64,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

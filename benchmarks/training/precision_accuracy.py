@@ -1,21 +1,21 @@
 """Does bf16 autocast keep accuracy? Trains the notes' MNIST networks with `cnnkit train` in fp32 and
 in bf16 (otherwise cnnkit's defaults), side by side, and prints test accuracy and training time.
 
-    python benchmarks/precision_accuracy.py [--data-dir ../shared/data] [--epochs 2] [--seeds 0]
+    python -m benchmarks.training.precision_accuracy [--data-dir ../shared/data] [--epochs 2] [--seeds 0]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import tempfile
-from pathlib import Path
 
+from benchmarks.common import SHARED_DATA, machine_header
 from cnnkit import TrainConfig, train
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    ap.add_argument("--data-dir", default=str(SHARED_DATA))
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--models", nargs="+", default=["seed-mnist-torch", "seed-mnist-keras"])
@@ -39,6 +39,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

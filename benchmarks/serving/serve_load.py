@@ -2,7 +2,7 @@
 request with its own forward pass (--max-batch 1, the naive one-request-one-forward server), in one
 run: p50/p99 latency and throughput at 1, 8 and 64 concurrent clients, medians of --repeats.
 
-    python benchmarks/serve_load.py [--model FILE] [--repeats 3] [--requests 1500]
+    python -m benchmarks.serving.serve_load [--model FILE] [--repeats 3] [--requests 1500]
 
 Without --model it trains the MNIST fast recipe for one epoch first (about 10 s) and serves that.
 Clients send MNIST test digits as PNG bodies over keep-alive HTTP/1.1 connections from this process
@@ -21,13 +21,13 @@ import os
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import SHARED_DATA, cnnkit_command, cnnkit_train, machine_header
+
 EARLY_ANSWER_BYTES = 1 << 20  # bodies above this wait briefly for an early answer (a 413) before sending
 
 
@@ -110,8 +110,8 @@ def free_port() -> int:
 
 def start_server(model: str, max_batch: int, extra: list[str] | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "serve", model, "--port", str(port), "--max-batch",
-                             str(max_batch), *(extra or [])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cnnkit_command("serve", model, "--port", str(port), "--max-batch", str(max_batch),
+                                           *(extra or [])), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
@@ -127,7 +127,7 @@ def start_server(model: str, max_batch: int, extra: list[str] | None = None) -> 
 def digit_pngs(n: int) -> list[bytes]:
     import cnnkit
     from PIL import Image
-    ds = cnnkit.load_dataset("mnist", data_dir=str(ROOT.parent / "shared" / "data"), quiet=True)
+    ds = cnnkit.load_dataset("mnist", data_dir=str(SHARED_DATA), quiet=True)
     out = []
     for i in range(n):
         buf = io.BytesIO()
@@ -159,9 +159,8 @@ def main() -> None:
     model = args.model
     if model is None:
         tmp = tempfile.mkdtemp(prefix="cnnkit-serve-bench-")
-        subprocess.run([sys.executable, "-m", "cnnkit", "train", "--recipe", "fast", "--data", "mnist", "--data-dir",
-                        str(ROOT.parent / "shared" / "data"), "--epochs", "1", "--no-report", "--quiet", "--out",
-                        f"{tmp}/run"], check=True, stdout=subprocess.DEVNULL)
+        cnnkit_train(["--recipe", "fast", "--data", "mnist", "--data-dir", str(SHARED_DATA), "--epochs", "1"],
+                     Path(tmp) / "run")
         model = f"{tmp}/run"
     pngs = digit_pngs(500)
     servers = {"batched": args.max_batch, "naive": 1}
@@ -195,6 +194,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

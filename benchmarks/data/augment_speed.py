@@ -4,16 +4,15 @@ ratio kornia / cnnkit. kornia gets float images in [0, 1] (its convention; the c
 included, as training would need it); cnnkit takes the uint8 batch as training gathers it.
 
     pip install kornia   # for this benchmark only
-    python benchmarks/augment_speed.py [--batch 128] [--size 32] [--repeats 20]
+    python -m benchmarks.data.augment_speed [--batch 128] [--size 32] [--repeats 20]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from benchmarks.common import interleaved, machine_header, medians, seconds
 from cnnkit.augment import Augment
 
 
@@ -62,19 +61,12 @@ def main() -> None:
     print(f"batch {args.batch} x 3 x {args.size} x {args.size}, {torch.get_num_threads()} threads, ms per batch (median)")
     print(f"{'op':<22} {'cnnkit':>8} {'kornia':>8} {'kornia/cnnkit':>14}")
     for name, ours in OURS.items():
-        t_ours, t_theirs = [], []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            ours(x, g)
-            t_ours.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            theirs[name](x.float() / 255)
-            t_theirs.append(time.perf_counter() - t0)
-        a, b = statistics.median(t_ours) * 1e3, statistics.median(t_theirs) * 1e3
+        med = medians(interleaved({"cnnkit": lambda: seconds(lambda: ours(x, g)),
+                                   "kornia": lambda: seconds(lambda: theirs[name](x.float() / 255))}, args.repeats))
+        a, b = med["cnnkit"] * 1e3, med["kornia"] * 1e3
         print(f"{name:<22} {a:8.2f} {b:8.2f} {b / a:13.1f}x")
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

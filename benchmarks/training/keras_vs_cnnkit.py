@@ -12,7 +12,7 @@ Both train on the same 60,000 MNIST training images (54,000 after the 10% valida
 ../shared/data by cnnkit's loader. The figure compared is the median epoch time after the first
 (Keras' first epoch also traces its graph; cnnkit's also warms its kernels), over interleaved repeats.
 
-    python benchmarks/keras_vs_cnnkit.py [--repeats 2] [--epochs 3] [--data-dir ../shared/data]
+    python -m benchmarks.training.keras_vs_cnnkit [--repeats 2] [--epochs 3] [--data-dir ../shared/data]
 """
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-TF_VENV = HERE / ".venv-tf"
+from benchmarks.common import BENCHMARKS, SHARED_DATA, cnnkit_train, machine_header
+
+TF_VENV = BENCHMARKS / ".venv-tf"
 TF_PIN = "tensorflow-cpu==2.21.0"
 
 KERAS_SCRIPT = r'''
@@ -96,13 +96,8 @@ def run_keras(py: Path, npz: Path, epochs: int) -> dict:
 def run_cnnkit(data_dir: str, out: Path, epochs: int, precision: str) -> dict:
     args = ["--data", "mnist", "--data-dir", data_dir, "--model", "seed-mnist-keras", "--batch-size", "100",
             "--optimizer", "adam", "--lr", "0.001", "--schedule", "constant", "--warmup-epochs", "0",
-            "--epochs", str(epochs), "--precision", precision, "--no-report", "--quiet", "--out", str(out)]
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "cnnkit", "train", *args], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(r.stderr[-3000:])
-    metrics = json.loads((out / "metrics.json").read_text())
+            "--epochs", str(epochs), "--precision", precision]
+    metrics, wall = cnnkit_train(args, out)
     with open(out / "history.csv") as f:
         seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
     return {"epoch_seconds": seconds, "fit_seconds": metrics["train_seconds"], "wall": wall,
@@ -111,7 +106,7 @@ def run_cnnkit(data_dir: str, out: Path, epochs: int, precision: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", default=str(HERE.parents[0].parent / "shared" / "data"))
+    ap.add_argument("--data-dir", default=str(SHARED_DATA))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args()
@@ -150,6 +145,5 @@ def torch_to_np(*parts) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

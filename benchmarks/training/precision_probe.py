@@ -5,8 +5,8 @@ Each repeat is cnnkit's own training loop (training.run_epoch: batch 128, channe
 over random uint8 images of the network's input shape (dense kernels take the same time whatever the
 pixels). The verdict column says whether auto's precision is within 10% of the faster one.
 
-    python benchmarks/precision_probe.py [--repeats 3] [--images 2560] [--layouts]
-    CNNKIT_CPU_FLAGS="avx2 avx512f avx512_vnni" python benchmarks/precision_probe.py   # auto as on an Ice Lake
+    python -m benchmarks.training.precision_probe [--repeats 3] [--images 2560] [--layouts]
+    CNNKIT_CPU_FLAGS="avx2 avx512f avx512_vnni" python -m benchmarks.training.precision_probe   # auto as on an Ice Lake
 
 --layouts also times each precision with contiguous (NCHW) activations against cnnkit's default
 channels-last (NHWC), the other layout choice that may differ between CPUs.
@@ -16,21 +16,26 @@ The probe itself (hardware._probe_step_seconds) is timed too: it must stay well 
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
+import functools
 import time
-from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import cnnkit_loop  # noqa: E402  (cnnkit's loop, images per second)
-
-from cnnkit import build_model  # noqa: E402
-from cnnkit.hardware import _probe_step_seconds, precision_choice  # noqa: E402
+from benchmarks.common import cnnkit_loop, interleaved, machine_header, medians, random_images
+from cnnkit import build_model
+from cnnkit.hardware import _probe_step_seconds, precision_choice
 
 SEED_NETS = {"seed-digits": (1, 8, 8), "seed-mnist-torch": (1, 28, 28), "seed-mnist-keras": (1, 28, 28),
              "seed-cifar10": (3, 32, 32), "seed-patch64": (3, 64, 64)}
+
+
+def speeds(name: str, shape: tuple[int, int, int], args, variants: dict) -> dict:
+    """Median images/s of cnnkit's loop training `name` on random images of its shape, a variant (keyword
+    arguments of cnnkit_loop) at a time, in interleaved repeats (so a drift in machine speed hits all)."""
+    u8, labels = random_images(args.images, shape)
+
+    def run(kw: dict) -> float:
+        model = build_model(name, 10, in_channels=shape[0], image_size=shape[1:])
+        return cnnkit_loop(model, u8, labels, warmup_steps=3, **kw)
+    return medians(interleaved({v: functools.partial(run, kw) for v, kw in variants.items()}, args.repeats, seed=True))
 
 
 def main() -> None:
@@ -52,17 +57,8 @@ def main() -> None:
     print(f"{'network':<18} {'fp32 img/s':>11} {'bf16 img/s':>11} {'bf16/fp32':>10} {'auto':>5} {'auto/best':>10}")
     worst = 1.0
     for name, shape in SEED_NETS.items():
-        n = args.images if shape[1] <= 32 else args.images // 4
-        g = torch.Generator().manual_seed(0)
-        u8 = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
-        labels = torch.randint(0, 10, (n,), generator=g)
-        speed: dict[str, list[float]] = {"fp32": [], "bf16": []}
-        for r in range(args.repeats):  # interleaved, so a drift in machine speed hits both
-            for precision in speed:
-                torch.manual_seed(r)
-                model = build_model(name, 10, in_channels=shape[0], image_size=shape[1:])
-                speed[precision].append(cnnkit_loop(model, u8, labels, precision=precision, warmup_steps=3))
-        fp32, bf16 = statistics.median(speed["fp32"]), statistics.median(speed["bf16"])
+        speed = speeds(name, shape, args, {p: {"precision": p} for p in ("fp32", "bf16")})
+        fp32, bf16 = speed["fp32"], speed["bf16"]
         share = (fp32 if auto == "fp32" else bf16) / max(fp32, bf16)
         worst = min(worst, share)
         print(f"{name:<18} {fp32:>11.0f} {bf16:>11.0f} {bf16 / fp32:>9.2f}x {auto:>5} {share:>9.0%}"
@@ -76,23 +72,11 @@ def layouts(args) -> None:
     print(f"{'network':<18} " + " ".join(f"{p + (' NHWC' if cl else ' NCHW'):>10}" for p, cl in variants)
           + f" {'fp32 NHWC/NCHW':>15} {'bf16 NHWC/NCHW':>15}")
     for name, shape in SEED_NETS.items():
-        n = args.images if shape[1] <= 32 else args.images // 4
-        g = torch.Generator().manual_seed(0)
-        u8 = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
-        labels = torch.randint(0, 10, (n,), generator=g)
-        speed: dict[tuple, list[float]] = {v: [] for v in variants}
-        for r in range(args.repeats):  # interleaved
-            for precision, cl in variants:
-                torch.manual_seed(r)
-                model = build_model(name, 10, in_channels=shape[0], image_size=shape[1:])
-                speed[(precision, cl)].append(cnnkit_loop(model, u8, labels, precision=precision, channels_last=cl,
-                                                          warmup_steps=3))
-        med = {v: statistics.median(x) for v, x in speed.items()}
+        med = speeds(name, shape, args, {(p, cl): {"precision": p, "channels_last": cl} for p, cl in variants})
         print(f"{name:<18} " + " ".join(f"{med[v]:>10.0f}" for v in variants)
               + f" {med[('fp32', True)] / med[('fp32', False)]:>14.2f}x {med[('bf16', True)] / med[('bf16', False)]:>14.2f}x")
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

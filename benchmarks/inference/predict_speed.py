@@ -1,7 +1,7 @@
 """`cnnkit predict` over a folder, whole process: this checkout against an earlier commit's, in one
 run, interleaved, medians of --repeats.
 
-    python benchmarks/predict_speed.py [--baseline 09ed378] [--repeats 3]
+    python -m benchmarks.inference.predict_speed [--baseline 09ed378] [--repeats 3]
 
 Both classify the 10,000 JPEGs of ../shared/data/cifar10-jpeg/test with the same model file
 (seeded random weights: speed does not depend on them) and write --out preds.csv; the baseline's
@@ -17,34 +17,13 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-FOLDER = ROOT.parent / "shared" / "data" / "cifar10-jpeg" / "test"
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+from benchmarks.common import CIFAR_CLASSES, ROOT, SHARED_DATA, interleaved, machine_header, model_file, run_cnnkit
+
+FOLDER = SHARED_DATA / "cifar10-jpeg" / "test"
 MODELS = {"seed-patch64 at 64x64": ("seed-patch64", 64), "seed-cifar10 at 32x32": ("seed-cifar10", 32)}
-
-
-def make_model(name: str, size: int, path: Path) -> None:
-    import torch
-
-    import cnnkit
-    from cnnkit.models.registry import architecture_record, build_model, get_spec
-    torch.manual_seed(0)
-    model = build_model(get_spec(name), 10, in_channels=3, image_size=(size, size))
-    cnnkit.save_model(path, model, {"class_names": CLASSES, "input": {"channels": 3, "height": size, "width": size},
-                                    "preprocessing": {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "scale": 255,
-                                                      "resize": "shorter-side-center-crop"},
-                                    "architecture": architecture_record(model)})
-
-
-def timed(cmd: list[str], env: dict) -> float:
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -62,16 +41,15 @@ def main() -> None:
     try:
         for label, (name, size) in MODELS.items():
             model = tmp / f"{name}.safetensors"
-            make_model(name, size, model)
+            model_file(model, name, 3, size, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], CIFAR_CLASSES)
             env = {**os.environ, "CNNKIT_DATA": str(tmp / f"cache-{name}")}
             old_env = {**env, "PYTHONPATH": str(worktree / "src")}
             new_env = {**env, "PYTHONPATH": str(ROOT / "src")}
-            cmd = [sys.executable, "-m", "cnnkit", "predict", str(model), str(FOLDER), "--out", str(tmp / "preds.csv")]
-            cold = timed(cmd, new_env)
-            old, new = [], []
-            for _ in range(args.repeats):
-                old.append(timed(cmd, old_env))
-                new.append(timed(cmd, new_env))
+            cmd = ["predict", str(model), str(FOLDER), "--out", str(tmp / "preds.csv")]
+            cold = run_cnnkit(*cmd, env=new_env)
+            runs = interleaved({"old": lambda: run_cnnkit(*cmd, env=old_env),
+                                "new": lambda: run_cnnkit(*cmd, env=new_env)}, args.repeats)
+            old, new = runs["old"], runs["new"]
             record = next((tmp / f"cache-{name}" / "exports").glob("*.runtime.json"))
             results[label] = {"files": files, "baseline_seconds": statistics.median(old),
                               "seconds": statistics.median(new), "cold_seconds": cold,
@@ -93,6 +71,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

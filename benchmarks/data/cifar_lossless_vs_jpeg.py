@@ -8,22 +8,20 @@ pairing on the first 200 of each split: mean absolute difference ~5.8 per pixel 
 README says for JPEG; a wrong pairing gives ~60) and trains `--recipe fast-cifar10` on both, same
 seeds, so the difference is what the JPEG compression costs at this size.
 
-    python benchmarks/cifar_lossless_vs_jpeg.py [--seeds 0 1]
+    python -m benchmarks.data.cifar_lossless_vs_jpeg [--seeds 0 1]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from benchmarks.common import SHARED_DATA, cnnkit_train, machine_header
+
 RECORD_BYTES = 3073  # 1 label byte, then 1024 red, 1024 green, 1024 blue
 
 
@@ -50,11 +48,7 @@ def link_jpeg_twins(subset: Path, jpeg: Path, out: Path) -> float:
 
 
 def train(data_args: list[str], seed: int, out: Path) -> dict:
-    r = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--recipe", "fast-cifar10", *data_args, "--seed",
-                        str(seed), "--no-report", "--quiet", "--out", str(out)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(r.stderr)
-    return json.loads((out / "metrics.json").read_text())
+    return cnnkit_train(["--recipe", "fast-cifar10", *data_args, "--seed", str(seed)], out)[0]
 
 
 def main() -> None:
@@ -63,11 +57,11 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "jpeg-twins"
-        mad = link_jpeg_twins(SHARED / "cifar10-subset-bin", SHARED / "cifar10-jpeg", folder)
+        mad = link_jpeg_twins(SHARED_DATA / "cifar10-subset-bin", SHARED_DATA / "cifar10-jpeg", folder)
         print(f"pairing checked: mean absolute difference {mad:.2f} per pixel value (JPEG q75)")
         if mad > 15:
             raise SystemExit("the JPEG files do not pair with the subset's images")
-        sources = {"lossless": ["--data", "cifar10", "--data-dir", str(SHARED / "cifar10-subset-bin")],
+        sources = {"lossless": ["--data", "cifar10", "--data-dir", str(SHARED_DATA / "cifar10-subset-bin")],
                    "jpeg": ["--data", str(folder)]}
         results: dict[str, list[dict]] = {k: [] for k in sources}
         for seed in args.seeds:
@@ -84,6 +78,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

@@ -1,17 +1,17 @@
 """torch.compile against eager for a training step of the speedrun nets on this machine (bf16
 autocast, channels-last, Nesterov SGD), interleaved, medians of several repeats; compile time apart.
 
-    python benchmarks/compile_speed.py [--repeats 3] [--steps 6] [--batch 512]
+    python -m benchmarks.training.compile_speed [--repeats 3] [--steps 6] [--batch 512]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import time
 
 import torch
-import torch.nn.functional as F
 
+from benchmarks.common import interleaved, machine_header, medians, per_second, train_step
 from cnnkit.models.speedrun import SpeedrunNet
 
 
@@ -22,14 +22,7 @@ def make_step(widths: tuple[int, int, int], compiled: bool, batch: int):
     forward = torch.compile(model) if compiled else model
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
-
-    def step() -> None:
-        with torch.autocast("cpu", torch.bfloat16):
-            loss = F.cross_entropy(forward(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    return train_step(forward, opt, x, y)
 
 
 def main() -> None:
@@ -39,25 +32,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     args = ap.parse_args()
     for widths in ((64, 128, 128), (64, 256, 256)):
-        steps, rates, warm = {}, {False: [], True: []}, {}
+        steps, warm = {}, {}
         for compiled in (False, True):
             steps[compiled] = make_step(widths, compiled, args.batch)
             t0 = time.perf_counter()
             steps[compiled]()
             steps[compiled]()  # the compiled graph is built during these
             warm[compiled] = time.perf_counter() - t0
-        for _ in range(args.repeats):
-            for compiled in (False, True):  # interleaved
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    steps[compiled]()
-                rates[compiled].append(args.batch * args.steps / (time.perf_counter() - t0))
-        eager, comp = statistics.median(rates[False]), statistics.median(rates[True])
+        rates = medians(interleaved({c: functools.partial(per_second, step, args.batch, args.steps)
+                                     for c, step in steps.items()}, args.repeats))
+        eager, comp = rates[False], rates[True]
         print(f"widths {widths}: eager {eager:,.0f} images/s, compiled {comp:,.0f} images/s ({comp / eager:.2f}x); "
               f"first two steps {warm[False]:.1f} s eager, {warm[True]:.1f} s compiled", flush=True)
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

@@ -9,21 +9,20 @@
 Each step as `--recipe fast` trains: batch 256 of random 28x28 images, bf16 autocast, channels-last,
 fused Adam, label smoothing 0.1.
 
-    python benchmarks/mnist_net_speed.py [--repeats 7] [--steps 20] [--compile]
+    python -m benchmarks.training.mnist_net_speed [--repeats 7] [--steps 20] [--compile]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from benchmarks.common import SPECS, interleaved, machine_header, per_second, train_step
 from cnnkit import build_model
 
-SPECS = Path(__file__).resolve().parent / "specs"
 VERSIONS = {"fast-mnist-3x3": str(SPECS / "fast-mnist-3x3.yaml"),
             "fast-mnist-3x3-pool-relu": str(SPECS / "fast-mnist-3x3-pool-relu.yaml"),
             "fast-mnist": "fast-mnist",
@@ -37,13 +36,7 @@ def make_step(model_name: str, batch: int, compiled: bool = False):
     forward = torch.compile(model) if compiled else model
     x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
-
-    def step() -> None:
-        with torch.autocast("cpu", torch.bfloat16):
-            loss = F.cross_entropy(forward(x).float(), y, label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = train_step(forward, opt, x, y, label_smoothing=0.1)
     for _ in range(3):  # warm-up: oneDNN primitives, allocator
         step()
     return step
@@ -61,19 +54,14 @@ def main() -> None:
         t0 = time.perf_counter()
         steps["compiled fast-mnist"] = make_step("fast-mnist", args.batch, compiled=True)
         print(f"torch.compile: {time.perf_counter() - t0:.1f} s to compile and warm up")
-    rates = {name: [] for name in steps}
-    for _ in range(args.repeats):  # interleaved: the machine's drift hits every version alike
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            rates[name].append(args.steps * args.batch / (time.perf_counter() - t0))
+    # interleaved: the machine's drift hits every version alike
+    rates = interleaved({name: functools.partial(per_second, step, args.batch, args.steps)
+                         for name, step in steps.items()}, args.repeats)
     base = statistics.median(rates["fast-mnist-3x3"])
     for name, r in rates.items():
         print(f"{name:26s} {statistics.median(r):8,.0f} images/s  {statistics.median(r) / base:.2f}x")
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

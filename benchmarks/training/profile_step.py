@@ -3,8 +3,8 @@ where the CPU has it, channels-last, fused Adam), the share of the matrix work (
 matrix products, forward and backward) against everything else (BatchNorm, activations, pooling,
 the optimizer, copies), and the top operators.
 
-    python benchmarks/profile_step.py [--model fast-mnist] [--batch 256] [--steps 10]
-    python benchmarks/profile_step.py --model benchmarks/specs/fast-mnist-bn-first.yaml
+    python -m benchmarks.training.profile_step [--model fast-mnist] [--batch 256] [--steps 10]
+    python -m benchmarks.training.profile_step --model benchmarks/specs/fast-mnist-bn-first.yaml
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import machine_header, train_step
 from cnnkit.config import TrainConfig
 from cnnkit.inference import pick_precision
 from cnnkit.models import build_model, get_spec
@@ -40,12 +40,7 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch,))
     precision = pick_precision("auto", torch.device("cpu"))
 
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = F.cross_entropy(model(pre(x)).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = train_step(lambda batch: model(pre(batch)), opt, x, y, bf16=precision == "bf16")
     for _ in range(5):  # warm-up: kernels chosen, memory allocated
         step()
     t0 = time.perf_counter()
@@ -66,6 +61,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

@@ -5,7 +5,7 @@ The protocol of tests/test_explain.py::test_gradcam_points_at_the_digit_on_mnist
 'stretched' places the map by a plain resize over the whole image instead of by the layer's
 geometry (what cnnkit does), to show what the geometry is worth.
 
-    python benchmarks/gradcam_sanity.py [--models mnist-examples seed-mnist-torch seed-mnist-keras]
+    python -m benchmarks.inference.gradcam_sanity [--models mnist-examples seed-mnist-torch seed-mnist-keras]
 """
 from __future__ import annotations
 
@@ -16,11 +16,9 @@ from pathlib import Path
 import torch
 
 import cnnkit
+from benchmarks.common import SHARED_DATA, machine_header
 from cnnkit import explain as ex
 from cnnkit.models import build_model, get_spec
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def mean_mass(model, x, labels, masks, geometry=None) -> float:
     heat, logits = ex.gradcam(model.eval(), x, geometry=geometry)
@@ -32,7 +30,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["mnist-examples", "seed-mnist-torch", "seed-mnist-keras"])
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--data-dir", default=str(DATA))
+    p.add_argument("--data-dir", default=str(SHARED_DATA))
     args = p.parse_args()
     print(f"{'network':<18} {'Grad-CAM layer':<16} {'map':>9} {'trained':>8} {'stretched':>9} {'random':>8} {'uniform':>8}")
     for name in args.models:
@@ -57,6 +55,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

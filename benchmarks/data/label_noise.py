@@ -2,7 +2,7 @@
 of the flipped images the ranking puts first, and test accuracy trained with and without the
 flagged images.
 
-    python benchmarks/label_noise.py [--noise 0.01] [--epochs 3] [--label-smoothing 0] [--folds 3]
+    python -m benchmarks.data.label_noise [--noise 0.01] [--epochs 3] [--label-smoothing 0] [--folds 3]
 """
 from __future__ import annotations
 
@@ -16,12 +16,10 @@ import numpy as np
 import torch
 
 import cnnkit
+from benchmarks.common import SHARED_DATA, machine_header
 from cnnkit.config import recipe_file
 from cnnkit.jobs.label_issues import label_issues
 from cnnkit.training import load_data_and_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -32,7 +30,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     recipe = cnnkit.TrainConfig.from_file(recipe_file("fast", "mnist")).to_dict()
-    cfg = cnnkit.TrainConfig.from_dict({**recipe, "data_dir": str(ROOT.parent / "shared" / "data"), "epochs": args.epochs,
+    cfg = cnnkit.TrainConfig.from_dict({**recipe, "data_dir": str(SHARED_DATA), "epochs": args.epochs,
                                         "label_smoothing": args.label_smoothing, "seed": args.seed, "report": False})
     ds, _ = load_data_and_model(cfg, quiet=True)
     rng = np.random.default_rng(args.seed)
@@ -51,6 +49,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

@@ -8,28 +8,21 @@ notes' recipe as written, interleaved seed by seed in one run, medians over the 
   cnnkit: `cnnkit train --recipe fast --data mnist --no-report` as a whole command in a fresh
           process; its training seconds (validation included) from metrics.json, and its wall time.
 
-    python benchmarks/time_to_accuracy.py [--seeds 0 1 2] [--max-notes-epochs 8]
+    python -m benchmarks.training.time_to_accuracy [--seeds 0 1 2] [--max-notes-epochs 8]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import NotesNet  # noqa: E402  (the notes' network, shared with that benchmark)
-
-from cnnkit.data import builtin  # noqa: E402
+from benchmarks.common import (SHARED_DATA, NotesNet, cnnkit_train, machine_header, notes_loader, notes_normalize,
+                               notes_steps, seconds)
+from cnnkit.data import builtin
 
 TARGET = 0.9914
 
@@ -37,40 +30,31 @@ TARGET = 0.9914
 def notes_recipe(train_x, train_y, test_x, test_y, seed: int, max_epochs: int) -> tuple[float, int, float]:
     """(training seconds to the first epoch at TARGET or better, that epoch, its test accuracy)."""
     torch.manual_seed(seed)
-    loader = DataLoader(TensorDataset(train_x, train_y), batch_size=64, shuffle=True)
+    loader = notes_loader(train_x, train_y, 64)
     model = NotesNet()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    seconds, acc = 0.0, 0.0
+    trained, acc = 0.0, 0.0
     for epoch in range(1, max_epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        for xb, yb in loader:
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        seconds += time.perf_counter() - t0
+        trained += seconds(lambda: list(notes_steps(model, opt, loader)))
         model.eval()
         with torch.no_grad():
             acc = sum((model(test_x[i:i + 1000]).argmax(1) == test_y[i:i + 1000]).sum().item()
                       for i in range(0, len(test_y), 1000)) / len(test_y)
-        print(f"  notes seed {seed}: epoch {epoch} test {acc:.4f} after {seconds:.1f} s of training", flush=True)
+        print(f"  notes seed {seed}: epoch {epoch} test {acc:.4f} after {trained:.1f} s of training", flush=True)
         if acc >= TARGET:
-            return seconds, epoch, acc
-    return seconds, -1, acc
+            return trained, epoch, acc
+    return trained, -1, acc
+
+
+def fast_recipe(data_dir: str, tmp: Path, out: str, *args: str) -> tuple[dict, float]:
+    """`cnnkit train --recipe fast --data mnist` on data_dir with ARGS, its data cached in tmp: (metrics, wall s)."""
+    return cnnkit_train(["--recipe", "fast", "--data", "mnist", "--data-dir", data_dir, *args], tmp / out,
+                        {**os.environ, "CNNKIT_DATA": str(tmp / "cache")})
 
 
 def cnnkit_recipe(data_dir: str, seed: int, tmp: Path) -> tuple[float, float, float]:
     """(training seconds, test accuracy, whole-command wall seconds)."""
-    out = tmp / f"fast-{seed}"
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "cnnkit", "train", "--recipe", "fast", "--data", "mnist", "--data-dir",
-                        data_dir, "--seed", str(seed), "--no-report", "--quiet", "--out", str(out)],
-                       capture_output=True, text=True, env={**os.environ, "CNNKIT_DATA": str(tmp / "cache")})
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(r.stderr)
-    m = json.loads((out / "metrics.json").read_text())
+    m, wall = fast_recipe(data_dir, tmp, f"fast-{seed}", "--seed", str(seed))
     print(f"  cnnkit seed {seed}: test {m['test_accuracy']:.4f} after {m['train_seconds']:.1f} s of training, "
           f"{wall:.1f} s whole command", flush=True)
     return m["train_seconds"], m["test_accuracy"], wall
@@ -78,18 +62,15 @@ def cnnkit_recipe(data_dir: str, seed: int, tmp: Path) -> tuple[float, float, fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"))
+    ap.add_argument("--data-dir", default=str(SHARED_DATA / "mnist"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--max-notes-epochs", type=int, default=8)
     args = ap.parse_args()
     ds = builtin.load("mnist", data_dir=args.data_dir, download=False, quiet=True, test_split=0, seed=0)  # all 60,000
-    norm = lambda u8: (u8.float() / 255 - 0.1307) / 0.3081  # noqa: E731  ToTensor + Normalize, as the notes
-    train_x, test_x = norm(ds.train.images), norm(ds.test.images)
+    train_x, test_x = notes_normalize(ds.train.images), notes_normalize(ds.test.images)
     notes, fast = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "cnnkit", "train", "--recipe", "fast", "--data", "mnist", "--data-dir",
-                        args.data_dir, "--epochs", "1", "--no-report", "--quiet", "--out", str(Path(tmp) / "warm")],
-                       check=True, env={**os.environ, "CNNKIT_DATA": str(Path(tmp) / "cache")})  # warm the data cache
+        fast_recipe(args.data_dir, Path(tmp), "warm", "--epochs", "1")  # warm the data cache
         for seed in args.seeds:
             notes.append(notes_recipe(train_x, ds.train.labels, test_x, ds.test.labels, seed, args.max_notes_epochs))
             fast.append(cnnkit_recipe(args.data_dir, seed, Path(tmp)))
@@ -107,6 +88,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

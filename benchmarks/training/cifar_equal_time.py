@@ -9,38 +9,25 @@
          epoch 51, so its first N epochs are exactly a truncated notes run. Its full 100 epochs are
          extrapolated from the per-epoch time.
 
-Both run through cnnkit (bf16, channels-last: benchmarks/train_throughput.py measures cnnkit's loop
+Both run through cnnkit (bf16, channels-last: benchmarks.training.train_throughput measures cnnkit's loop
 2.2x faster than the notes' own on seed-cifar10), so the comparison is of recipes, not of loops.
 
-    python benchmarks/cifar_equal_time.py [--data ../shared/data/cifar10-jpeg] [--seeds 0]
+    python -m benchmarks.training.cifar_equal_time [--data ../shared/data/cifar10-jpeg] [--seeds 0]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-
-def train(args: list[str], out: Path, env: dict) -> tuple[dict, float]:
-    """(metrics.json of the run, the whole command's wall seconds)."""
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "cnnkit", "train", *args, "--no-report", "--quiet", "--out", str(out)],
-                       capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(r.stderr)
-    return json.loads((out / "metrics.json").read_text()), wall
+from benchmarks.common import SHARED_DATA, cnnkit_train, machine_header
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg"))
+    ap.add_argument("--data", default=str(SHARED_DATA / "cifar10-jpeg"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = ap.parse_args()
     rows = []
@@ -48,13 +35,14 @@ def main() -> None:
         env = {**os.environ, "CNNKIT_DATA": os.environ.get("CNNKIT_DATA", str(Path(tmp) / "cache"))}
         for seed in args.seeds:
             common = ["--data", args.data, "--seed", str(seed)]
-            fast, fast_wall = train(["--recipe", "fast-cifar10", *common], Path(tmp) / f"fast-{seed}", env)
+            fast, fast_wall = cnnkit_train(["--recipe", "fast-cifar10", *common], Path(tmp) / f"fast-{seed}", env)
             print(f"  fast  seed {seed}: test {fast['test_accuracy']:.4f} (TTA {fast.get('test_tta_accuracy', float('nan')):.4f}) "
                   f"after {fast['train_seconds']:.1f} s of training, {fast_wall:.1f} s whole command", flush=True)
-            one, _ = train(["--recipe", "notes-cifar10", *common, "--epochs", "1"], Path(tmp) / f"notes1-{seed}", env)
+            one, _ = cnnkit_train(["--recipe", "notes-cifar10", *common, "--epochs", "1"], Path(tmp) / f"notes1-{seed}",
+                                  env)
             epoch_seconds = one["train_seconds"]
             epochs = max(1, int(fast["train_seconds"] // epoch_seconds))
-            notes, notes_wall = train(["--recipe", "notes-cifar10", *common, "--epochs", str(epochs)],
+            notes, notes_wall = cnnkit_train(["--recipe", "notes-cifar10", *common, "--epochs", str(epochs)],
                                       Path(tmp) / f"notes-{seed}", env)
             print(f"  notes seed {seed}: {epoch_seconds:.1f} s an epoch; {epochs} epochs in {notes['train_seconds']:.1f} s: "
                   f"test {notes['test_accuracy']:.4f}", flush=True)
@@ -72,6 +60,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

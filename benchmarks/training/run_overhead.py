@@ -2,7 +2,7 @@
 process (start-up, imports, data, set-up, testing, calibration, the model file), against the
 epoch's own time from history.csv. Issue 9's bar: whole process <= epoch + 4 s.
 
-    python benchmarks/run_overhead.py [--repeats 5] [--model seed-mnist-torch] [--report]
+    python -m benchmarks.training.run_overhead [--repeats 5] [--model seed-mnist-torch] [--report]
 
 Each repeat is a fresh process; medians are printed. The decoded-data cache is warmed by one
 untimed run first (a user's second run onwards), and the first, cold run is shown on its own.
@@ -15,19 +15,16 @@ import argparse
 import csv
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import SHARED_DATA, cnnkit_train, machine_header
+
 
 def one_run(args, out: Path, cache: Path) -> tuple[float, float]:
-    cmd = [sys.executable, "-m", "cnnkit", "train", "--data", args.data, "--data-dir", args.data_dir, "--model",
-           args.model, "--epochs", "1", "--out", str(out), "--quiet", "--report" if args.report else "--no-report"]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "CNNKIT_DATA": str(cache)})
-    wall = time.perf_counter() - t0
+    _, wall = cnnkit_train(["--data", args.data, "--data-dir", args.data_dir, "--model", args.model, "--epochs", "1"],
+                           out, {**os.environ, "CNNKIT_DATA": str(cache)}, report=args.report)
     epoch = float(next(csv.DictReader((out / "history.csv").open()))["seconds"])
     return wall, epoch
 
@@ -51,7 +48,7 @@ def in_process(data_dir: str, cache: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="mnist")
-    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"))
+    ap.add_argument("--data-dir", default=str(SHARED_DATA / "mnist"))
     ap.add_argument("--model", default="seed-mnist-torch")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--report", action="store_true", help="write the report too (the default run)")
@@ -72,6 +69,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

@@ -3,16 +3,17 @@ notes' networks, in fp32 (tests, evaluation) and bf16 (per-epoch validation), at
 interleaved, medians of --repeats; ratios against 512 (cnnkit's default before issue 9), and the
 largest logit difference against it (the result must not depend on the batch size).
 
-    python benchmarks/inference_batch.py [--repeats 3] [--images 8000]
+    python -m benchmarks.inference.inference_batch [--repeats 3] [--images 8000]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import torch
 
+from benchmarks.common import interleaved, machine_header, timed_call
 from cnnkit.inference import predict_logits
 from cnnkit.models import build_model
 from cnnkit.preprocess import Preprocess
@@ -34,13 +35,14 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last)
         pre = Preprocess([0.5] * shape[0], [0.25] * shape[0], channels_last=True)
         for precision in ("fp32", "bf16"):
-            times: dict[int, list[float]] = {b: [] for b in args.batches}
             outs = {}
-            for _ in range(args.repeats):
-                for b in args.batches:  # interleaved, so drift of the machine hits every size alike
-                    t0 = time.perf_counter()
-                    outs[b] = predict_logits(model, x, pre, torch.device("cpu"), precision, batch_size=b)
-                    times[b].append(time.perf_counter() - t0)
+
+            def run(b: int) -> float:
+                outs[b], took = timed_call(lambda: predict_logits(model, x, pre, torch.device("cpu"), precision,
+                                                                  batch_size=b))
+                return took
+            # interleaved, so drift of the machine hits every size alike
+            times = interleaved({b: functools.partial(run, b) for b in args.batches}, args.repeats)
             ref = 512 if 512 in times else args.batches[-1]
             cells = []
             for b in args.batches:
@@ -53,6 +55,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()

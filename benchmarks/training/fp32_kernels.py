@@ -9,27 +9,22 @@ each alternative, interleaved, medians of several repeats.
   foreach Adam: the per-tensor-list Adam instead of the fused kernel
   compiled    : torch.compile of the model (--compile; compile time reported apart)
 
-    python benchmarks/fp32_kernels.py [--repeats 3] [--steps 40] [--compile]
+    python -m benchmarks.training.fp32_kernels [--repeats 3] [--steps 40] [--compile]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import ALL_NETS  # noqa: E402  (the networks and the notes' batch sizes)
-
-from cnnkit.config import TrainConfig  # noqa: E402
-from cnnkit.models import build_model  # noqa: E402
-from cnnkit.preprocess import Preprocess  # noqa: E402
-from cnnkit.training import make_optimizer, run_epoch  # noqa: E402
+from benchmarks.common import ALL_NETS, interleaved, machine_header, medians
+from cnnkit.config import TrainConfig
+from cnnkit.models import build_model
+from cnnkit.preprocess import Preprocess
+from cnnkit.training import make_optimizer, run_epoch
 
 # torch warns about Intel-GPU TF32 each time the oneDNN flags are set: not this CPU's business
 warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
@@ -64,6 +59,14 @@ def variant_step(name: str, shape: tuple[int, int, int], batch: int, steps: int)
     return make
 
 
+def with_onednn(timed, onednn: bool):
+    """timed, called with oneDNN off where onednn is False (on, as it is by default, otherwise)."""
+    def call() -> float:
+        with torch.backends.mkldnn.flags(enabled=onednn) if not onednn else contextlib.nullcontext():
+            return timed()
+    return call
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -86,13 +89,8 @@ def main() -> None:
                 timers[v], warm = make(cl, fused, compiled)
             if compiled:
                 notes.append(f"compile {warm:.1f} s")
-        rates: dict[str, list[float]] = {v: [] for v in variants}
-        for _ in range(args.repeats):
-            for v, (_, _, _, onednn) in variants.items():
-                ctx = torch.backends.mkldnn.flags(enabled=onednn) if not onednn else contextlib.nullcontext()
-                with ctx:
-                    rates[v].append(timers[v]())
-        med = {v: statistics.median(r) for v, r in rates.items()}
+        med = medians(interleaved({v: with_onednn(timers[v], onednn) for v, (_, _, _, onednn) in variants.items()},
+                                  args.repeats))
         best = max(med, key=med.get)
         base = med["cnnkit"]
         print(f"{name:<18} {batch:>5} " + " ".join(f"{med[v]:>7.0f} {med[v] / base:4.2f}x" for v in variants)
@@ -100,6 +98,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cnnkit.hardware import machine_line
-    print(machine_line(), flush=True)  # the machine every figure below was measured on
+    machine_header()
     main()
