@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError, safe_open
 
+from .decode import RESIZE_METHOD
 from .errors import CnnkitError
 from .utils import save_safetensors
 from .version import __version__
@@ -57,7 +58,7 @@ class Preprocessing:
     mean: list[float]
     std: list[float]
     scale: int = 255
-    resize: str = "shorter-side-center-crop"  # decode.RESIZE_METHOD, the only rule so far
+    resize: str = RESIZE_METHOD  # how images are decoded to the input size (the only rule so far)
 
 
 @dataclass(frozen=True)

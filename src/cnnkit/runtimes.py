@@ -80,16 +80,16 @@ def onnxruntime_available() -> bool:
         return False
 
 
-def cached_onnx(model_path: Path, key: str) -> Path:
+def cached_onnx(model_path: Path, key: str, loaded: TorchRuntime | None = None) -> Path:
     """The model's ONNX export in the cache (key: the model file's sha256), written and
-    parity-checked on first use."""
+    parity-checked on first use (from `loaded`'s model when the caller has the file loaded already)."""
     onnx_path = exports_dir() / f"{key}.onnx"
     if not onnx_path.exists():
         import torch
 
         from .export import export, parity
         from .modelfile import load_model
-        model, info = load_model(model_path)
+        model, info = (loaded.model, loaded.info) if loaded else load_model(model_path)
         export(model, info, "onnx", onnx_path)
         probe = torch.randint(0, 256, (64, *info.input.chw), generator=torch.Generator().manual_seed(0),
                               dtype=torch.uint8)
@@ -138,7 +138,7 @@ def choose_runtime(model_path: Path, info: ModelInfo | None, runtime: str, tta: 
             return TorchRuntime(model_path, info=info), f"fewer than {MEASURE_FROM_FILES} files: not worth measuring"
         torch_rt = TorchRuntime(model_path, info=info)
         try:
-            onnx_rt = OnnxRuntime(cached_onnx(model_path, key))
+            onnx_rt = OnnxRuntime(cached_onnx(model_path, key, torch_rt))  # the weights are read once
         except CnnkitError as e:  # an op the exporter cannot write, or a failed parity check: PyTorch it is
             record = {"runtime": "torch", "images_per_second": {}, "why": f"no ONNX export: {e}"}
             write_text_atomic(record_path, json.dumps(record, indent=2))
