@@ -25,7 +25,7 @@ from cnnkit.hardware import machine_line
 from cnnkit.inference import pick_precision
 from cnnkit.models.registry import architecture_record, build_model, get_spec
 from cnnkit.preprocess import Preprocess
-from cnnkit.training import make_optimizer, run_epoch
+from cnnkit.training import EpochSettings, make_optimizer, run_epoch
 
 BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent  # the checkout
@@ -172,10 +172,10 @@ def cnnkit_loop(model: nn.Module, images_u8: torch.Tensor, labels: torch.Tensor,
         torch.optim.Adam(model.parameters(), lr=1e-3)
     norm = Preprocess.fit(images_u8[:5000], channels_last=channels_last)
     precision = pick_precision(precision, torch.device("cpu"))
-    kw = dict(batch_size=batch_size, lr_fn=lambda i: 1e-3, precision=precision)
-    run_epoch(model, opt, images_u8, labels, torch.randperm(len(labels))[: warmup_steps * batch_size], norm, **kw)
+    settings = EpochSettings(batch_size=batch_size, lr_fn=lambda i: 1e-3, preprocess=norm, precision=precision)
+    run_epoch(model, opt, images_u8, labels, torch.randperm(len(labels))[: warmup_steps * batch_size], settings)
     start = time.perf_counter()
-    _, _, seen, _ = run_epoch(model, opt, images_u8, labels, torch.randperm(len(labels)), norm, **kw)
+    _, _, seen, _ = run_epoch(model, opt, images_u8, labels, torch.randperm(len(labels)), settings)
     return seen / (time.perf_counter() - start)
 
 

@@ -61,10 +61,12 @@ def test_tta_and_temperature_on_mnist(keras_run):
 def test_temperature_scaling_lowers_ece_on_cifar10(tmp_path):
     run = tmp_path / "run"
     data = ["--data", "cifar10", "--data-dir", str(shared("cifar10-subset-bin"))]
-    r = run_cli("train", *data, "--model", "seed-cifar10", "--epochs", "10", "--out", str(run), "--quiet", "--no-report")
+    r = run_cli("train", *data, "--model", "seed-cifar10", "--epochs", "10", "--out", str(run), "--quiet",
+                "--no-report")
     assert r.returncode == 0, r.stderr
     m = json.loads(run_cli("evaluate", str(run), *data, "--json").stdout)
-    print(f"CIFAR-10 subset seed-cifar10: ECE {m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} at T={m['temperature']:.3f}")
+    print(f"CIFAR-10 subset seed-cifar10: ECE {m['ece_uncalibrated']:.4f} -> {m['ece']:.4f} "
+          f"at T={m['temperature']:.3f}")
     assert m["temperature"] > 1  # the network is over-confident after training
     assert m["ece"] < m["ece_uncalibrated"]
 
@@ -73,8 +75,8 @@ def test_temperature_scaling_lowers_ece_on_cifar10(tmp_path):
 def test_pixel_svm_baseline_on_mnist_loses_to_the_cnn(tmp_path):
     """The notes' point: the pre-deep-learning linear SVM on pixels against the CNN (>= 99.0%). On 14x14
     pixels: a quarter of the features, a quarter of the fitting time, the same point."""
-    r = run_cli("train", "--data", "mnist", "--data-dir", str(shared()), "--model", "svm", "--image-size", "14", "--out",
-                str(tmp_path / "svm"), "--quiet", "--json", "--no-report")
+    r = run_cli("train", "--data", "mnist", "--data-dir", str(shared()), "--model", "svm", "--image-size", "14",
+                "--out", str(tmp_path / "svm"), "--quiet", "--json", "--no-report")
     assert r.returncode == 0, r.stderr
     svm = json.loads(r.stdout)["metrics"]["test_accuracy"]
     print(f"MNIST linear SVM on pixels: {svm:.4f} (the CNNs above: >= 0.99)")

@@ -99,7 +99,8 @@ def test_wrong_shapes_or_missing_keys_are_named(tmp_path):
     state["layer2.0.conv1.weight"] = torch.zeros(5, 5, 3, 3)
     del state["layer4.1.bn2.running_var"]
     torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(CnnkitError, match=r"missing: layer4\.1\.bn2\.running_var.*wrong shape: layer2\.0\.conv1\.weight"):
+    with pytest.raises(CnnkitError,
+                       match=r"missing: layer4\.1\.bn2\.running_var.*wrong shape: layer2\.0\.conv1\.weight"):
         load_pretrained(build_model("resnet18", 10, in_channels=3, image_size=224), str(tmp_path / "bad.pth"))
 
 

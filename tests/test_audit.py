@@ -80,7 +80,8 @@ def test_audit_reports_unreadable_files(tmp_path):
     for label in ("a", "b"):
         (folder / label).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(np.full((20, 20), 40 * i + (100 if label == "b" else 0), np.uint8)).save(folder / label / f"{i}.png")
+            Image.fromarray(np.full((20, 20), 40 * i + (100 if label == "b" else 0),
+                                    np.uint8)).save(folder / label / f"{i}.png")
     (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
     result = json.loads(run_main("audit", str(folder), "--json", "--out", str(tmp_path / "out")).stdout)
     assert [u["path"].endswith("broken.png") for u in result["unreadable"]] == [True]

@@ -168,7 +168,8 @@ def test_schedules_have_their_shapes():
         assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))  # never rises after the warmup
         assert lrs[-1] < peak * 0.01
     assert lr_at(0, total, warm, peak, "onecycle") == pytest.approx(peak / 25, rel=0.01)  # OneCycleLR's start
-    assert lr_at(total - 1, total, warm, peak, "cosine") == pytest.approx(peak * (1 + math.cos(math.pi * 899 / 900)) / 2)
+    assert (lr_at(total - 1, total, warm, peak, "cosine")
+            == pytest.approx(peak * (1 + math.cos(math.pi * 899 / 900)) / 2))
     assert lr_at(500, total, warm, peak, "constant") == peak
 
 
@@ -179,7 +180,8 @@ def test_weight_average_follows_its_formula():
     update_ema(ema, model, decay=0.99, step=1000)  # past the warm-up: decay 0.99
     assert torch.allclose(ema.weight, 0.99 * before + 0.01 * model.weight.detach())
     update_ema(ema, model, decay=0.99, step=0)  # warm-up: decay (1 + 0) / (10 + 0) = 0.1
-    assert torch.allclose(ema.weight, model.weight.detach() * 0.9 + 0.1 * (0.99 * before + 0.01 * model.weight.detach()))
+    assert torch.allclose(ema.weight,
+                          model.weight.detach() * 0.9 + 0.1 * (0.99 * before + 0.01 * model.weight.detach()))
 
 
 def test_augment_preview_draws_what_training_would_see(tmp_path):

@@ -61,7 +61,8 @@ def test_two_seeds_are_not_different_and_a_weak_model_is(tmp_path):
 
 
 def test_compare_refuses_runs_with_different_held_out_images(tmp_path):
-    runs = [cnnkit.train(cnnkit.TrainConfig(data="digits", model="linear", epochs=1, seed=s, out=str(tmp_path / f"r{s}"),
-                                            report=False), quiet=True).run_dir for s in (0, 1)]
+    runs = [cnnkit.train(cnnkit.TrainConfig(data="digits", model="linear", epochs=1, seed=s,
+                                            out=str(tmp_path / f"r{s}"), report=False), quiet=True).run_dir
+            for s in (0, 1)]
     r = run_main("compare", str(runs[0]), str(runs[1]))
     assert r.returncode == 2 and "different test images" in r.stderr and "Traceback" not in r.stderr

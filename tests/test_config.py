@@ -10,6 +10,7 @@ import pytest
 
 import cnnkit
 from cnnkit.config import TrainConfig, field_help
+from cnnkit.errors import CnnkitError
 from conftest import assert_same_run, run_cli, run_main
 
 SMALL = ["--data", "digits", "--model", "seed-digits", "--image-size", "16", "--batch-size", "64", "--quiet"]
@@ -26,6 +27,24 @@ def test_every_config_field_is_a_flag_with_its_comment_as_help():
     assert "--no-report" in text and "--no-download" in text and "--config" in text
 
 
+def test_a_help_comment_continued_below_its_field_is_read_whole_and_nothing_else_is():
+    helps = field_help()
+    # lookahead's comment spans three lines of config.py; the block comment above the aug_<op> fields
+    # and the comments inside methods belong to no field
+    assert helps["lookahead"].startswith("with ema:") and helps["lookahead"].endswith("the end (airbench)")
+    assert "aug_<op>" not in helps["augment_class"] and helps["augment_class"].endswith("augmented harder)")
+    assert helps["report_tta"].endswith("MNIST for seed-mnist-torch)")
+
+
+def test_the_aug_fields_are_the_augmentation_ops():
+    from cnnkit.augment import Augment
+    ops = [f.name for f in dataclasses.fields(Augment)]
+    assert [f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("aug_")] == [f"aug_{op}" for op in ops]
+    assert TrainConfig(aug_rotate=15, aug_hflip=0).augment_overrides() == {"hflip": 0, "rotate": 15}
+    with pytest.raises(CnnkitError, match=r"--aug-hflip must be in \[0, 1\]"):
+        TrainConfig(aug_hflip=1.5).validate()
+
+
 def test_config_file_sets_fields_and_flags_override_it(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("# a recipe\ndata: digits\nmodel: seed-digits\nepochs: 2\nlr: 0.004\nimage_size: 16\n"
@@ -40,7 +59,8 @@ def test_config_file_sets_fields_and_flags_override_it(tmp_path):
 
 def test_a_run_re_runs_identically_from_its_own_config_json(tmp_path):
     first = tmp_path / "first"
-    assert run_main("train", *SMALL, "--epochs", "3", "--lr", "0.003", "--no-report", "--out", str(first)).returncode == 0
+    assert run_main("train", *SMALL, "--epochs", "3", "--lr", "0.003", "--no-report",
+                    "--out", str(first)).returncode == 0
     again = tmp_path / "again"
     r = run_main("train", "--config", str(first / "config.json"), "--out", str(again), "--quiet")
     assert r.returncode == 0, r.stderr
@@ -64,7 +84,8 @@ def test_a_config_file_with_an_unknown_field_is_refused(tmp_path):
     ("--batch-size", "0", "--batch-size must be in"), ("--momentum", "1.5", "--momentum must be in"),
     ("--val-split", "1", "--val-split must be in"), ("--test-split", "-0.2", "--test-split must be in"),
     ("--label-smoothing", "nan", "--label-smoothing must be a finite number"),
-    ("--weight-decay", "-1", "--weight-decay must be in"), ("--warmup-epochs", "inf", "--warmup-epochs must be a finite"),
+    ("--weight-decay", "-1", "--weight-decay must be in"),
+    ("--warmup-epochs", "inf", "--warmup-epochs must be a finite"),
     ("--image-size", "0", "--image-size must be in"), ("--fine-tune-epochs", "0", "--fine-tune-epochs must be in"),
     ("--fine-tune-lr-factor", "0", "--fine-tune-lr-factor must be in"), ("--seed", "-1", "--seed must be in"),
 ])

@@ -30,7 +30,8 @@ def torchrun(*args: str, nproc: int = 2, launch: tuple[str, ...] | None = None, 
              wait: bool = True):
     """`torchrun --nproc-per-node N -m cnnkit ARGS` (one node, rendezvous on 127.0.0.1 unless launch says)."""
     launch = launch or ("--standalone",)
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "--nproc-per-node", str(nproc), "-m", "cnnkit", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "--nproc-per-node", str(nproc), "-m", "cnnkit",
+           *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)

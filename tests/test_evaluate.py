@@ -117,7 +117,8 @@ def test_tta_views_follow_the_data():
 def test_svm_baseline_model_file_predicts_what_scikit_learn_predicts(tmp_path):
     from sklearn.svm import LinearSVC
 
-    result = cnnkit.train(cnnkit.TrainConfig(data="digits", model="svm", out=str(tmp_path / "svm"), report=False), quiet=True)
+    result = cnnkit.train(cnnkit.TrainConfig(data="digits", model="svm", out=str(tmp_path / "svm"), report=False),
+                          quiet=True)
     model, meta = cnnkit.load_model(tmp_path / "svm")
     ds = result.dataset
     norm = cnnkit.Preprocess.fit(ds.train.images)

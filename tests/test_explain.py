@@ -50,7 +50,8 @@ def test_gradcam_equals_cam_on_a_global_average_pooling_network():
     with torch.no_grad():
         maps = features(x)  # (4, 6, 16, 16)
         cam = F.relu(torch.einsum("nk,nkhw->nhw", classifier.weight[classes], maps))
-        cam = (cam - cam.flatten(1).amin(1).view(-1, 1, 1)) / (cam.flatten(1).amax(1) - cam.flatten(1).amin(1)).view(-1, 1, 1)
+        cam = ((cam - cam.flatten(1).amin(1).view(-1, 1, 1))
+               / (cam.flatten(1).amax(1) - cam.flatten(1).amin(1)).view(-1, 1, 1))
     torch.testing.assert_close(heat, cam, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(logits, model(x))
 
@@ -81,8 +82,8 @@ def test_gradcam_points_at_the_digit_on_mnist(tmp_path):
     """The issue's sanity check: for correctly classified MNIST test digits, at least 70% of the
     heatmap mass lies inside the bounding box of the digit's non-zero pixels (mean over 200 images);
     the same network with random weights does not manage it."""
-    run = cnnkit.train(cnnkit.TrainConfig(data="mnist", model="mnist-examples", epochs=2, data_dir=str(shared()), report=False,
-                                          out=str(tmp_path / "run")), quiet=True)
+    run = cnnkit.train(cnnkit.TrainConfig(data="mnist", model="mnist-examples", epochs=2, data_dir=str(shared()),
+                                          report=False, out=str(tmp_path / "run")), quiet=True)
     model, meta = cnnkit.load_model(run.run_dir)
     test = run.dataset.test
     x = cnnkit.Preprocess.from_info(meta)(test.images[:400])

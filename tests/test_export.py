@@ -44,7 +44,8 @@ def model_file(tmp_path, name: str, channels: int, size: int, data: str | None, 
     ("seed-patch64", 3, 64, None), ("resnet18", 3, 32, None), ("efficientnet_lite0", 3, 64, None)])
 def test_exports_pass_the_parity_check(tmp_path, name, channels, size, data):
     path = model_file(tmp_path, name, channels, size, data)
-    images = [] if data else ["--images", str(shared("cifar10-jpeg", "test", "cat")), str(shared("cifar10-jpeg", "test", "ship"))]
+    images = [] if data else ["--images", str(shared("cifar10-jpeg", "test", "cat")),
+                              str(shared("cifar10-jpeg", "test", "ship"))]
     for fmt, suffix in (("onnx", ".onnx"), ("torch-export", ".pt2")):
         r = run_main("export", str(path), "--format", fmt, "--json", *images)
         assert r.returncode == 0, r.stderr
@@ -84,7 +85,7 @@ def test_export_needs_images_when_the_dataset_is_unknown(tmp_path):
     assert r.returncode == 2 and "could be decoded" in r.stderr
 
 
-STANDALONE = '''
+STANDALONE = ('''
 import json, sys
 import numpy as np, onnxruntime as ort
 from PIL import Image
@@ -93,8 +94,9 @@ info = json.loads(session.get_modelmeta().custom_metadata_map["cnnkit"])
 pixels = np.asarray(Image.open(sys.argv[2]).convert("L" if info["input"]["channels"] == 1 else "RGB"), dtype=np.uint8)
 pixels = pixels.reshape(1, pixels.shape[0], pixels.shape[1], -1)  # (1, H, W, C), as decoded
 probabilities = session.run(None, {session.get_inputs()[0].name: pixels})[0][0]
-print(json.dumps({"label": info["class_names"][int(probabilities.argmax())], "probability": float(probabilities.max())}))
-'''
+print(json.dumps({"label": info["class_names"][int(probabilities.argmax())], '''
+              '''"probability": float(probabilities.max())}))
+''')
 
 
 def test_onnx_file_alone_gives_the_label_cnnkit_predict_gives(tmp_path):
@@ -109,12 +111,13 @@ def test_onnx_file_alone_gives_the_label_cnnkit_predict_gives(tmp_path):
     for i in range(8):
         png = tmp_path / f"digit{i}.png"
         Image.fromarray(ds.test.images[i, 0].numpy()).save(png)
-        out = subprocess.run([sys.executable, str(script), str(tmp_path / "digits.onnx"), str(png)], capture_output=True,
-                             text=True, timeout=120, env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+        out = subprocess.run([sys.executable, str(script), str(tmp_path / "digits.onnx"), str(png)],
+                             capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
         assert out.returncode == 0, out.stderr
         theirs = json.loads(out.stdout)
         ours = json.loads(run_main("predict", str(run.run_dir), str(png), "--json", "--runtime", "torch").stdout)[0]
-        assert theirs["label"] == ours["labels"][0] and theirs["probability"] == pytest.approx(ours["probabilities"][0], abs=1e-5)
+        assert (theirs["label"] == ours["labels"][0]
+                and theirs["probability"] == pytest.approx(ours["probabilities"][0], abs=1e-5))
         right += theirs["label"] == str(int(ds.test.labels[i]))
     assert right >= 7  # and the labels are digits' labels, not noise
     assert "import cnnkit" not in STANDALONE and "from cnnkit" not in STANDALONE
@@ -151,7 +154,8 @@ def test_predict_with_onnx_never_imports_torch(tmp_path):
     model, meta = cnnkit.load_model(path)
     export(model, meta, "onnx", tmp_path / "m.onnx")
     code = ("import sys; from cnnkit.cli import main; "
-            f"code = main(['predict', {str(tmp_path / 'm.onnx')!r}, {str(shared('cifar10-jpeg', 'test', 'cat', '0001.jpg'))!r}]); "
+            f"code = main(['predict', {str(tmp_path / 'm.onnx')!r}, "
+            f"{str(shared('cifar10-jpeg', 'test', 'cat', '0001.jpg'))!r}]); "
             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -127,7 +127,8 @@ def unshare_works() -> bool:
 
 
 @pytest.mark.slow  # three runs in a mount namespace (9 s)
-@pytest.mark.skipif(not unshare_works(), reason="needs `unshare -rm` to mount a tmpfs as a user (root ignores permissions)")
+@pytest.mark.skipif(not unshare_works(),
+                    reason="needs `unshare -rm` to mount a tmpfs as a user (root ignores permissions)")
 def test_read_only_and_full_disks_are_one_line_errors(tmp_path):
     """A read-only tmpfs and a 48 KB one, mounted in a private mount namespace (root ignores
     permissions, so a chmod would prove nothing)."""
@@ -175,7 +176,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one_or_says_how_to_star
     # Model files get the mode the umask gives (safetensors alone writes 0600): a server under
     # another account can read them.
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
-    assert "checkpoint.safetensors is damaged" in r.stdout and "resuming from checkpoint-previous.safetensors" in r.stdout
+    assert ("checkpoint.safetensors is damaged" in r.stdout
+            and "resuming from checkpoint-previous.safetensors" in r.stdout)
     assert (out / "metrics.json").exists() and not ckpt.exists() and not prev.exists()
 
     # Both damaged: one line that says so and how to start again.
@@ -200,7 +202,8 @@ def test_model_files_whose_metadata_lies_are_refused_before_anything_is_allocate
     huge["spec"]["layers"][0]["conv"]["filters"] = 10**12
     three = dict(arch, in_channels=3)
     cases = {
-        "five names for ten outputs": ({"class_names": list("abcde")}, "lists 5 class names for a model with 10 outputs"),
+        "five names for ten outputs": ({"class_names": list("abcde")},
+                                       "lists 5 class names for a model with 10 outputs"),
         "three channels for a one-channel net": ({"input": {"channels": 3, "height": 16, "width": 16}},
                                                  "declares 3-channel input, but its first layer takes 1"),
         "10^12 filters": ({"architecture": huge}, "declares layers.0"),

@@ -54,7 +54,9 @@ def test_label_issues_command_writes_its_files(tmp_path):
                  "--out", str(tmp_path / "o"), "--quiet", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert result["folds"] == 2 and result["train_images"] == len(list(csv.reader((tmp_path / "o" / "label_issues.csv").open()))) - 1
+    assert (result["folds"] == 2
+            and result["train_images"] == len(list(csv.reader((tmp_path / "o" / "label_issues.csv").open()))) - 1)
     assert 0.8 < result["out_of_fold_accuracy"] <= 1 and set(result["retrain"]) >= {"test_accuracy_with_flagged"}
-    r = run_main("label-issues", "digits", "--model", "linear", "--epochs", "1", "--folds", "2", "--out", str(tmp_path / "p"), "--quiet")
+    r = run_main("label-issues", "digits", "--model", "linear", "--epochs", "1", "--folds", "2",
+                 "--out", str(tmp_path / "p"), "--quiet")
     assert r.returncode == 0 and "training labels of digits are likely wrong" in r.stdout

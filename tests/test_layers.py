@@ -92,7 +92,8 @@ def test_wrapped_models_save_plain_keys(tmp_path):
 
 
 def test_ruff_finds_nothing():
-    """The linter, with the rules chosen in pyproject.toml ([tool.ruff]), over the package, the tests and the benchmarks."""
+    """The linter, with the rules chosen in pyproject.toml ([tool.ruff]), over the package, the tests and the
+    benchmarks."""
     ruff = Path(sys.executable).parent / "ruff"
     r = subprocess.run([str(ruff), "check", "--no-cache", "src", "tests", "benchmarks"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)

@@ -71,7 +71,8 @@ def test_weights_that_do_not_fit_the_architecture_are_refused(tmp_path):
     meta = read_info(path)
     other = build_model("seed-mnist-torch", 10)
     wrong = tmp_path / "wrong.safetensors"
-    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, wrong, metadata={"cnnkit": json.dumps({"format": "cnnkit-model", **meta.to_dict()})})
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, wrong,
+              metadata={"cnnkit": json.dumps({"format": "cnnkit-model", **meta.to_dict()})})
     with pytest.raises(CnnkitError, match="do not match"):
         load_model(wrong)
 

@@ -71,7 +71,8 @@ def test_user_yaml_with_full_same_stride_l2pool_and_overlapping_pools(tmp_path):
 """)
     model = build_model(spec, 3)
     info = summary(model)
-    assert [tuple(l["output_shape"]) for l in info["layers"]] == [(4, 14, 14), (4, 7, 7), (4, 5, 5), (4, 2, 2), (16,), (3,)]
+    assert ([tuple(l["output_shape"]) for l in info["layers"]]
+            == [(4, 14, 14), (4, 7, 7), (4, 5, 5), (4, 2, 2), (16,), (3,)])
     out = model(torch.randn(5, 1, 12, 12))
     assert out.shape == (5, 3) and not torch.allclose(out.exp().sum(1), torch.ones(5))  # logits, not probabilities
 

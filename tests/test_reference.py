@@ -75,7 +75,8 @@ def test_conv1d_equals_torch(length, m, stride, padding, c, f, seed):
 def test_convolution_matches_numpy_and_scipy_in_every_mode():
     rng = np.random.default_rng(1)
     x1, w1 = rng.normal(size=10), rng.normal(size=3)
-    np.testing.assert_allclose(R.conv1d(x1, w1, padding="full", mode="convolution"), np.convolve(x1, w1, "full"), atol=TOL)
+    np.testing.assert_allclose(R.conv1d(x1, w1, padding="full", mode="convolution"), np.convolve(x1, w1, "full"),
+                               atol=TOL)
     np.testing.assert_allclose(R.conv1d(x1, w1, mode="convolution"), np.convolve(x1, w1, "valid"), atol=TOL)
     np.testing.assert_allclose(R.conv1d(x1, w1), np.correlate(x1, w1, "valid"), atol=TOL)
     x, w = rng.normal(size=(7, 6)), rng.normal(size=(3, 3))

@@ -68,7 +68,8 @@ def test_api_answers_with_calibrated_top_k_and_heatmaps(server):
     status, health = call(port, "GET", "/health")
     assert status == 200 and health["status"] == "ok"
     status, info = call(port, "GET", "/model")
-    assert info["class_names"] == [str(i) for i in range(10)] and info["input"] == {"channels": 1, "height": 28, "width": 28}
+    assert info["class_names"] == [str(i) for i in range(10)]
+    assert info["input"] == {"channels": 1, "height": 28, "width": 28}
     assert info["metrics"]["test_accuracy"] > 0.97 and info["runtime"] in ("onnx", "torch")
     status, schema = call(port, "GET", "/openapi.json")
     assert status == 200 and "/predict" in schema["paths"] and "/model" in schema["paths"]
@@ -101,7 +102,8 @@ def bomb_png(side: int = 30000) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+            + chunk(b"IEND", b""))
 
 
 def rss_mb(pid: int) -> float:
@@ -241,7 +243,8 @@ def test_too_many_images_get_413_naming_the_limit(server):
     parts = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"f{i}\"; filename=\"<img src=x "
                      f"onerror=alert({i})>.png\"\r\nContent-Type: image/png\r\n\r\n".encode() + one + b"\r\n"
                      for i in range(70))
-    status, body = call(port, "POST", "/predict", parts + b"--b--\r\n", {"Content-Type": "multipart/form-data; boundary=b"})
+    status, body = call(port, "POST", "/predict", parts + b"--b--\r\n",
+                        {"Content-Type": "multipart/form-data; boundary=b"})
     assert status == 413 and "--max-images" in body["detail"] and "64" in body["detail"], body
     status, body = call(port, "POST", "/predict", parts[:len(parts) // 70 * 2] + b"--b--\r\n",
                         {"Content-Type": "multipart/form-data; boundary=b"})
@@ -253,7 +256,8 @@ def test_a_token_guards_every_route_but_health(server, tmp_path):
     from conftest import run_main
     port, model_path, test = server
     token = "s3cret-token-for-the-test"
-    proc, guarded = start_server(str(model_path.parent), 8, ["--token", token, "--timeout", "3", "--max-connections", "4"])
+    proc, guarded = start_server(str(model_path.parent), 8,
+                                 ["--token", token, "--timeout", "3", "--max-connections", "4"])
     try:
         digit = png_bytes(test.images[0, 0].numpy())
         assert call(guarded, "GET", "/health")[0] == 200  # liveness probes carry no secrets
@@ -396,7 +400,8 @@ def test_page_classifies_an_uploaded_digit_and_a_drawing(server, tmp_path):
                         page.mouse.move(x, box["y"] + box["height"] * (0.15 + 0.7 * step / 20))
                     page.mouse.up()
                     page.click("#classify")
-                    page.wait_for_function("document.querySelector('#result').innerText.includes('drawing')", timeout=20_000)
+                    page.wait_for_function("document.querySelector('#result').innerText.includes('drawing')",
+                                           timeout=20_000)
                     assert page.inner_text("#top-label") == "1"
                     page.screenshot(path=str(ARTIFACTS / "serve-drawing-desktop.png"), full_page=True)
                 page.close()

@@ -236,6 +236,7 @@ def test_dry_run_goes_through_the_whole_pipeline_on_one_batch_and_writes_nothing
     assert not list(Path(tempfile.gettempdir()).glob("cnnkit-dry-run-*"))
     # a config that fails at the first forward pass fails the dry run the same way, in one line
     bad = run_main("train", "--data", "digits", "--model", "alexnet", "--image-size", "8", "--dry-run")
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert (bad.returncode == 2 and "Traceback" not in bad.stderr
+            and len(bad.stderr.strip().splitlines()) == 1), bad.stderr
     r = run_main("train", "--resume", str(tmp_path), "--dry-run")
     assert r.returncode == 2 and "--dry-run" in r.stderr

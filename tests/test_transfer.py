@@ -31,7 +31,8 @@ def test_frozen_pretrained_beats_scratch_and_fine_tuning_keeps_it(tmp_path):
     assert [h["epoch"] for h in tuned["history"]] == list(range(1, 9))
     assert m["test_split"] == "val" and m["test_n"] == 153
     frozen = max(h["val_acc"] for h in tuned["history"][:5])
-    print(f"frozen phase: {frozen:.4f} on val; after fine-tuning: {m['test_accuracy']:.4f} in {m['train_seconds']:.0f} s")
+    print(f"frozen phase: {frozen:.4f} on val; after fine-tuning: {m['test_accuracy']:.4f} "
+          f"in {m['train_seconds']:.0f} s")
     assert frozen >= 0.90  # no time bound: a slow machine must not fail a test
     assert json.loads((tmp_path / "tuned" / "config.json").read_text())["pretrained"] == "efficientnet_lite0"
 
@@ -49,4 +50,5 @@ def test_frozen_pretrained_beats_scratch_and_fine_tuning_keeps_it(tmp_path):
     assert meta.pretrained["mean"] == pytest.approx([127 / 255] * 3)
     original, _, _ = read_state_dict("efficientnet_lite0")
     if meta.metrics["best_epoch"] > 5:
-        assert not torch.equal(model.state_dict()["_blocks.3._project_conv.weight"], original["_blocks.3._project_conv.weight"])
+        assert not torch.equal(model.state_dict()["_blocks.3._project_conv.weight"],
+                               original["_blocks.3._project_conv.weight"])

@@ -35,7 +35,8 @@ def kornia_ops(size: int) -> dict:
             K.RandomAffine(15.0, translate=(0.125, 0.125), scale=(0.85, 1.15), shear=10.0, padding_mode="border"),
             K.RandomHorizontalFlip(), K.RandomPerspective(0.2, p=1.0),
             K.ColorJitter(0.3, 0.3, 0.3, p=1.0), K.RandomGaussianBlur((blur, blur), sigma=(0.1, 1.0), p=1.0),
-            K.RandomGaussianNoise(std=8 / 255, p=1.0), K.RandomErasing(scale=(0.0625, 0.0625), ratio=(1.0, 1.0), p=1.0)),
+            K.RandomGaussianNoise(std=8 / 255, p=1.0),
+            K.RandomErasing(scale=(0.0625, 0.0625), ratio=(1.0, 1.0), p=1.0)),
     }
 
 
@@ -58,7 +59,8 @@ def main() -> None:
     x = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8)
     theirs = kornia_ops(args.size)
     g = torch.Generator().manual_seed(0)
-    print(f"batch {args.batch} x 3 x {args.size} x {args.size}, {torch.get_num_threads()} threads, ms per batch (median)")
+    print(f"batch {args.batch} x 3 x {args.size} x {args.size}, {torch.get_num_threads()} threads, "
+          "ms per batch (median)")
     print(f"{'op':<22} {'cnnkit':>8} {'kornia':>8} {'kornia/cnnkit':>14}")
     for name, ours in OURS.items():
         med = medians(interleaved({"cnnkit": lambda: seconds(lambda: ours(x, g)),

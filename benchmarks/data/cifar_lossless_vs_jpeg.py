@@ -74,7 +74,8 @@ def main() -> None:
            for k, v in results.items()}
     for k, (plain, tta) in med.items():
         print(f"{k:8s}: test {plain:.4f}, TTA {tta:.4f} (medians over seeds {args.seeds})")
-    print(f"lossless - jpeg: {med['lossless'][0] - med['jpeg'][0]:+.4f} plain, {med['lossless'][1] - med['jpeg'][1]:+.4f} TTA")
+    print(f"lossless - jpeg: {med['lossless'][0] - med['jpeg'][0]:+.4f} plain, "
+          f"{med['lossless'][1] - med['jpeg'][1]:+.4f} TTA")
 
 
 if __name__ == "__main__":

@@ -41,15 +41,18 @@ def main() -> None:
     digits = cnnkit.load_dataset("mnist", data_dir=str(SHARED_DATA), quiet=True).test.images[:3000, 0]
     originals = [Image.fromarray(d.numpy()) for d in digits]
     base = np.stack([decoded(im) for im in originals])  # (3000, 1, 64, 64)
-    copies = {kind: np.stack([decoded(*make(im)[:2], **make(im)[2]) for im in originals[:300]]) for kind, make in COPIES.items()}
+    copies = {kind: np.stack([decoded(*make(im)[:2], **make(im)[2]) for im in originals[:300]])
+              for kind, make in COPIES.items()}
     iu = np.triu_indices(len(base), 1)
-    print(f"{'signature':<28} {'different digits (closest; pairs that close)':<46} " + " ".join(f"{k:>14}" for k in COPIES))
+    print(f"{'signature':<28} {'different digits (closest; pairs that close)':<46} "
+          + " ".join(f"{k:>14}" for k in COPIES))
     for bits in (8, 16):
         h = lambda a: imagehash.phash(Image.fromarray(a[0]), hash_size=bits).hash.ravel()  # noqa: E731
         hb = np.stack([h(a) for a in base]).astype(np.uint8)  # (3000, bits^2)
         dist = (hb @ (1 - hb).T + (1 - hb) @ hb.T)[iu]  # Hamming distances of distinct pairs
         worst = [int(max((h(c) != hb[i]).sum() for i, c in enumerate(copies[k]))) for k in COPIES]
-        closest = f"min {dist.min()} ({(dist == dist.min()).sum():,} pairs), {(dist <= max(worst)).sum():,} <= {max(worst)}"
+        closest = (f"min {dist.min()} ({(dist == dist.min()).sum():,} pairs), "
+                   f"{(dist <= max(worst)).sum():,} <= {max(worst)}")
         print(f"{f'pHash {bits * bits} bits (distance)':<28} {closest:<46} "
               + " ".join(f"{f'max {w}':>14}" for w in worst))
     tb = thumbnails(torch.from_numpy(base))
@@ -57,9 +60,11 @@ def main() -> None:
     worst = []
     for k in COPIES:
         tc = thumbnails(torch.from_numpy(copies[k]))
-        best = torch.stack([(thumbnails(torch.from_numpy(base[:300]), s) * tc).sum(1) for s in (1.0, *CROP_SCALES)]).amax(0)
+        best = torch.stack([(thumbnails(torch.from_numpy(base[:300]), s) * tc).sum(1)
+                            for s in (1.0, *CROP_SCALES)]).amax(0)
         worst.append(float(best.min()))
-    print(f"{'thumbnail cosine (audit)':<28} {f'max {sims.max():.4f}, {(sims >= NEAR_THRESHOLD).sum():,} pairs >= {NEAR_THRESHOLD}':<46} "
+    print(f"{'thumbnail cosine (audit)':<28} "
+          f"{f'max {sims.max():.4f}, {(sims >= NEAR_THRESHOLD).sum():,} pairs >= {NEAR_THRESHOLD}':<46} "
           + " ".join(f"{f'min {w:.4f}':>14}" for w in worst))
 
 

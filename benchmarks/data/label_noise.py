@@ -44,7 +44,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     top = set(result["ranking"][: len(flipped)].tolist())
     print(json.dumps({"flipped": len(flipped), "recall_in_top_share": len(top & set(flipped.tolist())) / len(flipped),
-                      "flagged": result["flagged"], "flipped_among_flagged": float(result["flagged_mask"][flipped].mean()),
+                      "flagged": result["flagged"],
+                      "flipped_among_flagged": float(result["flagged_mask"][flipped].mean()),
                       **result["retrain"], "seconds": seconds}, indent=2))
 
 

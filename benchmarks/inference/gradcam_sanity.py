@@ -32,7 +32,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--data-dir", default=str(SHARED_DATA))
     args = p.parse_args()
-    print(f"{'network':<18} {'Grad-CAM layer':<16} {'map':>9} {'trained':>8} {'stretched':>9} {'random':>8} {'uniform':>8}")
+    print(f"{'network':<18} {'Grad-CAM layer':<16} {'map':>9} {'trained':>8} {'stretched':>9} {'random':>8} "
+          f"{'uniform':>8}")
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             run = cnnkit.train(cnnkit.TrainConfig(data="mnist", model=name, epochs=args.epochs, data_dir=args.data_dir,

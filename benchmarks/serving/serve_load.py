@@ -151,7 +151,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model file (default: train the MNIST fast recipe for 1 epoch)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=1500, help="requests per measurement at 8 and 64 clients (1 client: a third)")
+    ap.add_argument("--requests", type=int, default=1500,
+                    help="requests per measurement at 8 and 64 clients (1 client: a third)")
     ap.add_argument("--runtime", default="auto")
     ap.add_argument("--max-batch", type=int, default=32, help="the batched server's --max-batch")
     ap.add_argument("--json", action="store_true")

@@ -36,7 +36,8 @@ def main() -> None:
         for seed in args.seeds:
             common = ["--data", args.data, "--seed", str(seed)]
             fast, fast_wall = cnnkit_train(["--recipe", "fast-cifar10", *common], Path(tmp) / f"fast-{seed}", env)
-            print(f"  fast  seed {seed}: test {fast['test_accuracy']:.4f} (TTA {fast.get('test_tta_accuracy', float('nan')):.4f}) "
+            print(f"  fast  seed {seed}: test {fast['test_accuracy']:.4f} "
+                  f"(TTA {fast.get('test_tta_accuracy', float('nan')):.4f}) "
                   f"after {fast['train_seconds']:.1f} s of training, {fast_wall:.1f} s whole command", flush=True)
             one, _ = cnnkit_train(["--recipe", "notes-cifar10", *common, "--epochs", "1"], Path(tmp) / f"notes1-{seed}",
                                   env)
@@ -44,15 +45,17 @@ def main() -> None:
             epochs = max(1, int(fast["train_seconds"] // epoch_seconds))
             notes, notes_wall = cnnkit_train(["--recipe", "notes-cifar10", *common, "--epochs", str(epochs)],
                                       Path(tmp) / f"notes-{seed}", env)
-            print(f"  notes seed {seed}: {epoch_seconds:.1f} s an epoch; {epochs} epochs in {notes['train_seconds']:.1f} s: "
-                  f"test {notes['test_accuracy']:.4f}", flush=True)
+            print(f"  notes seed {seed}: {epoch_seconds:.1f} s an epoch; "
+                  f"{epochs} epochs in {notes['train_seconds']:.1f} s: test {notes['test_accuracy']:.4f}", flush=True)
             rows.append((fast, fast_wall, notes, epochs, epoch_seconds))
     med = lambda values: statistics.median(values)  # noqa: E731
     fast_acc, notes_acc = med(r[0]["test_accuracy"] for r in rows), med(r[2]["test_accuracy"] for r in rows)
     fast_s, notes_s = med(r[0]["train_seconds"] for r in rows), med(r[2]["train_seconds"] for r in rows)
     epoch_s = med(r[4] for r in rows)
-    print(f"fast-cifar10: test {fast_acc:.4f} (TTA {med(r[0].get('test_tta_accuracy', float('nan')) for r in rows):.4f}) "
-          f"in {fast_s:.0f} s of training, {med(r[1] for r in rows):.0f} s whole command (medians over {len(rows)} seed(s))")
+    print(f"fast-cifar10: test {fast_acc:.4f} "
+          f"(TTA {med(r[0].get('test_tta_accuracy', float('nan')) for r in rows):.4f}) "
+          f"in {fast_s:.0f} s of training, {med(r[1] for r in rows):.0f} s whole command "
+          f"(medians over {len(rows)} seed(s))")
     print(f"notes-cifar10 at equal time: {rows[0][3]} epochs, {notes_s:.0f} s of training: test {notes_acc:.4f}; "
           f"{fast_acc - notes_acc:+.4f} for the fast recipe")
     print(f"notes-cifar10 as written (100 epochs at {epoch_s:.1f} s): about {100 * epoch_s / 60:.0f} min of training, "

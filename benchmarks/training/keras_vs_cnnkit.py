@@ -118,7 +118,8 @@ def main() -> None:
         npz = Path(tmp) / "mnist.npz"
         train_x = torch_to_np(ds.train.images, ds.val.images)
         train_y = np.concatenate([ds.train.labels.numpy(), ds.val.labels.numpy()])
-        np.savez(npz, x_train=train_x, y_train=train_y, x_test=ds.test.images[:, 0].numpy(), y_test=ds.test.labels.numpy())
+        np.savez(npz, x_train=train_x, y_train=train_y, x_test=ds.test.images[:, 0].numpy(),
+                 y_test=ds.test.labels.numpy())
         for r in range(args.repeats):  # interleaved, so a drift in machine speed hits all three
             results["keras"].append(run_keras(py, npz, args.epochs))
             for precision in ("auto", "fp32"):
@@ -129,13 +130,16 @@ def main() -> None:
                       f"test {rs[-1]['test_accuracy']:.4f}", flush=True)
     print(f"tensorflow {results['keras'][0]['tensorflow']} (threads intra/inter {results['keras'][0]['threads']}), "
           f"cnnkit auto trained in {results['cnnkit auto'][0]['precision']}; {args.repeats} repeats, medians")
-    print(f"{'trainer':<12} {'epoch s (after 1st)':>20} {'first epoch s':>14} {'fit s':>7} {'test acc':>9} {'keras/this':>11}")
-    later = lambda rs: statistics.median(s for x in rs for s in (x["epoch_seconds"][1:] or x["epoch_seconds"]))  # noqa: E731
+    print(f"{'trainer':<12} {'epoch s (after 1st)':>20} {'first epoch s':>14} {'fit s':>7} {'test acc':>9} "
+          f"{'keras/this':>11}")
+    later = lambda rs: statistics.median(s for x in rs  # noqa: E731
+                                         for s in (x["epoch_seconds"][1:] or x["epoch_seconds"]))
     keras_epoch = later(results["keras"])
     for name, rs in results.items():
         e = later(rs)
         print(f"{name:<12} {e:>20.2f} {statistics.median(x['epoch_seconds'][0] for x in rs):>14.2f} "
-              f"{statistics.median(x['fit_seconds'] for x in rs):>7.1f} {statistics.median(x['test_accuracy'] for x in rs):>9.4f} "
+              f"{statistics.median(x['fit_seconds'] for x in rs):>7.1f} "
+              f"{statistics.median(x['test_accuracy'] for x in rs):>9.4f} "
               f"{keras_epoch / e:>10.2f}x")
 
 

@@ -51,8 +51,8 @@ def main() -> None:
     probe = _probe_step_seconds()
     probe_s = time.perf_counter() - t0
     auto, why = precision_choice("auto", "cpu")
-    print(f"probe: {probe_s:.2f} s in all; one step {probe['fp32'] * 1e3:.1f} ms fp32, {probe['bf16'] * 1e3:.1f} ms bf16 "
-          f"({probe['fp32'] / probe['bf16']:.2f}x)")
+    print(f"probe: {probe_s:.2f} s in all; one step {probe['fp32'] * 1e3:.1f} ms fp32, "
+          f"{probe['bf16'] * 1e3:.1f} ms bf16 ({probe['fp32'] / probe['bf16']:.2f}x)")
     print(f"auto chose {auto}: {why}")
     print(f"{'network':<18} {'fp32 img/s':>11} {'bf16 img/s':>11} {'bf16/fp32':>10} {'auto':>5} {'auto/best':>10}")
     worst = 1.0
@@ -74,7 +74,8 @@ def layouts(args) -> None:
     for name, shape in SEED_NETS.items():
         med = speeds(name, shape, args, {(p, cl): {"precision": p, "channels_last": cl} for p, cl in variants})
         print(f"{name:<18} " + " ".join(f"{med[v]:>10.0f}" for v in variants)
-              + f" {med[('fp32', True)] / med[('fp32', False)]:>14.2f}x {med[('bf16', True)] / med[('bf16', False)]:>14.2f}x")
+              + f" {med[('fp32', True)] / med[('fp32', False)]:>14.2f}x"
+                f" {med[('bf16', True)] / med[('bf16', False)]:>14.2f}x")
 
 
 if __name__ == "__main__":

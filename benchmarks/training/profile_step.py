@@ -33,7 +33,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     shape = default_input(get_spec(args.model)) or (1, 28, 28)
-    model = build_model(args.model, 10, in_channels=shape[0], image_size=shape[1:]).to(memory_format=torch.channels_last)
+    model = build_model(args.model, 10, in_channels=shape[0],
+                        image_size=shape[1:]).to(memory_format=torch.channels_last)
     opt = make_optimizer(TrainConfig(), model)
     pre = Preprocess([0.5] * shape[0], [0.25] * shape[0], channels_last=True)
     x = torch.randint(0, 256, (args.batch, *shape), dtype=torch.uint8)

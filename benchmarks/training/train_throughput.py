@@ -10,7 +10,8 @@ by side in one run, medians of several repeats.
 Count first: seed-mnist-torch is 13.9 M multiply-adds per image forward (`cnnkit summary
 seed-mnist-torch`), so a training step costs about 3 x 2 x 13.9 M = 83 MFLOP per image.
 
-    python -m benchmarks.training.train_throughput [--data-dir ../shared/data] [--repeats 5] [--images 12800] [--ablation]
+    python -m benchmarks.training.train_throughput [--data-dir ../shared/data] [--repeats 5] [--images 12800]
+        [--ablation]
     python -m benchmarks.training.train_throughput --all-nets [--repeats 3]
 
 --all-nets: every seed network (and the fast recipes' networks), the notes' loop (DataLoader over
@@ -38,7 +39,8 @@ def notes_way(images_u8: torch.Tensor, labels: torch.Tensor) -> float:
 
 def cnnkit_way(images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int = 128, precision: str = "auto",
                channels_last: bool = True, fused: bool = True) -> float:
-    return cnnkit_loop(build_model("seed-mnist-torch", 10), images_u8, labels, batch_size, precision, channels_last, fused)
+    return cnnkit_loop(build_model("seed-mnist-torch", 10), images_u8, labels, batch_size, precision, channels_last,
+                       fused)
 
 
 def matmul_ceiling(dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
@@ -91,7 +93,8 @@ def main() -> None:
         variants.update({
             "cnnkit b64 fp32 (slicing only)": lambda: cnnkit_way(images, labels, 64, "fp32", False, False),
             "cnnkit b64 fp32 fused Adam": lambda: cnnkit_way(images, labels, 64, "fp32", False),
-            "cnnkit b128 bf16 channels-last, foreach Adam": lambda: cnnkit_way(images, labels, 128, "bf16", True, False),
+            "cnnkit b128 bf16 channels-last, foreach Adam":
+                lambda: cnnkit_way(images, labels, 128, "bf16", True, False),
             "cnnkit b64 bf16": lambda: cnnkit_way(images, labels, 64, "bf16", False),
             "cnnkit b64 bf16 channels-last": lambda: cnnkit_way(images, labels, 64, "bf16", True),
             "cnnkit b128 fp32 channels-last": lambda: cnnkit_way(images, labels, 128, "fp32", True),

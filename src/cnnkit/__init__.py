@@ -18,7 +18,8 @@ from .version import __version__
 # public name -> the module that defines it
 _EXPORTS = {
     "TrainConfig": "config", "Dataset": "data", "Split": "data", "load_dataset": "data",
-    "CnnkitError": "errors", "load_model": "modelfile", "read_info": "modelfile", "ModelInfo": "modelfile", "save_model": "modelfile",
+    "CnnkitError": "errors",
+    "load_model": "modelfile", "read_info": "modelfile", "ModelInfo": "modelfile", "save_model": "modelfile",
     "build_model": "models", "list_models": "models", "summary": "models", "Preprocess": "preprocess",
     "predict_logits": "inference", "probabilities": "inference", "train": "jobs.train", "RunResult": "jobs.train",
 }

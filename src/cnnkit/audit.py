@@ -169,12 +169,14 @@ def audit(ds: Dataset, threshold: float = NEAR_THRESHOLD) -> dict:
                if {r["split_a"], r["split_b"]} == {a, b}}
         leakage[f"{b} in {a}"] = {"images": len(hit), "share": len(hit) / max(sizes[b], 1)}
     within = {name: sum(1 for r in rows if r["split_a"] == r["split_b"] == name) for name, _ in parts}
-    balance = {name: {c: int(v) for c, v in zip(ds.class_names, np.bincount(s.labels.numpy(), minlength=ds.num_classes))}
+    balance = {name: {c: int(v) for c, v in zip(ds.class_names,
+                                                np.bincount(s.labels.numpy(), minlength=ds.num_classes))}
                for name, s in parts}
     result = {"data": ds.name, "source": ds.source, "images": len(where), "splits": sizes,
               "decoded_shape": list(ds.input_shape), "class_balance": balance,
               "imbalance_ratio": {name: (max(v.values()) / max(min(v.values()), 1)) for name, v in balance.items()},
-              "exact_pairs": sum(r["kind"] == "exact" for r in rows), "near_pairs": sum(r["kind"] == "near" for r in rows),
+              "exact_pairs": sum(r["kind"] == "exact" for r in rows),
+              "near_pairs": sum(r["kind"] == "near" for r in rows),
               "pairs_within_split": within, "leakage": leakage,
               "label_conflicts": sum(r["label_a"] != r["label_b"] for r in rows),
               "unreadable": [{"path": p, "reason": r} for p, r in ds.skipped],

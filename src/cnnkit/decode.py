@@ -1,4 +1,5 @@
-"""Decoding image files to uint8 arrays, the one way training, predict and serving all use.
+"""Decoding image files to uint8 arrays, the one way training, predict and serving all use, and the
+one process pool that decodes many files (a folder dataset's cache, predict).
 
 This module imports no torch (numpy and Pillow only), so `cnnkit predict` with an ONNX runtime and
 the decoding workers of every process pool start without loading PyTorch.
@@ -8,12 +9,24 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 import numpy as np
 from PIL import Image, ImageOps
 
 RESIZE_METHOD = "shorter-side-center-crop"  # recorded in model files: predict must do the same
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+CHUNK_FILES = 256  # files per decoding task: large enough that a task's overhead (pickling ~3 MB back) is small
+# decoded_chunks decodes in a process pool from this many files on, in the calling process below it.
+# One value for every caller (a folder's cache, predict), as the trade is the same for both: the
+# pool's start-up (forking workers, pickling each chunk's arrays back) against decoding on every
+# core. 512 files are two chunks, one for each of two workers, and ~40 ms of decoding at 80 µs a
+# CIFAR-size JPEG (benchmarks/NOTES.md, v0.3.0): about what the start-up costs, by estimate, not
+# measurement. Larger images decode slower, so for them the pool pays off sooner. (The folder
+# cache used 2,000 and predict 512; neither was measured; predict's came with its speed work.)
+PARALLEL_FROM_FILES = 512
 
 
 class ImageTooLarge(ValueError):
@@ -56,18 +69,54 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_files(args: tuple[list[str], int, int]) -> list[tuple[np.ndarray | None, str]]:
-    """(array or None, error) per path: a bad file is its own row's error, never the batch's."""
+def decode_files(args: tuple[list[str], int, int], check_file: bool = True) -> list[tuple[np.ndarray | None, str]]:
+    """(array or None, error) per path: a bad file is its own row's error, never the batch's.
+    check_file: a path that is not a file is 'FileNotFoundError: no such file' without opening it;
+    False where the caller listed the files itself (a folder dataset), whose reasons come from
+    the decoder alone."""
     paths, size, channels = args
     out = []
     for path in paths:
         try:
-            if not os.path.isfile(path):
+            if check_file and not os.path.isfile(path):
                 raise FileNotFoundError("no such file")
             out.append((decode_image(path, size, channels), ""))
         except Exception as e:  # any decode failure is this file's error, not the batch's
             out.append((None, f"{type(e).__name__}: {e}".splitlines()[0][:200]))
     return out
+
+
+def decoded_chunks(files: list[str], size: int, channels: int, workers: int, *, start_method: str | None = "fork",
+                  check_file: bool = True):
+    """Yield (paths, [(array or None, error)]) per chunk of CHUNK_FILES files, in order. From
+    PARALLEL_FROM_FILES files on, with more than one worker, a process pool decodes ahead, at most 2
+    chunks per worker in flight, so memory stays bounded for any number of files.
+
+    start_method: the pool's ("fork": workers start in milliseconds and need nothing the parent has
+    not imported; None: the platform's default). check_file: as for decode_files."""
+    chunks = [files[i:i + CHUNK_FILES] for i in range(0, len(files), CHUNK_FILES)]
+    if workers <= 1 or len(files) < PARALLEL_FROM_FILES:
+        for chunk in chunks:
+            yield chunk, decode_files((chunk, size, channels), check_file)
+        return
+    context = get_context(start_method) if start_method else None
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=die_with_parent) as pool:
+        pending: deque = deque()
+        todo = iter(chunks)
+        try:
+            for chunk in todo:
+                pending.append((chunk, pool.submit(decode_files, (chunk, size, channels), check_file)))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                chunk, future = pending.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(decode_files, (nxt, size, channels), check_file)))
+                yield chunk, future.result()
+        finally:  # a caller that stops early (an error, a closed generator) leaves no decoding behind
+            for _, future in pending:
+                future.cancel()
 
 
 def expand_paths(paths: list[str]) -> list[str]:

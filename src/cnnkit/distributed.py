@@ -7,7 +7,7 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process's environment; `Wo
 them (a process started without torchrun is a world of one, and trains exactly as before). gloo
 carries the gradients between CPU processes, nccl between GPUs (one GPU per local rank).
 
-What the processes share, and how (training.py does the rest):
+What the processes share, and how (the training package does the rest):
 - Every rank draws the same seeded permutation of the training split each epoch and cuts the same
   global batches of `batch_size` images; rank r takes images r, r+N, r+2N, ... of each batch. So
   the ranks' shards of an epoch are disjoint and together cover it, and `batch_size` and `lr` mean

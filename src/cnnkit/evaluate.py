@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import Split, load_dataset
+from .data import Columns, Split, load_dataset
 from .errors import CnnkitError
 from .inference import predict_logits, probabilities, top_k_accuracy
 from .modelfile import ModelInfo
@@ -24,7 +24,7 @@ def load_split_for(info: ModelInfo, data: str, split: str, data_dir=None) -> tup
     cfg = info.train_config()
     ds = load_dataset(data, data_dir=data_dir or cfg.data_dir, image_size=info.input.height,
                       channels=info.input.channels, val_split=cfg.val_split, test_split=cfg.test_split,
-                      seed=cfg.seed, quiet=True)
+                      seed=cfg.seed, quiet=True, columns=Columns.of(cfg))
     if ds.class_names != info.class_names:
         raise CnnkitError(f"{data} has classes {ds.class_names[:5]}..., the model was trained on "
                           f"{info.class_names[:5]}...: evaluate on the data it was trained for")
@@ -125,7 +125,8 @@ def evaluate(model: torch.nn.Module, info: ModelInfo, split: Split, class_names:
     metrics = classification_metrics(probs, labels, class_names)
     metrics["temperature"] = temperature
     metrics["ece_uncalibrated"] = calibration(raw, labels)["ece"]
-    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean()) if len(labels) else 0.0
+    metrics["loss"] = (float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean())
+                       if len(labels) else 0.0)
     if tta:  # reported beside, not instead: TTA averages make probabilities less confident
         if tta_probs is None:
             tta_probs = probabilities(model, info, split.images, tta=True, device=device, logits=logits)

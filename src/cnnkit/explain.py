@@ -128,7 +128,8 @@ def first_conv(model: nn.Module) -> nn.Conv2d:
     raise CnnkitError("the model has no convolution layers, so it has no kernels to show")
 
 
-def capture(model: nn.Module, sites: list[Site], x: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def capture(model: nn.Module, sites: list[Site], x: torch.Tensor,
+            grad: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(logits, [output of each site]) for a normalized batch x. The hook hands a copy downstream, so an
     in-place ReLU after a layer (AlexNet, VGG) cannot overwrite the map we keep."""
     outputs: dict[int, torch.Tensor] = {}
@@ -147,7 +148,8 @@ def capture(model: nn.Module, sites: list[Site], x: torch.Tensor, grad: bool = F
 
 
 def gradcam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = None,
-            site: Site | None = None, geometry: list[tuple[float, float]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            site: Site | None = None,
+            geometry: list[tuple[float, float]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(heatmaps (N, H, W) in [0, 1], logits (N, K)) for a normalized batch x (N, C, H, W), for
     `classes` (N,) or, by default, each image's predicted class. The model must be in eval mode:
     then images do not interact (BatchNorm uses running statistics), so one backward pass over the

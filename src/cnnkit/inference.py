@@ -68,8 +68,8 @@ def top_k_accuracy(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """loss, accuracy, n and (with at least 5 classes) top-5 accuracy."""
     n, k = logits.shape
-    result = {"loss": F.cross_entropy(logits, labels).item(), "accuracy": (logits.argmax(1) == labels).float().mean().item(),
-              "n": n}
+    result = {"loss": F.cross_entropy(logits, labels).item(),
+              "accuracy": (logits.argmax(1) == labels).float().mean().item(), "n": n}
     if k >= 5:
         result["top5_accuracy"] = top_k_accuracy(logits, labels, 5)
     return result

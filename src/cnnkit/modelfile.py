@@ -175,7 +175,8 @@ class ModelInfo:
         names, inp, pre = d["class_names"], d["input"], d["preprocessing"]
         if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
             raise broken("class_names must be a list of names")
-        if not (isinstance(inp, dict) and all(isinstance(inp.get(k), int) and 0 < inp[k] for k in ("channels", "height", "width"))):
+        if not (isinstance(inp, dict) and all(isinstance(inp.get(k), int) and 0 < inp[k]
+                                              for k in ("channels", "height", "width"))):
             raise broken("input must give positive channels, height and width")
         if not (isinstance(pre, dict) and all(isinstance(pre.get(k), list) and pre[k] for k in ("mean", "std"))):
             raise broken("preprocessing must give mean and std per channel")
@@ -229,7 +230,8 @@ def resolve_model_path(path: str | Path) -> Path:
     if p.is_dir():
         p = p / MODEL_FILE
     if not p.is_file():
-        raise CnnkitError(f"no model file at {path} (expected a .safetensors model file or a run folder holding {MODEL_FILE})")
+        raise CnnkitError(f"no model file at {path} (expected a .safetensors model file or a run folder holding "
+                          f"{MODEL_FILE})")
     return p
 
 
@@ -249,7 +251,8 @@ def read_info(path: str | Path) -> ModelInfo:
     except json.JSONDecodeError as e:
         raise CnnkitError(f"{p} has broken metadata (invalid JSON: {e}); the file is damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CnnkitError(f"{p} has metadata that is not a cnnkit model's (format={meta.get('format') if isinstance(meta, dict) else '?'})")
+        raise CnnkitError(f"{p} has metadata that is not a cnnkit model's "
+                          f"(format={meta.get('format') if isinstance(meta, dict) else '?'})")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CnnkitError(f"{p} was written by a newer cnnkit ({meta.get('cnnkit_version')}); upgrade cnnkit")
     return ModelInfo.from_dict(meta, where=str(p))
@@ -344,7 +347,8 @@ def validated_architecture(p: Path, info: ModelInfo, shapes: dict[str, tuple[int
         raise CnnkitError(f"{p} declares input {c}x{h}x{w}, which the architecture cannot take "
                           f"({str(e).splitlines()[0][:160]})") from None
     if outputs != len(names):
-        raise CnnkitError(f"{p} lists {len(names)} class names for a model with {outputs} outputs: the metadata is wrong")
+        raise CnnkitError(f"{p} lists {len(names)} class names for a model with {outputs} outputs: "
+                          "the metadata is wrong")
     need, have = inference_bytes(model, (c, h, w)), available_memory_bytes()
     if need > have:
         raise CnnkitError(f"{p} needs about {format_bytes(need)} of memory to run one image "

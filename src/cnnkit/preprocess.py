@@ -72,4 +72,5 @@ class Preprocess(nn.Module):
         return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
 
     def extra_repr(self) -> str:
-        return f"mean={[round(m, 4) for m in self.mean]}, std={[round(s, 4) for s in self.std]}, channels_last={self.channels_last}"
+        return (f"mean={[round(m, 4) for m in self.mean]}, std={[round(s, 4) for s in self.std]}, "
+                f"channels_last={self.channels_last}")

@@ -111,7 +111,8 @@ def draw_conv_steps(result: dict, path: str | Path, max_panels: int = 16) -> Pat
         ax.set_yticks([])
     for ax in axes.ravel()[len(steps):]:
         ax.axis("off")
-    fig.suptitle(f"{result['mode'].replace('_', '-')}, stride {result['stride']}, padding {result['padding']}", fontsize=10)
+    fig.suptitle(f"{result['mode'].replace('_', '-')}, stride {result['stride']}, padding {result['padding']}",
+                 fontsize=10)
     return save_figure(fig, path)
 
 
@@ -200,8 +201,8 @@ def plot_kernels(weights, path: str | Path, max_kernels: int = 64) -> Path:
         ax.axis("off")
     for i, (ax, k) in enumerate(zip(axes.ravel(), w)):
         k = (k - k.min()) / (k.max() - k.min()).clamp_min(1e-12)
-        ax.imshow((k.permute(1, 2, 0) if k.shape[0] == 3 else k.mean(0)).numpy(), cmap=None if k.shape[0] == 3 else "gray",
-                  interpolation="nearest")
+        ax.imshow((k.permute(1, 2, 0) if k.shape[0] == 3 else k.mean(0)).numpy(),
+                  cmap=None if k.shape[0] == 3 else "gray", interpolation="nearest")
         ax.set_title(str(i), fontsize=7)
     fig.suptitle(f"first-layer kernels: {weights.shape[0]} of {weights.shape[1]}x{weights.shape[2]}x{weights.shape[3]}",
                  fontsize=10)
@@ -241,7 +242,8 @@ def plot_reliability(rows: list[dict], ece: float, path: str | Path) -> Path:
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
     centers = [(r["low"] + r["high"]) / 2 for r in rows]
     ax.bar(centers, [r["accuracy"] for r in rows], width=1 / 15, edgecolor="black", alpha=0.7, label="accuracy")
-    ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o", color="tab:red", label="mean confidence")
+    ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o", color="tab:red",
+            label="mean confidence")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")

@@ -87,5 +87,6 @@ def evaluate_and_report(model: nn.Module, info: ModelInfo, split: Split, out: st
         out / "report.html", title=title or f"{arch} on {data_name}: {split_name} split",
         model_info=summary(model), info=info, evaluation=metrics, files=files,
         timing={"train_seconds": training.get("train_seconds"), "evaluate_seconds": evaluate_seconds},
-        env={**environment(str(device)), **({"precision (training)": training["precision"]} if "precision" in training else {})})
+        env={**environment(str(device)),
+             **({"precision (training)": training["precision"]} if "precision" in training else {})})
     return metrics, files

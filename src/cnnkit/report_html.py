@@ -14,13 +14,16 @@ import statistics
 from datetime import datetime
 from pathlib import Path
 
-from .modelfile import ModelInfo
+from .modelfile import DataRecord, ModelInfo
 from .utils import write_text_atomic
 from .version import __version__
 
+# A backslash at the end of a line below continues the rule: it ends a line of this file, not of the style.
 STYLE = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1b1f24;margin:0 auto;max-width:1000px;padding:12px}
-h1{font-size:1.45em;margin:.3em 0}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #d0d7de;padding-bottom:.2em}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1b1f24;margin:0 auto;\
+max-width:1000px;padding:12px}
+h1{font-size:1.45em;margin:.3em 0}\
+h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #d0d7de;padding-bottom:.2em}
 img{max-width:100%;height:auto;display:block;margin:.5em 0}
 .scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:.9em;margin:.4em 0}
@@ -75,7 +78,8 @@ def environment(device: str = "cpu") -> dict:
     cpu = this_cpu()
     env = {"cnnkit": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
            "python": platform.python_version(), "os": platform.platform(), "cpu": cpu.model,
-           "cpu_flags": " ".join(cpu.bf16_flags) or "-", "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+           "cpu_flags": " ".join(cpu.bf16_flags) or "-", "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "device": device}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
@@ -87,14 +91,35 @@ def write_report(path: str | Path, *, title: str, model_info: dict, info: ModelI
     data, history, calibration); evaluation: evaluate.evaluate's metrics plus 'split' and 'data';
     files: PNGs by name (curves, confusion_matrix, confusion_matrix_normalized, misclassified,
     reliability); timing: {train_seconds, evaluate_seconds, ...}."""
-    ev, names = evaluation, info.class_names
-    data, cfg = info.data, info.training
-    arch = info.name
+    ev = evaluation
     parts = [f"<h1>{esc(title)}</h1>",
-             f'<p class="muted">{esc(arch)} · {len(names)} classes · input {esc(str(info.input))}'
-             f' · {esc(ev.get("split", "test"))} split of {esc(ev.get("data", data.name))} ({ev["n"]:,} images)'
-             f' · written {datetime.now().strftime("%Y-%m-%d %H:%M")} by cnnkit {esc(__version__)}</p>']
+             f'<p class="muted">{esc(info.name)} · {len(info.class_names)} classes · input {esc(str(info.input))}'
+             f' · {esc(ev.get("split", "test"))} split of {esc(ev.get("data", info.data.name))} ({ev["n"]:,} images)'
+             f' · written {datetime.now().strftime("%Y-%m-%d %H:%M")} by cnnkit {esc(__version__)}</p>',
+             card_row(report_cards(ev, model_info, timing))]
+    parts += metrics_section(ev, info)
+    parts += confusion_section(ev, files)
+    parts += misclassified_section(ev, files, info.data.source)
+    parts += calibration_section(ev, files)
+    parts += training_section(info, files)
+    parts += model_section(model_info)
+    parts += data_section(info.data)
+    parts += timing_section(ev, timing, info.history, info.data.sizes)
+    parts.append("<h2>Environment</h2>")
+    parts.append(table(["component", "value"], [[k, v] for k, v in env.items()], wrap_columns=(1,)))
+    return write_page(path, title, parts)
 
+
+def card_row(cards: list[tuple[str, str]]) -> str:
+    """The headline figures, one card each: (label, value)."""
+    return '<div class="cards">' + "".join(f'<div class="card">{esc(k)}<b>{esc(v)}</b></div>' for k, v in cards) \
+        + "</div>"
+
+
+# The sections of report.html, top to bottom: each returns its parts (HTML strings).
+
+
+def report_cards(ev: dict, model_info: dict, timing: dict) -> list[tuple[str, str]]:
     cards = [("accuracy", pct(ev["accuracy"]))]
     if "tta_accuracy" in ev:
         cards.append(("accuracy with TTA", pct(ev["tta_accuracy"])))
@@ -105,105 +130,118 @@ def write_report(path: str | Path, *, title: str, model_info: dict, info: ModelI
               ("parameters", f'{model_info["parameters"]:,}')]
     if timing.get("train_seconds") is not None:
         cards.append(("training time", f'{timing["train_seconds"]:.1f} s'))
-    parts.append('<div class="cards">' + "".join(f'<div class="card">{esc(k)}<b>{esc(v)}</b></div>' for k, v in cards) + "</div>")
+    return cards
 
-    # -- metrics
-    parts.append("<h2>Per-class metrics</h2>")
-    rows = [[c["class"], f'{c["precision"]:.4f}', f'{c["recall"]:.4f}', f'{c["f1"]:.4f}', c["support"]] for c in ev["per_class"]]
-    rows += [[f"{k} avg", f'{v["precision"]:.4f}', f'{v["recall"]:.4f}', f'{v["f1"]:.4f}', ev["n"]] for k, v in ev["averages"].items()]
-    parts.append(table(["class", "precision", "recall", "F1", "support"], rows))
+
+def metrics_section(ev: dict, info: ModelInfo) -> list[str]:
+    rows = [[c["class"], f'{c["precision"]:.4f}', f'{c["recall"]:.4f}', f'{c["f1"]:.4f}', c["support"]]
+            for c in ev["per_class"]]
+    rows += [[f"{k} avg", f'{v["precision"]:.4f}', f'{v["recall"]:.4f}', f'{v["f1"]:.4f}', ev["n"]]
+             for k, v in ev["averages"].items()]
+    parts = ["<h2>Per-class metrics</h2>", table(["class", "precision", "recall", "F1", "support"], rows)]
     if "tta_accuracy" in ev:
         tta = info.tta
         parts.append(f'<p>Test-time augmentation (the image{", its mirror" if tta.hflip else ""} '
                      f'and four {tta.shift_pixels}-pixel shifts, softmax averaged): accuracy {pct(ev["tta_accuracy"])} '
                      f'against {pct(ev["accuracy"])} without.</p>')
+    return parts
 
-    parts.append("<h2>Confusion matrix</h2>")
-    parts.append('<p class="muted">Rows: true class; columns: predicted. Counts, then each row divided by its total (recall on the diagonal).</p>')
+
+def confusion_section(ev: dict, files: dict[str, Path]) -> list[str]:
+    parts = ["<h2>Confusion matrix</h2>",
+             '<p class="muted">Rows: true class; columns: predicted. Counts, then each row divided by its total '
+             "(recall on the diagonal).</p>"]
     for key in ("confusion_matrix", "confusion_matrix_normalized"):
         if key in files:
             parts.append(image_tag(files[key], key.replace("_", " ")))
     if ev["most_confused"]:
-        parts.append("<p>Most confused pairs:</p>" + table(["true", "predicted as", "count"],
-                                                          [[m["true"], m["predicted"], m["count"]] for m in ev["most_confused"]],
-                                                          text_columns=(0, 1)))
+        pairs = [[m["true"], m["predicted"], m["count"]] for m in ev["most_confused"]]
+        parts.append("<p>Most confused pairs:</p>"
+                     + table(["true", "predicted as", "count"], pairs, text_columns=(0, 1)))
+    return parts
 
-    parts.append("<h2>Misclassified</h2>")
+
+def misclassified_section(ev: dict, files: dict[str, Path], source: str) -> list[str]:
+    parts = ["<h2>Misclassified</h2>"]
     mis = ev["misclassified"]
-    if mis:
-        parts.append(f'<p class="muted">The {min(len(mis), 24)} worst mistakes by loss, each beside its Grad-CAM heatmap for the '
-                     'predicted class (where the network found its evidence). The table lists up to 50.</p>')
-        if "misclassified" in files:
-            parts.append(image_tag(files["misclassified"], "misclassified gallery"))
-        parts.append(table(["#", "true", "predicted", "probability", "loss", f"file (in {data.source})"],
-                           [[m["index"], m["true"], m["predicted"], f'{m["probability"]:.3f}', f'{m["loss"]:.3f}',
-                             relative(m["path"], data.source) or "–"] for m in mis],
-                           text_columns=(1, 2), wrap_columns=(5,)))
-    else:
-        parts.append("<p>No mistakes on this split.</p>")
+    if not mis:
+        return parts + ["<p>No mistakes on this split.</p>"]
+    parts.append(f'<p class="muted">The {min(len(mis), 24)} worst mistakes by loss, each beside its Grad-CAM heatmap '
+                 'for the predicted class (where the network found its evidence). The table lists up to 50.</p>')
+    if "misclassified" in files:
+        parts.append(image_tag(files["misclassified"], "misclassified gallery"))
+    parts.append(table(["#", "true", "predicted", "probability", "loss", f"file (in {source})"],
+                       [[m["index"], m["true"], m["predicted"], f'{m["probability"]:.3f}', f'{m["loss"]:.3f}',
+                         relative(m["path"], source) or "–"] for m in mis],
+                       text_columns=(1, 2), wrap_columns=(5,)))
+    return parts
 
-    parts.append("<h2>Calibration</h2>")
-    parts.append(f'<p>Temperature {ev["temperature"]:.3f} (fitted on the validation split at the end of training): expected '
-                 f'calibration error {ev["ece"]:.4f}, against {ev["ece_uncalibrated"]:.4f} before scaling (15 equal-width bins). '
-                 'A calibrated model that says 0.8 is right 80% of the time.</p>')
+
+def calibration_section(ev: dict, files: dict[str, Path]) -> list[str]:
+    parts = ["<h2>Calibration</h2>",
+             f'<p>Temperature {ev["temperature"]:.3f} (fitted on the validation split at the end of training): '
+             f'expected calibration error {ev["ece"]:.4f}, against {ev["ece_uncalibrated"]:.4f} before scaling '
+             '(15 equal-width bins). A calibrated model that says 0.8 is right 80% of the time.</p>']
     if "reliability" in files:
         parts.append(image_tag(files["reliability"], "reliability diagram"))
+    return parts
 
-    # -- training
-    history = info.history
-    parts.append("<h2>Training</h2>")
+
+def training_section(info: ModelInfo, files: dict[str, Path]) -> list[str]:
+    parts = ["<h2>Training</h2>"]
     if "curves" in files:
         parts.append(image_tag(files["curves"], "training curves"))
-    if history:
+    if info.history:
         parts.append(table(["epoch", "train loss", "train acc", "val loss", "val acc", "lr", "seconds"],
                            [[r["epoch"], f'{r["train_loss"]:.4f}', f'{r["train_acc"]:.4f}', f'{r["val_loss"]:.4f}',
-                             f'{r["val_acc"]:.4f}', f'{r["lr"]:.3g}', f'{r["seconds"]:.1f}'] for r in history]))
-    if cfg:
+                             f'{r["val_acc"]:.4f}', f'{r["lr"]:.3g}', f'{r["seconds"]:.1f}'] for r in info.history]))
+    if info.training:
         parts.append("<details><summary>configuration</summary>" +
-                     table(["field", "value"], [[k, v] for k, v in cfg.items()], wrap_columns=(1,)) + "</details>")
+                     table(["field", "value"], [[k, v] for k, v in info.training.items()], wrap_columns=(1,))
+                     + "</details>")
     if info.pretrained:
         p = info.pretrained
         parts.append(f'<p>Pretrained weights: {esc(p.get("source"))} ({p.get("loaded_tensors")} tensors).</p>')
+    return parts
 
-    parts.append("<h2>Model</h2>")
-    parts.append(table(["#", "layer", "output shape", "params", "mult-adds"],
-                       [[l["index"], l["layer"], "x".join(map(str, l["output_shape"])), f'{l["params"]:,}',
-                         f'{l["macs"]:,}' if l["macs"] else ""] for l in model_info["layers"]], text_columns=(1,)))
-    parts.append(f'<p>{model_info["parameters"]:,} parameters ({model_info["trainable_params"]:,} trainable, counting '
-                 f'BatchNorm statistics as the notes do: {model_info["total_params"]:,} in all); '
-                 f'{model_info["macs_per_image"]:,} multiply-adds per image.</p>')
 
-    parts.append("<h2>Data</h2>")
-    sizes = data.sizes
-    parts.append(table(["split", "images"], [[k, f"{v:,}"] for k, v in sizes.items()]))
-    parts.append(f'<p>Source: {esc(data.source or "?")}.'
-                 + (" The data has no test split: test figures are on the validation split." if data.test_source == "val" else "")
-                 + "</p>")
-    skipped = data.skipped
-    if skipped:
-        parts.append(f"<p>{len(skipped)} file(s) skipped because they could not be decoded:</p>"
-                     + table(["file", "reason"], skipped, text_columns=(), wrap_columns=(0, 1)))
+def model_section(model_info: dict) -> list[str]:
+    layers = table(["#", "layer", "output shape", "params", "mult-adds"],
+                   [[l["index"], l["layer"], "x".join(map(str, l["output_shape"])), f'{l["params"]:,}',
+                     f'{l["macs"]:,}' if l["macs"] else ""] for l in model_info["layers"]], text_columns=(1,))
+    return ["<h2>Model</h2>", layers,
+            f'<p>{model_info["parameters"]:,} parameters ({model_info["trainable_params"]:,} trainable, counting '
+            f'BatchNorm statistics as the notes do: {model_info["total_params"]:,} in all); '
+            f'{model_info["macs_per_image"]:,} multiply-adds per image.</p>']
+
+
+def data_section(data: DataRecord) -> list[str]:
+    parts = ["<h2>Data</h2>", table(["split", "images"], [[k, f"{v:,}"] for k, v in data.sizes.items()]),
+             f'<p>Source: {esc(data.source or "?")}.'
+             + (" The data has no test split: test figures are on the validation split."
+                if data.test_source == "val" else "")
+             + "</p>"]
+    if data.skipped:
+        parts.append(f"<p>{len(data.skipped)} file(s) skipped because they could not be decoded:</p>"
+                     + table(["file", "reason"], data.skipped, text_columns=(), wrap_columns=(0, 1)))
     else:
         parts.append("<p>No files were skipped.</p>")
+    return parts
 
-    parts.append("<h2>Timing</h2>")
+
+def timing_section(ev: dict, timing: dict, history: list[dict], sizes: dict) -> list[str]:
     seconds = [r["seconds"] for r in history]
-    trow = []
+    rows = []
     if timing.get("train_seconds") is not None:
-        trow.append(["training", f'{timing["train_seconds"]:.1f} s'])
+        rows.append(["training", f'{timing["train_seconds"]:.1f} s'])
     if seconds:
-        trow.append(["median epoch", f"{statistics.median(seconds):.2f} s"])
+        rows.append(["median epoch", f"{statistics.median(seconds):.2f} s"])
         if sizes.get("train"):
-            trow.append(["training throughput", f'{sizes["train"] / statistics.median(seconds):,.0f} images/s'])
+            rows.append(["training throughput", f'{sizes["train"] / statistics.median(seconds):,.0f} images/s'])
     if timing.get("evaluate_seconds") is not None:
-        trow.append(["this evaluation", f'{timing["evaluate_seconds"]:.1f} s for {ev["n"]:,} images'
+        rows.append(["this evaluation", f'{timing["evaluate_seconds"]:.1f} s for {ev["n"]:,} images'
                      + (" (with TTA)" if "tta_accuracy" in ev else "")])
-    parts.append(table(["what", "time"], trow))
-
-    parts.append("<h2>Environment</h2>")
-    parts.append(table(["component", "value"], [[k, v] for k, v in env.items()], wrap_columns=(1,)))
-
-    return write_page(path, title, parts)
+    return ["<h2>Timing</h2>", table(["what", "time"], rows)]
 
 
 def write_page(path: str | Path, title: str, parts: list[str]) -> Path:
@@ -229,7 +267,7 @@ def write_compare_page(path: str | Path, *, names: tuple[str, str], result: dict
              ("difference (A − B)", f'{100 * result["difference"]:+.2f} pts'),
              ("95% interval", f"{100 * lo:+.2f} to {100 * hi:+.2f}"),
              ("McNemar p", f'{result["mcnemar_p_value"]:.3g}')]
-    parts.append('<div class="cards">' + "".join(f'<div class="card">{esc(k)}<b>{esc(v)}</b></div>' for k, v in cards) + "</div>")
+    parts.append(card_row(cards))
     parts.append("<h2>Where they disagree</h2>")
     parts.append('<p class="muted">McNemar\'s exact test uses only the images exactly one model gets right: if the two '
                  "were equally accurate, each such image would be A's or B's with even odds.</p>")
@@ -247,17 +285,22 @@ def write_compare_page(path: str | Path, *, names: tuple[str, str], result: dict
 def write_audit_page(path: str | Path, result: dict, files: dict[str, Path]) -> Path:
     """audit.html: the figures, leakage per pair of splits, class balance, and the pairs side by side."""
     parts = [f"<h1>Audit of {esc(result['data'])}</h1>",
-             f'<p class="muted">{result["images"]:,} images ({", ".join(f"{k} {v:,}" for k, v in result["splits"].items())}) '
+             f'<p class="muted">{result["images"]:,} images '
+             f'({", ".join(f"{k} {v:,}" for k, v in result["splits"].items())}) '
              f'decoded at {esc("x".join(map(str, result["decoded_shape"])))} from {esc(result["source"])} · written '
              f'{datetime.now().strftime("%Y-%m-%d %H:%M")} by cnnkit {esc(__version__)}</p>']
-    cards = [("exact duplicate pairs", f'{result["exact_pairs"]:,}'), ("near duplicate pairs", f'{result["near_pairs"]:,}'),
-             ("pairs with different labels", f'{result["label_conflicts"]:,}'), ("unreadable files", f'{len(result["unreadable"]):,}')]
-    parts.append('<div class="cards">' + "".join(f'<div class="card">{esc(k)}<b>{esc(v)}</b></div>' for k, v in cards) + "</div>")
+    cards = [("exact duplicate pairs", f'{result["exact_pairs"]:,}'),
+             ("near duplicate pairs", f'{result["near_pairs"]:,}'),
+             ("pairs with different labels", f'{result["label_conflicts"]:,}'),
+             ("unreadable files", f'{len(result["unreadable"]):,}')]
+    parts.append(card_row(cards))
     parts.append("<h2>Leakage between splits</h2>")
     parts.append('<p class="muted">Images of a later split with an exact or near copy in an earlier one: each inflates '
                  "that split's accuracy.</p>")
-    parts.append(table(["splits", "images", "share"], [[k, v["images"], pct(v["share"])] for k, v in result["leakage"].items()]))
-    parts.append(f'<p class="muted">Method: exact = {esc(result["method"]["exact"])}; near = {esc(result["method"]["near"])}.</p>')
+    parts.append(table(["splits", "images", "share"],
+                       [[k, v["images"], pct(v["share"])] for k, v in result["leakage"].items()]))
+    parts.append(f'<p class="muted">Method: exact = {esc(result["method"]["exact"])}; '
+                 f'near = {esc(result["method"]["near"])}.</p>')
     if "pairs" in files:
         parts.append("<h2>Duplicate pairs</h2>")
         parts.append(image_tag(files["pairs"], "duplicate pairs side by side"))
@@ -269,8 +312,10 @@ def write_audit_page(path: str | Path, result: dict, files: dict[str, Path]) -> 
         f = result["file_facts"]
         parts.append("<h2>Files</h2>")
         parts.append(table(["size (most common)", "files"], [[k, v] for k, v in f["sizes"].items()]))
-        parts.append(f'<p>{f["distinct_sizes"]} distinct sizes; modes {esc(f["modes"])}; formats {esc(f["formats"])}.</p>')
+        parts.append(f'<p>{f["distinct_sizes"]} distinct sizes; modes {esc(f["modes"])}; '
+                     f'formats {esc(f["formats"])}.</p>')
     if result["unreadable"]:
         parts.append("<h2>Unreadable files</h2>")
-        parts.append(table(["file", "reason"], [[u["path"], u["reason"]] for u in result["unreadable"]], wrap_columns=(0, 1)))
+        parts.append(table(["file", "reason"], [[u["path"], u["reason"]] for u in result["unreadable"]],
+                           wrap_columns=(0, 1)))
     return write_page(path, f"Audit of {result['data']}", parts)

@@ -58,7 +58,8 @@ def conv_output(n: int, m: int, padding: str | int = 0, stride: int = 1) -> dict
     if before == after:
         formula = f"o = ⌊(n + 2p − m) / s⌋ + 1 = ⌊({n} + 2·{before} − {m}) / {stride}⌋ + 1 = {o}"
     else:
-        formula = (f"o = ⌊(n + p_before + p_after − m) / s⌋ + 1 = ⌊({n} + {before} + {after} − {m}) / {stride}⌋ + 1 = {o}")
+        formula = ("o = ⌊(n + p_before + p_after − m) / s⌋ + 1 = "
+                   f"⌊({n} + {before} + {after} − {m}) / {stride}⌋ + 1 = {o}")
     table = {mode: (n + sum(R.pad_amounts(n, m, mode, 1)) - m) + 1 for mode in ("valid", "same", "full")}
     return {"n": n, "m": m, "padding": padding, "pad_before": before, "pad_after": after, "stride": stride,
             "output_size": o, "formula": formula, "stride1_table": table}
@@ -149,7 +150,8 @@ def pool_steps(x: np.ndarray | None, n: int | None, size: int, stride: int | Non
         for j in range(out.shape[1]):
             window = x[i * stride:i * stride + size, j * stride:j * stride + size]
             steps.append({"i": i, "j": j, "window": window.tolist(), "value": float(out[i, j]),
-                          "text": f"out[{i},{j}] = {name}({', '.join(fmt(v) for v in window.ravel())}) = {fmt(out[i, j])}"})
+                          "text": f"out[{i},{j}] = {name}({', '.join(fmt(v) for v in window.ravel())}) "
+                                  f"= {fmt(out[i, j])}"})
     return {"kind": kind, "size": size, "stride": stride, "input": x.tolist(), "output": out.tolist(),
             "output_shape": list(out.shape), "steps": steps,
             "formula": f"o = ⌊(n − size) / s⌋ + 1 = ⌊({x.shape[0]} − {size}) / {stride}⌋ + 1 = {out.shape[0]}"}
@@ -187,7 +189,8 @@ def param_comparison(input_shape: tuple[int, int, int], filters: int, kernel: in
                      stride: int = 1) -> dict:
     """A conv layer's parameters against a fully connected layer with the same input and output sizes."""
     c, h, w = input_shape
-    oh, ow = conv_output(h, kernel, padding, stride)["output_size"], conv_output(w, kernel, padding, stride)["output_size"]
+    oh, ow = (conv_output(h, kernel, padding, stride)["output_size"],
+              conv_output(w, kernel, padding, stride)["output_size"])
     weights = filters * kernel * kernel * c
     inputs, outputs = c * h * w, filters * oh * ow
     dense_weights = inputs * outputs

@@ -19,7 +19,8 @@ def atomic_path(path: str | os.PathLike, before_replace=None) -> Iterator[Path]:
     without a file name (a full disk reported by write() or fsync()) is given `path`'s."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # same suffix: writers that check it (torch.export) accept it
+    # the same suffix: writers that check it (torch.export) accept the temporary name
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp
         with open(tmp, "rb") as f:  # data on disk before the rename makes it visible

@@ -6,12 +6,13 @@ from .common import print_json
 
 
 def add(sub) -> None:
-    p = sub.add_parser("audit", help="duplicates within and across splits, leakage, class balance, sizes, unreadable files",
+    p = sub.add_parser("audit",
+                        help="duplicates within and across splits, leakage, class balance, sizes, unreadable files",
                         description="Exact duplicates (same pixels) and near duplicates (resized, re-encoded or "
                                     "slightly cropped copies: cosine similarity of 32x32 grey thumbnails at or above "
                                     "--threshold), leakage per pair of splits, class balance, file sizes and modes, "
                                     "unreadable files. Writes audit.json, duplicates.csv, duplicates.png, audit.html.")
-    p.add_argument("data", help="mnist, fashion-mnist, cifar10, digits, or a folder")
+    p.add_argument("data", help="mnist, fashion-mnist, cifar10, digits, a folder, or a label file (.csv, .tsv, .jsonl)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--image-size", type=int, default=None, help="decode folders at this size (default 64)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None)
@@ -31,8 +32,8 @@ def run(args) -> int:
     if args.json:
         print_json(result, files)
         return 0
-    print(f"{result['data']}: {result['images']:,} images, {result['exact_pairs']:,} exact and {result['near_pairs']:,} "
-          f"near duplicate pairs ({result['label_conflicts']:,} with different labels), "
+    print(f"{result['data']}: {result['images']:,} images, {result['exact_pairs']:,} exact and "
+          f"{result['near_pairs']:,} near duplicate pairs ({result['label_conflicts']:,} with different labels), "
           f"{len(result['unreadable'])} unreadable file(s)")
     for name, leak in result["leakage"].items():
         print(f"  {name}: {leak['images']:,} images ({leak['share']:.2%}) have a copy")

@@ -68,4 +68,5 @@ def config_from_args(args):
         if why:  # chosen by looking at the folder: say what and why
             print(f"recipe fast for {data}: {why} ({path.name})", file=sys.stderr)
         base = {**TrainConfig.from_file(path).to_dict(), **base}
-    return TrainConfig.from_dict({**base, **given}, source=f"config file {args.config}" if args.config else "the flags"), given
+    return TrainConfig.from_dict({**base, **given},
+                                 source=f"config file {args.config}" if args.config else "the flags"), given

@@ -7,7 +7,7 @@ import json
 def add(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix, mistakes, calibration")
     p.add_argument("model", help="model file or run folder")
-    p.add_argument("--data", required=True, help="the dataset the model was trained on (name or folder)")
+    p.add_argument("--data", required=True, help="the dataset the model was trained on (name, folder or label file)")
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="output folder (default: RUN/evaluate-<split>)")
@@ -35,6 +35,8 @@ def run(args) -> int:
     for avg, v in metrics["averages"].items():
         print(f"{avg + ' avg':<{width}} {v['precision']:9.4f} {v['recall']:7.4f} {v['f1']:7.4f} {metrics['n']:8d}")
     if metrics["most_confused"]:
-        print("most confused: " + ", ".join(f"{m['true']}→{m['predicted']} ({m['count']})" for m in metrics["most_confused"][:5]))
-    print(f"report: {files['report']} (confusion matrix, misclassified gallery and reliability diagram in {files['report'].parent})")
+        print("most confused: " + ", ".join(f"{m['true']}→{m['predicted']} ({m['count']})"
+                                            for m in metrics["most_confused"][:5]))
+    print(f"report: {files['report']} (confusion matrix, misclassified gallery and reliability diagram in "
+          f"{files['report'].parent})")
     return 0

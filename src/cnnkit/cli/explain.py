@@ -26,5 +26,6 @@ def run(args) -> int:
     print(f"first-layer kernels {'x'.join(map(str, info['kernels_shape']))}: {info['files']['kernels']}")
     for layer in info["feature_maps"]:
         print(f"feature maps of {layer['name']} ({'x'.join(map(str, layer['shape']))}): {layer['file']}")
-    print(f"Grad-CAM on {info['gradcam_layer']['name']} for {', '.join(info['gradcam_classes'])}: {info['files']['gradcam']}")
+    print(f"Grad-CAM on {info['gradcam_layer']['name']} for {', '.join(info['gradcam_classes'])}: "
+          f"{info['files']['gradcam']}")
     return 0

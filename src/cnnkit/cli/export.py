@@ -35,5 +35,6 @@ def run(args) -> int:
               f"{'passed' if result['passed'] else 'FAILED'}")
     if not result["passed"]:
         raise CnnkitError(f"the export disagrees with PyTorch (agreement {result['agreement']:.2%}, difference "
-                          f"{result['max_abs_diff']:.2e}); {result['out']} is kept for inspection, but do not deploy it")
+                          f"{result['max_abs_diff']:.2e}); {result['out']} is kept for inspection, "
+                          "but do not deploy it")
     return 0

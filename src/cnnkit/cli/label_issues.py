@@ -36,8 +36,8 @@ def run(args) -> int:
     if args.json:
         print_json(summary, files)
         return 0
-    print(f"{summary['flagged']:,} of {summary['train_images']:,} training labels of {summary['data']} are likely wrong "
-          f"(out-of-fold accuracy {summary['out_of_fold_accuracy']:.2%}); ranked in {files['csv']}, "
+    print(f"{summary['flagged']:,} of {summary['train_images']:,} training labels of {summary['data']} are likely "
+          f"wrong (out-of-fold accuracy {summary['out_of_fold_accuracy']:.2%}); ranked in {files['csv']}, "
           f"the first {min(summary['flagged'], 48)} drawn in {files['gallery']}")
     if "retrain" in summary:
         r = summary["retrain"]

@@ -88,7 +88,8 @@ def row(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
 def table(parser: argparse.ArgumentParser) -> str:
     """Positional arguments first, then the options, in --help's order; subcommands are left to their own
     tables."""
-    actions = [a for a in parser._actions if not isinstance(a, argparse._SubParsersAction) and a.help is not argparse.SUPPRESS]
+    actions = [a for a in parser._actions
+               if not isinstance(a, argparse._SubParsersAction) and a.help is not argparse.SUPPRESS]
     ordered = [a for a in actions if not a.option_strings] + [a for a in actions if a.option_strings]
     lines = ["| option | value | default | meaning |", "|---|---|---|---|"]
     return "\n".join(lines + [row(parser, a) for a in ordered])

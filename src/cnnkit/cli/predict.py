@@ -49,8 +49,8 @@ def run(args) -> int:
         else:
             header = ["path"] + [f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")] + ["error"]
             write_csv(out, header, [[r["path"], *[v for lab, p in zip(r.get("labels", []), r.get("probabilities", []))
-                                                  for v in (lab, f"{p:.6f}")], *([""] * 2 * (k - len(r.get("labels", [])))),
-                                     r.get("error", "")] for r in rows])
+                                                  for v in (lab, f"{p:.6f}")],
+                                     *([""] * 2 * (k - len(r.get("labels", [])))), r.get("error", "")] for r in rows])
         # With --out the rows are in the file: the terminal gets one line (or the JSON summary).
         summary = {**info, "out": str(out), "images_per_second": info["files"] / max(info["seconds"], 1e-9)}
         if args.json:

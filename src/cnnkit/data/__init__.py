@@ -5,6 +5,7 @@ is no per-sample Python in the training loop. `load_dataset` is the one entry po
 
     ds = load_dataset("mnist")            # by name: mnist, fashion-mnist, cifar10, digits
     ds = load_dataset("path/to/folder")   # DIR/<class>/* or DIR/{train,val,test}/<class>/*
+    ds = load_dataset("labels.csv")       # a label file: image paths, classes, maybe splits (labelfile.py)
     ds.train.images  # (N, C, H, W) uint8      ds.train.labels  # (N,) int64
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from ..errors import CnnkitError
 from .core import (BUILTIN, FLIP_CHANGES_CLASS, Dataset, Split, carve, convert_images,  # noqa: F401
                    hflip_keeps_class, is_builtin, stratified_split)
+from .labelfile import LABEL_FILE_SUFFIXES, Columns, is_label_file, read_label_file
 
 
 def load_dataset(
@@ -28,13 +30,15 @@ def load_dataset(
     test_split: float = 0.2,
     seed: int = 0,
     quiet: bool = False,
+    columns: Columns | None = None,
 ) -> Dataset:
     """Load a dataset by name or folder path into uint8 tensors with train/val/test splits.
 
     val_split: fraction of the training data held out for validation when the data has no val split.
     test_split: fraction held out for testing when the data has no split at all (digits, flat folders).
     image_size / channels: resize to image_size x image_size and convert to 1 or 3 channels
-    (default: the dataset's own; folders default to 64 px and 3 channels).
+    (default: the dataset's own; folders and label files default to 64 px and 3 channels).
+    columns: a label file's columns (None: found by name).
     """
     from . import builtin, folder
 
@@ -51,17 +55,12 @@ def load_dataset(
     elif Path(key).is_dir():
         ds = folder.load(Path(key), image_size=image_size or 64, channels=channels or 3,
                          test_split=test_split, seed=seed, quiet=quiet)
-    elif Path(key).exists():
-        raise CnnkitError(f"--data {key} is a file: give a folder of images (DIR/<class>/*) or a dataset name")
-    elif os.path.islink(key):
-        raise CnnkitError(f"--data {key} is a symbolic link to nothing ({os.readlink(key)}), or a loop of links: fix the link")
-    elif os.sep in key or key.startswith((".", "~")):  # meant as a path, not a name
-        raise CnnkitError(f"no such folder: {key} (--data takes a folder of images or one of {', '.join(BUILTIN)})")
+    elif Path(key).is_file() and is_label_file(key):
+        listing = read_label_file(key, columns or Columns())
+        ds = folder.load_listed(listing.files, listing.class_names, listing.unreadable, Path(key).stem, key,
+                                image_size or 64, channels or 3, test_split, seed, quiet)
     else:
-        raise CnnkitError(
-            f"unknown dataset '{key}': use one of {', '.join(BUILTIN)} or a folder of images "
-            "(DIR/<class>/* or DIR/{train,val,test}/<class>/*)"
-        )
+        raise CnnkitError(not_a_dataset(key))
     if ds.val is None:  # carve validation out of training, stratified and seeded
         if val_split == 0:
             raise CnnkitError(f"{ds.name} has no validation split: use --val-split > 0")
@@ -71,3 +70,16 @@ def load_dataset(
     if ds.num_classes < 2:
         raise CnnkitError(f"{ds.name} has {ds.num_classes} class: a classifier needs at least two")
     return ds
+
+
+def not_a_dataset(key: str) -> str:
+    """Why --data KEY names no dataset, in one line."""
+    if Path(key).exists():
+        return (f"--data {key} is a file: give a folder of images (DIR/<class>/*), a label file "
+                f"({', '.join(LABEL_FILE_SUFFIXES)}) or a dataset name")
+    if os.path.islink(key):
+        return f"--data {key} is a symbolic link to nothing ({os.readlink(key)}), or a loop of links: fix the link"
+    if os.sep in key or key.startswith((".", "~")):  # meant as a path, not a name
+        return f"no such folder: {key} (--data takes a folder of images or one of {', '.join(BUILTIN)})"
+    return (f"unknown dataset '{key}': use one of {', '.join(BUILTIN)} or a folder of images "
+            "(DIR/<class>/* or DIR/{train,val,test}/<class>/*)")

@@ -32,20 +32,28 @@ class Remote:
 
 MNIST_URLS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
 MNIST_FILES = {
-    "train_images": Remote("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873", "6bbc9ace898e44ae57da46a324031adb"),
-    "train_labels": Remote("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432", "a25bea736e30d166cdddb491f175f624"),
-    "test_images": Remote("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
-    "test_labels": Remote("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637"),
+    "train_images": Remote("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                           "6bbc9ace898e44ae57da46a324031adb"),
+    "train_labels": Remote("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432",
+                           "a25bea736e30d166cdddb491f175f624"),
+    "test_images": Remote("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3",
+                          "2646ac647ad5339dbf082846283269ea"),
+    "test_labels": Remote("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c",
+                          "27ae3e4e09519cfbb04c329615203637"),
 }
 FASHION_URLS = ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"]
 # Archive md5s as Zalando publishes them (github.com/zalandoresearch/fashion-mnist); content md5s
 # measured on a re-compressed copy whose pixel mean/std (0.2860/0.3530), class counts and first
 # test labels match the published ones (issue 10).
 FASHION_FILES = {
-    "train_images": Remote("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
-    "train_labels": Remote("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe", "9018921c3c673c538a1fc5bad174d6f9"),
-    "test_images": Remote("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
-    "test_labels": Remote("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965"),
+    "train_images": Remote("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                           "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+    "train_labels": Remote("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe",
+                           "9018921c3c673c538a1fc5bad174d6f9"),
+    "test_images": Remote("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79",
+                          "8181f5470baa50b63fa0f6fddb340f0a"),
+    "test_labels": Remote("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310",
+                          "15d484375f8d13e6eb1aabb0c3f46965"),
 }
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -145,7 +153,8 @@ def load_idx_pair(name: str, files: dict[str, Remote], urls: list[str], class_na
     for split in ("train", "test"):
         images, labels = tensors[f"{split}_images"], tensors[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise CnnkitError(f"{name} {split} images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match")
+            raise CnnkitError(f"{name} {split} images {tuple(images.shape)} and labels {tuple(labels.shape)} "
+                              "do not match")
         splits[split] = Split(images.unsqueeze(1), labels.to(torch.int64))  # (N, 1, 28, 28) uint8, (N,)
     return Dataset(name, class_names, splits["train"], None, splits["test"], source=str(paths["test_labels"].parent))
 
@@ -177,8 +186,8 @@ def load_cifar10(data_dir, allow_download: bool, quiet: bool) -> Dataset:
             try:
                 download([CIFAR_URL], archive, lambda p: verify(p, CIFAR_ARCHIVE.archive_md5), quiet=quiet)
             except CnnkitError as e:
-                raise CnnkitError(f"CIFAR-10 not found in {', '.join(map(str, looked))} and {e}; with no "
-                                  f"network, put cifar-10-binary.tar.gz in {archive.parent} or pass --data-dir") from None
+                raise CnnkitError(f"CIFAR-10 not found in {', '.join(map(str, looked))} and {e}; with no network, "
+                                  f"put cifar-10-binary.tar.gz in {archive.parent} or pass --data-dir") from None
         verify(archive, CIFAR_ARCHIVE.archive_md5)
         with tarfile.open(archive, "r:gz") as tar:  # plain byte files; the 'data' filter refuses links
             tar.extractall(archive.parent, filter="data")

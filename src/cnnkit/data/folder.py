@@ -16,13 +16,13 @@ import fcntl
 import hashlib
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..decode import decode_image, die_with_parent
+from ..decode import decoded_chunks
 from ..errors import CnnkitError
 from ..utils import progress, write_text_atomic
 from .core import Dataset, DiskImages, Split, carve
@@ -30,18 +30,6 @@ from .download import cache_dir
 
 SPLIT_NAMES = ("train", "val", "test")
 CACHE_VERSION = 2  # bump when decoding or the cache layout changes, so old caches are not reused
-PARALLEL_FROM_FILES = 2000  # below this, a process pool costs more than it saves
-
-
-def decode_many(args: tuple[list[str], int, int]) -> list[tuple[np.ndarray | None, str]]:
-    paths, size, channels = args
-    out = []
-    for p in paths:
-        try:
-            out.append((decode_image(p, size, channels), ""))
-        except Exception as e:  # any decoder failure means "skip this file and say why"
-            out.append((None, f"{type(e).__name__}: {e}".splitlines()[0][:200]))
-    return out
 
 
 def unreadable(path: str) -> str | None:
@@ -136,17 +124,18 @@ def build_cache(entries: list[tuple[str, str, str]], raw: Path, size: int, chann
             done, rows, skipped = 0, 0, []
     if done and not quiet:
         print(f"resuming the decoding of {len(entries)} files at file {done + 1}", flush=True)
-    chunk = 256
-    jobs = [([p for _, p, _ in entries[i:i + chunk]], size, channels) for i in range(done, len(entries), chunk)]
     bar = progress(len(entries), "decode images", unit="img", disable=quiet)
     bar.update(done)
     workers = min(os.cpu_count() or 1, 8)
-    parallel = len(entries) - done >= PARALLEL_FROM_FILES and workers > 1
-    with open(partial, "r+b" if done else "wb") as out, \
-            (ProcessPoolExecutor(workers, initializer=die_with_parent) if parallel else _Serial()) as pool:
+    # check_file=False: the files were listed and stat'ed just now, so a file's reason for being skipped
+    # is the decoder's. start_method=None: the platform's default, as this cache has always used (fork
+    # on Linux; spawn on macOS, where forking a process that has loaded torch is not safe).
+    chunks = decoded_chunks([p for _, p, _ in entries[done:]], size, channels, workers, start_method=None,
+                            check_file=False)
+    with open(partial, "r+b" if done else "wb") as out, closing(chunks):
         out.truncate(rows * row_bytes)
         out.seek(rows * row_bytes)
-        for results in pool.map(decode_many, jobs):
+        for _, results in chunks:
             for (arr, err), path in zip(results, entries[done:done + len(results)]):
                 if arr is None:
                     skipped.append([path[1], err])
@@ -169,19 +158,6 @@ def build_cache(entries: list[tuple[str, str, str]], raw: Path, size: int, chann
     return meta
 
 
-class _Serial:
-    """ProcessPoolExecutor's map in this process: a small folder is not worth the pool's start-up."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, jobs):
-        return map(fn, jobs)
-
-
 def read_cache_meta(raw: Path, size: int, channels: int) -> dict | None:
     """The metadata of a complete cache file, or None (missing, old, or damaged: rebuilt, never trusted)."""
     try:
@@ -198,6 +174,15 @@ def load(root: Path, image_size: int, channels: int, test_split: float, seed: in
     if empty and not quiet:  # a class folder without images is no class: say so rather than drop it silently
         print(f"note: {len(empty)} class folder(s) hold no images: {', '.join(empty[:5])}"
               f"{' ...' if len(empty) > 5 else ''} (a class is learned only from images in its folder)", flush=True)
+    return load_listed(files, class_names, unreadable_files, root.name, str(root), image_size, channels, test_split,
+                       seed, quiet)
+
+
+def load_listed(files: dict[str, list[tuple[str, str]]], class_names: list[str],
+                unreadable_files: list[tuple[str, str]], name: str, source: str, image_size: int, channels: int,
+                test_split: float, seed: int, quiet: bool) -> Dataset:
+    """A dataset from a listing {split ('all': none given): [(path, class name)]}, a folder's
+    (list_files) or a label file's (labelfile.read_label_file): decoded once into the disk cache."""
     class_index = {c: i for i, c in enumerate(class_names)}
     key = cache_key(files, image_size, channels)
     raw = cache_dir() / "folders" / f"{key}.u8"
@@ -230,13 +215,14 @@ def load(root: Path, image_size: int, channels: int, test_split: float, seed: in
     skipped = [(p, r) for p, r in meta["skipped"]] + unreadable_files
     train_key = "all" if "all" in splits else "train"
     if len(splits[train_key]) == 0:
-        raise CnnkitError(f"{root}: none of the {len(files[train_key])} training files could be decoded "
+        raise CnnkitError(f"{source}: none of the {len(files[train_key])} training files could be decoded "
                           f"(first error: {skipped[0][1] if skipped else '?'})")
     if "all" in splits:  # no split folders: seeded stratified test split, validation carved later
         train, test = carve(splits["all"], test_split or 0.2, seed)
         splits = {"train": train, "test": test}
     present = sorted(set(splits["train"].labels.tolist()))
     if len(present) < 2:
-        raise CnnkitError(f"{root} has images of only one class ({class_names[present[0]]}): a classifier needs at least two")
-    return Dataset(root.name, class_names, splits["train"], splits.get("val"), splits.get("test"),
-                   test_source="test", skipped=skipped, source=str(root))
+        raise CnnkitError(f"{source} has images of only one class ({class_names[present[0]]}): "
+                          "a classifier needs at least two")
+    return Dataset(name, class_names, splits["train"], splits.get("val"), splits.get("test"),
+                   test_source="test", skipped=skipped, source=source)

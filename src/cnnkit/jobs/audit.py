@@ -12,8 +12,9 @@ from ..utils import write_csv, write_text_atomic
 PAIRS_DRAWN = 40
 
 
-def audit_to_folder(data: str, out: str | Path | None = None, data_dir: str | None = None, image_size: int | None = None,
-                    channels: int | None = None, threshold: float | None = None) -> tuple[dict, dict[str, Path]]:
+def audit_to_folder(data: str, out: str | Path | None = None, data_dir: str | None = None,
+                    image_size: int | None = None, channels: int | None = None,
+                    threshold: float | None = None) -> tuple[dict, dict[str, Path]]:
     """`cnnkit audit`: audit.json, duplicates.csv and audit.html (with the pairs drawn) in `out`."""
     from ..audit import NEAR_THRESHOLD, audit
     from ..data import load_dataset
@@ -37,6 +38,7 @@ def audit_to_folder(data: str, out: str | Path | None = None, data_dir: str | No
                     + ("" if p["label_a"] == p["label_b"] else f" ({p['label_a']}/{p['label_b']})") for p in shown]
         files["pairs"] = plot_pairs(first, second, captions, out / "duplicates.png")
     summary = {k: v for k, v in result.items() if k != "pairs"}
-    write_text_atomic(files["json"], json.dumps({**summary, "pairs": [{k: p[k] for k in keys} for p in pairs]}, indent=2))
+    write_text_atomic(files["json"],
+                      json.dumps({**summary, "pairs": [{k: p[k] for k in keys} for p in pairs]}, indent=2))
     files["report"] = write_audit_page(out / "audit.html", result, files)
     return {**summary, "out": str(out)}, files

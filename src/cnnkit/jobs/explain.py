@@ -43,7 +43,8 @@ def explain_to_folder(model: nn.Module, info: ModelInfo, image_path: str | Path,
     except FileNotFoundError:
         raise CnnkitError(f"no such image file: {image_path}") from None
     except Exception as e:  # any decoder failure: the user's file, not our bug
-        raise CnnkitError(f"cannot read {image_path} as an image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CnnkitError(f"cannot read {image_path} as an image "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     result = explain_image(model.eval(), Preprocess.from_info(info), image, class_index, info.temperature)
     out = Path(out)
     probs = result["probabilities"]
@@ -59,7 +60,8 @@ def explain_to_folder(model: nn.Module, info: ModelInfo, image_path: str | Path,
     files["gradcam"] = plot_gradcam(image, heat, out / "gradcam.png")
     site = result["gradcam_site"]
     record = {"image": str(image_path), "predicted": predicted, "probability": float(probs[result["predicted"]]),
-            "top": [{"label": names[i], "probability": float(p)} for p, i in zip(top.values.tolist(), top.indices.tolist())],
+            "top": [{"label": names[i], "probability": float(p)}
+                    for p, i in zip(top.values.tolist(), top.indices.tolist())],
             "gradcam_classes": [names[c] for c in result["heatmaps"]],
             "gradcam_layer": {"name": site.name, "shape": list(site.shape)},
             "kernels_shape": list(result["kernels"].shape), "feature_maps": layers,

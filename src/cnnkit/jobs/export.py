@@ -31,7 +31,8 @@ def export_with_proof(model_path: str | Path, fmt: str, out: str | Path | None =
     else:
         data = info.data_name
         if not data:
-            raise CnnkitError("the model file does not name its dataset: give image files with --images to check the export")
+            raise CnnkitError("the model file does not name its dataset: "
+                              "give image files with --images to check the export")
         try:
             split, _ = load_split_for(info, data, "val")
         except CnnkitError as e:

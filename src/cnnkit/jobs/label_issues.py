@@ -109,7 +109,8 @@ def label_issues(cfg: TrainConfig, folds: int = 3, retrain: bool = False, out: s
     gallery = [{"index": int(i), "true": f"given {names[labels[i]]}", "predicted": names[found["suggested"][i]],
                 "probability": float(probs[i].max())} for i in top]
     images = ds.train.images[torch.as_tensor(top, dtype=torch.long)] if top else ds.train.images[:0]
-    files["gallery"] = plot_misclassified(images, [{**g, "index": k} for k, g in enumerate(gallery)], out / "label_issues.png")
+    files["gallery"] = plot_misclassified(images, [{**g, "index": k} for k, g in enumerate(gallery)],
+                                          out / "label_issues.png")
     summary = {"data": ds.name, "model": cfg.model, "folds": folds, "train_images": len(labels),
                "flagged": int(found["flagged"].sum()), "out": str(out),
                "out_of_fold_accuracy": float((found["suggested"] == labels).mean()),

@@ -9,47 +9,16 @@ Two things make it fast, each measured (benchmarks/inference/predict_speed.py, b
 from __future__ import annotations
 
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .. import runtimes
-from ..decode import decode_files, die_with_parent, expand_paths
+from ..decode import decoded_chunks, expand_paths
 from ..errors import CnnkitError
 from ..modelfile import read_info, resolve_model_path
 from ..runtimes import choose_runtime, cpu_count
-
-CHUNK_FILES = 256  # files per decoding task: large enough that a task's overhead (pickling ~3 MB back) is small
-PARALLEL_FROM_FILES = 512  # below this a process pool's start-up costs more than it saves
-
-
-def decoded_chunks(files: list[str], size: int, channels: int, workers: int):
-    """Yield (paths, [(array or None, error)]) in order; decoding runs ahead in a process pool,
-    at most 2 chunks per worker in flight, so memory stays bounded for any number of files."""
-    chunks = [files[i:i + CHUNK_FILES] for i in range(0, len(files), CHUNK_FILES)]
-    if workers <= 1 or len(files) < PARALLEL_FROM_FILES:
-        for chunk in chunks:
-            yield chunk, decode_files((chunk, size, channels))
-        return
-    # fork: workers start in milliseconds and need nothing the parent has not imported (no torch)
-    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=die_with_parent) as pool:
-        pending: deque = deque()
-        todo = iter(chunks)
-        for chunk in todo:
-            pending.append((chunk, pool.submit(decode_files, (chunk, size, channels))))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            chunk, future = pending.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(decode_files, (nxt, size, channels))))
-            yield chunk, future.result()
-
 
 def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confidence: float | None = None,
                   tta: bool = False, runtime: str = "auto", workers: int | None = None,

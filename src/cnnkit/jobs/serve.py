@@ -1,4 +1,4 @@
-"""`cnnkit serve`: the server (serve.py) on uvicorn, after its options are checked."""
+"""`cnnkit serve`: the server (the serve package) on uvicorn, after its options are checked."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""`cnnkit train`: resolve the run folder -> train (training.py) -> finish: calibrate on validation,
+"""`cnnkit train`: resolve the run folder -> train (the training package) -> finish: calibrate on validation,
 test, write the model file and metrics -> report (report_folder.py)."""
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def train_in(world: World, cfg: TrainConfig | None, resume: str | Path | None, *
         run.write_config(cfg)
         ds, result = train_svm(cfg, run, quiet)
     else:
-        ds, model = load_data_and_model(cfg, quiet or not world.primary)  # before the run folder exists: a bad --data or --model leaves nothing
+        # before the run folder exists: a bad --data or --model leaves nothing
+        ds, model = load_data_and_model(cfg, quiet or not world.primary)
         if images is not None:
             ds = first_images(ds, images)
         run.create()

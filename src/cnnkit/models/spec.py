@@ -31,6 +31,7 @@ from .layers import ACTIVATIONS, Conv, Dense, GlobalPool, Pool, output_size, res
 
 LAYER_TYPES = ("conv", "maxpool", "avgpool", "l2pool", "globalavgpool", "globalmaxpool",
                "batchnorm", "dropout", "flatten", "dense", "activation")
+SPATIAL = ("conv", "maxpool", "avgpool", "l2pool", "globalavgpool", "globalmaxpool")  # need a (C, H, W) input
 # The parameter a bare value stands for: `maxpool: 2` means size 2, `dropout: 0.5` rate 0.5.
 SHORTHAND = {"conv": "filters", "maxpool": "size", "avgpool": "size", "l2pool": "size",
              "dropout": "rate", "dense": "units", "activation": "function"}
@@ -49,7 +50,8 @@ def read_spec(path: str | Path) -> dict:
     except (OSError, yaml.YAMLError, UnicodeError) as e:
         raise CnnkitError(f"cannot read model spec {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("layers"), list) or not spec["layers"]:
-        raise CnnkitError(f"{path} is not a model spec: it needs a 'layers:' list (see `cnnkit summary seed-mnist-keras`)")
+        raise CnnkitError(f"{path} is not a model spec: it needs a 'layers:' list "
+                          "(see `cnnkit summary seed-mnist-keras`)")
     spec.setdefault("name", Path(path).stem)
     return spec
 
@@ -73,7 +75,8 @@ def normalize_layer(entry: Any, index: int) -> dict:
                 raise CnnkitError(f"layer {index + 1} ({kind}) takes no value")
             params = {SHORTHAND[kind]: params}
     else:
-        raise CnnkitError(f"layer {index + 1}: cannot read {entry!r}; write e.g. 'flatten' or {{conv: {{filters: 32}}}}")
+        raise CnnkitError(f"layer {index + 1}: cannot read {entry!r}; "
+                          "write e.g. 'flatten' or {conv: {filters: 32}}")
     kind = str(kind).lower()
     if kind not in LAYER_TYPES:
         raise CnnkitError(f"layer {index + 1}: unknown layer type '{kind}' (known: {', '.join(LAYER_TYPES)})")
@@ -131,75 +134,99 @@ def build_layers(spec: dict, input_shape: tuple[int, int, int], num_classes: int
     for i, layer in enumerate(entries):
         kind = layer["type"]
         where = f"layer {i + 1} ({kind}) on input {fmt_shape(shape)}"
-        if kind in ("conv", "maxpool", "avgpool", "l2pool", "globalavgpool", "globalmaxpool") and len(shape) != 3:
+        if kind in SPATIAL and len(shape) != 3:
             raise CnnkitError(f"{where}: needs a (channels, height, width) input, but the data is already flat")
-        if kind == "conv":
-            filters, k = _int(layer, "filters", None, i), _int(layer, "kernel", 3, i)
-            s, pad = _int(layer, "stride", 1, i), layer.get("padding", "valid")
-            act = _activation(layer.get("activation", "relu"), where)
-            if not (pad in ("valid", "same", "full") or (isinstance(pad, int) and pad >= 0)):
-                raise CnnkitError(f"{where}: padding must be valid, same, full or a number, not {pad!r}")
-            ph, pw = resolve_padding(pad, k, s, shape[1]), resolve_padding(pad, k, s, shape[2])
-            h, w = output_size(shape[1], k, *ph, s), output_size(shape[2], k, *pw, s)
-            if h < 1 or w < 1:
-                raise CnnkitError(f"{where}: a {k}x{k} kernel with padding {pad} does not fit; "
-                                  "use a larger --image-size or padding same")
-            modules.append(Conv(shape[0], filters, k, s, ph, pw, act))
-            descriptions.append(f"conv {filters} {k}x{k} stride {s} pad {pad} {act}")
-            shape = (filters, h, w)
-        elif kind in ("maxpool", "avgpool", "l2pool"):
-            size = _int(layer, "size", 2, i)
-            s, pad = _int(layer, "stride", size, i), layer.get("padding", "valid")
-            if pad not in ("valid", "same"):
-                raise CnnkitError(f"{where}: pooling padding must be valid or same, not {pad!r}")
-            ph, pw = resolve_padding(pad, size, s, shape[1]), resolve_padding(pad, size, s, shape[2])
-            h, w = output_size(shape[1], size, *ph, s), output_size(shape[2], size, *pw, s)
-            if h < 1 or w < 1:
-                raise CnnkitError(f"{where}: a {size}x{size} window does not fit; use a larger --image-size")
-            modules.append(Pool(kind[:-4], size, s, ph, pw))
-            descriptions.append(f"{kind} {size}x{size} stride {s}" + (" same" if pad == "same" else ""))
-            shape = (shape[0], h, w)
-        elif kind in ("globalavgpool", "globalmaxpool"):
-            modules.append(GlobalPool(kind[6:9]))
-            descriptions.append(kind)
-            shape = (shape[0],)
-        elif kind == "batchnorm":
-            modules.append(nn.BatchNorm2d(shape[0]) if len(shape) == 3 else nn.BatchNorm1d(shape[0]))
-            descriptions.append("batchnorm")
-        elif kind == "dropout":
-            rate = layer.get("rate", 0.5)
-            if not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-                raise CnnkitError(f"{where}: dropout rate must be in [0, 1), not {rate!r}")
-            modules.append(nn.Dropout(rate))
-            descriptions.append(f"dropout {rate}")
-        elif kind == "activation":
-            # softmax belongs at the edges (the loss, predict), not between layers
-            act = _activation(layer.get("function", "relu"), where, known=("relu", "sigmoid", "tanh", "none"))
-            modules.append(ACTIVATIONS[act]())
-            descriptions.append(act)
-        elif kind == "flatten":
-            modules.append(nn.Flatten())
-            descriptions.append("flatten")
-            shape = (int(_prod(shape)),)
-        elif kind == "dense":
-            if len(shape) != 1:
-                raise CnnkitError(f"{where}: dense needs a flat input; add 'flatten' or 'globalavgpool' before it")
-            units = layer.get("units", "num_classes")
-            units = num_classes if units in ("num_classes", "classes") else units
-            if not isinstance(units, int) or units < 1:
-                raise CnnkitError(f"{where}: units must be a positive number or num_classes, not {units!r}")
-            act = _activation(layer.get("activation", "none" if i == last_dense else "relu"), where)
-            if i == len(entries) - 1 and act == "softmax":
-                # Models return logits: the loss (and predict) apply softmax at the edges.
-                act = "none"
-            modules.append(Dense(shape[0], units, act))
-            descriptions.append(f"dense {units} {act}")
-            shape = (units,)
+        if kind == "dense":
+            module, description, shape = _dense(layer, i, shape, where, num_classes,
+                                                last_dense=i == last_dense, last=i == len(entries) - 1)
+        else:
+            module, description, shape = LAYER_BUILDERS[kind](layer, i, shape, where)
+        modules.append(module)
+        descriptions.append(description)
         shapes.append(shape)
     if shape != (num_classes,):
         raise CnnkitError(f"the last layer gives {fmt_shape(shape)} outputs but the data has {num_classes} "
                           "classes: end the spec with `dense: {units: num_classes}`")
     return modules, descriptions, shapes
+
+
+# One builder per layer type: (layer, index, input shape, where) -> (module, description, output shape).
+# `where` names the layer and its input shape for error messages.
+
+
+def _conv(layer: dict, i: int, shape: tuple[int, ...], where: str):
+    filters, k = _int(layer, "filters", None, i), _int(layer, "kernel", 3, i)
+    s, pad = _int(layer, "stride", 1, i), layer.get("padding", "valid")
+    act = _activation(layer.get("activation", "relu"), where)
+    if not (pad in ("valid", "same", "full") or (isinstance(pad, int) and pad >= 0)):
+        raise CnnkitError(f"{where}: padding must be valid, same, full or a number, not {pad!r}")
+    ph, pw = resolve_padding(pad, k, s, shape[1]), resolve_padding(pad, k, s, shape[2])
+    h, w = output_size(shape[1], k, *ph, s), output_size(shape[2], k, *pw, s)
+    if h < 1 or w < 1:
+        raise CnnkitError(f"{where}: a {k}x{k} kernel with padding {pad} does not fit; "
+                          "use a larger --image-size or padding same")
+    description = f"conv {filters} {k}x{k} stride {s} pad {pad} {act}"
+    return Conv(shape[0], filters, k, s, ph, pw, act), description, (filters, h, w)
+
+
+def _pool(layer: dict, i: int, shape: tuple[int, ...], where: str):
+    kind = layer["type"]
+    size = _int(layer, "size", 2, i)
+    s, pad = _int(layer, "stride", size, i), layer.get("padding", "valid")
+    if pad not in ("valid", "same"):
+        raise CnnkitError(f"{where}: pooling padding must be valid or same, not {pad!r}")
+    ph, pw = resolve_padding(pad, size, s, shape[1]), resolve_padding(pad, size, s, shape[2])
+    h, w = output_size(shape[1], size, *ph, s), output_size(shape[2], size, *pw, s)
+    if h < 1 or w < 1:
+        raise CnnkitError(f"{where}: a {size}x{size} window does not fit; use a larger --image-size")
+    description = f"{kind} {size}x{size} stride {s}" + (" same" if pad == "same" else "")
+    return Pool(kind[:-4], size, s, ph, pw), description, (shape[0], h, w)
+
+
+def _global_pool(layer: dict, i: int, shape: tuple[int, ...], where: str):
+    return GlobalPool(layer["type"][6:9]), layer["type"], (shape[0],)
+
+
+def _batchnorm(layer: dict, i: int, shape: tuple[int, ...], where: str):
+    return (nn.BatchNorm2d(shape[0]) if len(shape) == 3 else nn.BatchNorm1d(shape[0])), "batchnorm", shape
+
+
+def _dropout(layer: dict, i: int, shape: tuple[int, ...], where: str):
+    rate = layer.get("rate", 0.5)
+    if not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise CnnkitError(f"{where}: dropout rate must be in [0, 1), not {rate!r}")
+    return nn.Dropout(rate), f"dropout {rate}", shape
+
+
+def _activation_layer(layer: dict, i: int, shape: tuple[int, ...], where: str):
+    # softmax belongs at the edges (the loss, predict), not between layers
+    act = _activation(layer.get("function", "relu"), where, known=("relu", "sigmoid", "tanh", "none"))
+    return ACTIVATIONS[act](), act, shape
+
+
+def _flatten(layer: dict, i: int, shape: tuple[int, ...], where: str):
+    return nn.Flatten(), "flatten", (int(_prod(shape)),)
+
+
+def _dense(layer: dict, i: int, shape: tuple[int, ...], where: str, num_classes: int, *, last_dense: bool,
+           last: bool):
+    """last_dense: the spec's last dense layer (no activation by default); last: the spec's last layer."""
+    if len(shape) != 1:
+        raise CnnkitError(f"{where}: dense needs a flat input; add 'flatten' or 'globalavgpool' before it")
+    units = layer.get("units", "num_classes")
+    units = num_classes if units in ("num_classes", "classes") else units
+    if not isinstance(units, int) or units < 1:
+        raise CnnkitError(f"{where}: units must be a positive number or num_classes, not {units!r}")
+    act = _activation(layer.get("activation", "none" if last_dense else "relu"), where)
+    if last and act == "softmax":
+        # Models return logits: the loss (and predict) apply softmax at the edges.
+        act = "none"
+    return Dense(shape[0], units, act), f"dense {units} {act}", (units,)
+
+
+LAYER_BUILDERS = {"conv": _conv, "maxpool": _pool, "avgpool": _pool, "l2pool": _pool,
+                  "globalavgpool": _global_pool, "globalmaxpool": _global_pool, "batchnorm": _batchnorm,
+                  "dropout": _dropout, "activation": _activation_layer, "flatten": _flatten}  # dense: _dense
 
 
 def _prod(shape) -> int:

@@ -65,7 +65,8 @@ class SpeedrunNet(Classifier):
         self.whiten = nn.Conv2d(in_channels, whiten_width, 2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)  # set by init_from_data, never trained
         self.features = nn.Sequential(nn.GELU(), conv_group(whiten_width, w1), conv_group(w1, w2), conv_group(w2, w3))
-        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())  # 3x3 -> 1 on 32x32 input, as airbench's MaxPool2d(3)
+        # 3x3 -> 1 on 32x32 input, as airbench's MaxPool2d(3)
+        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
         self.linear = nn.Linear(w3, num_classes, bias=False)
 
     @property

@@ -1,4 +1,4 @@
-"""Registry entries for the classic architectures (plain nn.Modules in classic.py)."""
+"""Registry entries for the classic architectures (plain nn.Modules in the classic/ package)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

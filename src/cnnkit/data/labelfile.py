@@ -1,0 +1,186 @@
+"""Label files: a CSV, TSV or JSON Lines file that names each image and its class, where the
+images are not kept in one folder per class.
+
+    path,label,split              one row per image; paths relative to the label file's folder, or
+    ants/0013035.jpg,ants,train   absolute; the split column (train / val / test) is optional:
+    bees/1092977343_cb42b38d62.jpg,bees,val     without one, the splits are drawn as for a flat folder
+
+The columns are found by name (PATH_COLUMNS, LABEL_COLUMNS, SPLIT_COLUMNS, any case) unless named
+by --path-column / --label-column / --split-column; an ambiguous or missing column gets a message
+saying which flag settles it. Rows are checked before anything is decoded: a missing file, a
+duplicate image, an empty path or label, an unknown split name or a row with the wrong number of
+fields stops with one line naming the first bad row (and how many more there are). Files that exist
+but cannot be decoded are skipped and listed, as in folders.
+
+The rows are sorted by (split, class, path) before decoding, so a label file and the folder it
+describes give the same dataset: the same classes, splits and, seeded, the same trained weights.
+Read with the standard library's csv and json modules: a 60,000-row file reads in a fraction of a
+second, so pandas would add a large dependency for nothing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CnnkitError
+
+LABEL_FILE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+PATH_COLUMNS = ("path", "file", "filename", "filepath", "file_path", "image", "image_path", "img")
+LABEL_COLUMNS = ("label", "class", "category", "target")
+SPLIT_COLUMNS = ("split", "subset")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which column holds what; None: detected from the header (split: absent is allowed)."""
+    path: str | None = None
+    label: str | None = None
+    split: str | None = None
+
+    @classmethod
+    def of(cls, cfg) -> "Columns":
+        """The columns a TrainConfig's path_column / label_column / split_column name."""
+        return cls(cfg.path_column, cfg.label_column, cfg.split_column)
+
+
+@dataclass
+class LabelFile:
+    """A label file's rows, checked: what the folder reader's listing gives for a folder."""
+    files: dict[str, list[tuple[str, str]]]  # split ('all' without a split column) -> [(path, class)], sorted
+    class_names: list[str]  # sorted, as folder names are
+    unreadable: list[tuple[str, str]]  # (path, why): files that exist but cannot be opened (skipped)
+    columns: Columns  # the columns used, all named
+
+
+def is_label_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in LABEL_FILE_SUFFIXES
+
+
+def read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line number, fields)]) of a CSV / TSV file, or of a JSON Lines file (its objects'
+    keys in first-seen order; a key a line lacks is an empty field). Blank lines are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark is not a column name
+    except UnicodeDecodeError as e:
+        raise CnnkitError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise CnnkitError(f"cannot read {path}: {e.strerror or e}") from None
+    if path.suffix.lower() == ".jsonl":
+        return read_jsonl(path, text)
+    reader = csv.reader(text.splitlines(keepends=True), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    rows: list[tuple[int, list[str]]] = []
+    header: list[str] | None = None
+    try:
+        for fields in reader:
+            if not any(f.strip() for f in fields):
+                continue
+            if header is None:
+                header = [f.strip() for f in fields]
+            else:
+                rows.append((reader.line_num, fields))
+    except csv.Error as e:
+        raise CnnkitError(f"{path} line {reader.line_num}: {e}") from None
+    if header is None:
+        raise CnnkitError(f"{path} is empty: it needs a header row naming its columns, e.g. path,label")
+    return header, rows
+
+
+def read_jsonl(path: Path, text: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    objects: list[tuple[int, dict]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CnnkitError(f"{path} line {number}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise CnnkitError(f"{path} line {number}: each line must be a JSON object, e.g. "
+                              '{"path": "a.jpg", "label": "cat"}')
+        objects.append((number, obj))
+    if not objects:
+        raise CnnkitError(f"{path} is empty: it needs one JSON object per line, "
+                          '{"path": "a.jpg", "label": "cat"}')
+    header = list(dict.fromkeys(k for _, obj in objects for k in obj))
+    return header, [(n, ["" if obj.get(k) is None else str(obj[k]) for k in header]) for n, obj in objects]
+
+
+def find_column(path: Path, header: list[str], given: str | None, names: tuple[str, ...], what: str, flag: str,
+                required: bool = True) -> int | None:
+    """The index of the column named `given`, or else of the one header name among `names`."""
+    if given is not None:
+        if given not in header:
+            raise CnnkitError(f"{path} has no column {given!r} ({flag}); its columns: {', '.join(header)}")
+        return header.index(given)
+    found = [i for i, h in enumerate(header) if h.lower() in names]
+    if len(found) > 1:
+        raise CnnkitError(f"{path}: columns {' and '.join(repr(header[i]) for i in found)} could both be the {what} "
+                          f"column: choose one with {flag}")
+    if not found and required:
+        raise CnnkitError(f"{path} has no {what} column (looked for {', '.join(names)}; its columns: "
+                          f"{', '.join(header)}): name it with {flag}")
+    return found[0] if found else None
+
+
+def read_label_file(path: str | os.PathLike, columns: Columns = Columns()) -> LabelFile:
+    """Read and check a label file (see the module docstring); raises CnnkitError naming the first bad row."""
+    from .folder import unreadable  # the same reasons a folder's listing gives
+
+    path = Path(path)
+    header, rows = read_table(path)
+    at_path = find_column(path, header, columns.path, PATH_COLUMNS, "image path", "--path-column")
+    at_label = find_column(path, header, columns.label, LABEL_COLUMNS, "label", "--label-column")
+    at_split = find_column(path, header, columns.split, SPLIT_COLUMNS, "split", "--split-column", required=False)
+    if at_label == at_path:
+        raise CnnkitError(f"{path}: the image path and the label are the same column {header[at_path]!r}")
+    base = path.parent
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    entries: dict[str, list[tuple[str, str]]] = {}
+    bad: list[tuple[str, str]] = []
+    for number, fields in rows:
+        if len(fields) != len(header):
+            problems.append(f"row {number}: {len(fields)} fields where the header has {len(header)}")
+            continue
+        name, label = fields[at_path].strip(), fields[at_label].strip()
+        split = fields[at_split].strip().lower() if at_split is not None else "all"
+        if not name:
+            problems.append(f"row {number}: no image path")
+            continue
+        if not label:
+            problems.append(f"row {number}: {name} has an empty label")
+            continue
+        if at_split is not None and split not in SPLIT_NAMES:
+            problems.append(f"row {number}: split {fields[at_split].strip()!r} is not one of {', '.join(SPLIT_NAMES)}")
+            continue
+        file = os.path.normpath(os.path.join(base, os.path.expanduser(name)))
+        if file in seen:
+            problems.append(f"row {number}: {name} is listed again (first on row {seen[file]})")
+            continue
+        seen[file] = number
+        if not os.path.lexists(file):
+            problems.append(f"row {number}: no such file {file}")
+            continue
+        if (why := unreadable(file)) is not None:
+            bad.append((file, why))
+            continue
+        entries.setdefault(split, []).append((file, label))
+    if problems:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])}{' ...' if len(problems) > 4 else ''})"
+        raise CnnkitError(f"{path} {problems[0]}{more if len(problems) > 1 else ''}")
+    train_key = "train" if at_split is not None else "all"
+    if not entries.get(train_key):
+        raise CnnkitError(f"{path} lists no {'training ' if at_split is not None else ''}images"
+                          + (" (no row has split 'train')" if at_split is not None and entries else ""))
+    class_names = sorted({c for _, c in entries[train_key]})
+    for split, listed in entries.items():
+        unknown = sorted({c for _, c in listed} - set(class_names))
+        if unknown:
+            raise CnnkitError(f"{path}: the {split} rows have classes {unknown} that no train row has")
+    files = {s: sorted(entries[s], key=lambda e: (e[1], e[0])) for s in (*SPLIT_NAMES, "all") if s in entries}
+    used = Columns(header[at_path], header[at_label], header[at_split] if at_split is not None else None)
+    return LabelFile(files, class_names, bad, used)

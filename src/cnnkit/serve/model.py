@@ -1,0 +1,184 @@
+"""The model behind the server: its runtime, the batcher, the /predict answer, and Grad-CAM heatmaps.
+
+Uploads are queued; one batcher task takes everything waiting (up to max_batch images) and, in a
+single inference thread, decodes them and runs the model once for all of them. While a batch runs
+the next one gathers, so a lone request waits for nothing and under load batches grow by themselves:
+throughput grows with load instead of each request paying for its own forward pass
+(benchmarks/serving/serve_load.py measures both in one run).
+"""
+import asyncio
+import base64
+import dataclasses
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import CnnkitError
+from ..modelfile import read_info, resolve_model_path
+from ..runtimes import choose_runtime
+from ..version import __version__
+from .limits import Limits, RequestError, decode_upload, too_many_images
+
+
+def heatmap_png(image: np.ndarray, heat: np.ndarray) -> str:
+    """A PNG data URL: the image (C, H, W) uint8 under a Grad-CAM heatmap (H, W) in [0, 1], red = evidence."""
+    rgb = np.repeat(image, 3, 0) if image.shape[0] == 1 else image
+    rgb = rgb.transpose(1, 2, 0).astype(np.float32)  # (H, W, 3)
+    colour = np.stack([heat, np.zeros_like(heat), 1 - heat], -1) * 255  # blue (none) .. red (most)
+    alpha = 0.35 + 0.4 * heat[..., None]
+    out = (rgb * (1 - alpha) + colour * alpha).clip(0, 255).astype(np.uint8)
+    side = max(out.shape[0], 224)  # small inputs (28x28) enlarged so a person can see them
+    img = Image.fromarray(out).resize((side, side), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class Model:
+    """The runtime (measured fastest, or the one asked for), the batcher, and Grad-CAM on demand."""
+
+    def __init__(self, model_path: str | Path, runtime: str = "auto", max_batch: int = 32, window_ms: float = 0.0,
+                 limits: Limits | None = None):
+        path = Path(model_path)
+        if path.suffix == ".onnx":
+            raise CnnkitError("serve takes the model file or run folder (it also explains with Grad-CAM); "
+                              "--runtime onnx runs its ONNX export")
+        self.path = resolve_model_path(path)
+        self.info = read_info(self.path)  # the file is parsed once: the runtime and /model use this
+        self.side = self.info.square_side("serve")
+        if max_batch < 1:
+            raise CnnkitError("--max-batch must be at least 1")
+        # A server runs for long: with `auto` it measures both runtimes at start (once per model file).
+        self.runtime, self.runtime_why = choose_runtime(self.path, self.info, runtime, False, measure=True)
+        self.max_batch, self.window_seconds = max_batch, window_ms / 1000
+        self.limits = limits or Limits()
+        # One thread runs the model: batches follow one another, each using all intra-op threads.
+        self.inference = ThreadPoolExecutor(1, thread_name_prefix="cnnkit-inference")
+        self.queue: asyncio.Queue | None = None
+        self.waiting = 0
+        self.torch_model = None  # loaded on the first explain request
+        self.explain_lock = threading.Lock()
+        self.batches = self.images = 0
+
+    # The batcher: it waits for one image, takes every other image already waiting (up to max_batch;
+    # with --batch-window-ms, after that long a pause), and runs them as one batch.
+    async def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.create_task(self.batcher())
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        self.inference.shutdown(wait=False, cancel_futures=True)
+
+    async def batcher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            if self.window_seconds > 0:  # optional: hold the first image a moment for others to join
+                await asyncio.sleep(self.window_seconds)
+            # Everything that arrived while the last batch ran joins this one: no waiting at low load,
+            # large batches at high load.
+            while len(items) < self.max_batch and not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            live = [(data, fut) for data, fut in items if not fut.done()]  # timed-out requests are gone
+            if not live:
+                continue
+            try:
+                outcome = await loop.run_in_executor(self.inference, self.decode_and_run, [d for d, _ in live])
+                self.batches, self.images = self.batches + 1, self.images + len(live)
+                for (_, fut), result in zip(live, outcome):
+                    if not fut.done():
+                        if isinstance(result, RequestError):
+                            fut.set_exception(result)
+                        else:
+                            fut.set_result(result)
+            except Exception as e:  # a failure of ours: every request of the batch hears of it
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(e)
+
+    def decode_and_run(self, uploads: list[bytes]) -> list:
+        """In the inference thread: decode each upload (an error is that image's alone), then one
+        forward pass for all that decoded. Per image: (pixels (C, H, W), probabilities (K,)) or a RequestError.
+        Decoding here rather than in a thread of its own saves a thread hand-off per request
+        (measured: benchmarks/NOTES.md, serving)."""
+        decoded: list = []
+        for data in uploads:
+            try:
+                decoded.append(decode_upload(data, self.side, self.info.input.channels, self.limits.max_pixels))
+            except RequestError as e:
+                decoded.append(e)
+        good = [d for d in decoded if not isinstance(d, RequestError)]
+        probs = iter(self.runtime(np.stack(good)) if good else [])
+        return [d if isinstance(d, RequestError) else (d, next(probs)) for d in decoded]
+
+    async def classify(self, uploads: list[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(pixels, probabilities)] for each upload's bytes, through the batcher; the first bad image
+        raises its RequestError."""
+        if self.waiting + len(uploads) > self.limits.max_waiting:
+            raise RequestError(503, "the server is busy (too many images waiting); retry in a moment")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in uploads]
+        self.waiting += len(uploads)
+        try:
+            for data, fut in zip(uploads, futures):
+                self.queue.put_nowait((data, fut))
+            return list(await asyncio.gather(*futures))
+        finally:
+            self.waiting -= len(uploads)
+
+    async def answer(self, files: list[tuple[str, bytes]], top_k: int, explain: bool) -> dict:
+        """The /predict response for [(name, bytes)], within the time limit; RequestError otherwise."""
+        start = time.perf_counter()
+        names = self.info.class_names
+        if not 1 <= top_k <= len(names):
+            raise RequestError(422, f"top_k must be between 1 and {len(names)}")
+        if len(files) > self.limits.max_images:
+            raise RequestError(413, too_many_images(self.limits.max_images))
+
+        async def handle() -> list[dict]:
+            classified = await self.classify([data for _, data in files])
+            results = []
+            for (name, _), (image, p) in zip(files, classified):
+                order = np.argsort(-p, kind="stable")[:top_k]
+                row = {"filename": name, "top": [{"label": names[i], "probability": float(p[i])} for i in order]}
+                if explain:  # in the default thread pool: the event loop keeps serving meanwhile
+                    row["heatmap"] = await asyncio.get_running_loop().run_in_executor(None, self.explain, image,
+                                                                                      int(order[0]))
+                results.append(row)
+            return results
+
+        try:
+            results = await asyncio.wait_for(handle(), self.limits.timeout_seconds)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"the request took longer than {self.limits.timeout_seconds:g} s") from None
+        return {"results": results, "runtime": self.runtime.name, "milliseconds": (time.perf_counter() - start) * 1000}
+
+    def explain(self, image: np.ndarray, class_index: int) -> str:
+        """Grad-CAM for one image (C, H, W) uint8 and class, as a PNG data URL (PyTorch, fp32)."""
+        import torch
+
+        from ..explain import gradcam
+        from ..modelfile import load_model
+        from ..preprocess import Preprocess
+        with self.explain_lock:  # one backward pass at a time; the model's hooks are not thread-safe
+            if self.torch_model is None:  # the PyTorch runtime's model if it runs one, else loaded now
+                self.torch_model = getattr(self.runtime, "model", None) or load_model(self.path, info=self.info)[0]
+                self.preprocess = Preprocess.from_info(self.info)
+            x = self.preprocess(torch.from_numpy(np.ascontiguousarray(image))[None])
+            heat, _ = gradcam(self.torch_model, x, torch.tensor([class_index]))
+        return heatmap_png(image, heat[0].numpy())
+
+    def description(self) -> dict:
+        """What /model answers."""
+        m = self.info
+        return {"cnnkit_version": __version__, "model_file": str(self.path), "class_names": m.class_names,
+                "input": dataclasses.asdict(m.input), "architecture": m.name, "metrics": m.numeric_metrics(),
+                "calibration": m.calibration(), "runtime": self.runtime.name,
+                "runtime_choice": self.runtime_why, "max_batch": self.max_batch,
+                "limits": self.limits.__dict__, "data": m.data.name or None}

@@ -1,0 +1,127 @@
+"""One pass over the training images: batches gathered by index, augmented, preprocessed as whole
+batches, and one optimizer step each. No per-sample Python runs here.
+
+    EpochSettings        what an epoch does besides model and optimizer (batch, lr, precision, loss, hooks)
+    run_epoch(...)       (summed loss, correct, seen, last lr)
+    NonFinite            raised at the first non-finite loss; the epoch loop turns it into TrainingDiverged
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import distributed
+from ..augment import BatchAugment
+from ..distributed import World
+from ..modelfile import non_finite
+from ..models.base import unwrap
+from ..preprocess import Preprocess
+
+PROGRESS_EVERY = 20  # steps between reads of the loss (.item() syncs a GPU): the bar and the GPU's finite check
+
+
+@dataclass(frozen=True)
+class EpochSettings:
+    """Everything one epoch needs besides the model, the optimizer and the images."""
+    batch_size: int  # images per optimizer step; in a torchrun job the global batch, each process training a shard
+    lr_fn: Callable[[int], float]  # the step's index in this epoch (0-based) -> learning rate
+    preprocess: Preprocess  # uint8 or 0..255 float batches -> normalized float32, on the training device
+    precision: str = "fp32"  # 'bf16': the forward pass under bf16 autocast; 'fp32': none
+    label_smoothing: float = 0.0  # cross-entropy label smoothing, 0..1
+    frozen_bn: bool = False  # BatchNorm layers keep their statistics (transfer learning: training.optim.set_phase)
+    augment: BatchAugment | None = None  # applied to every batch, drawing from `generator`; None: no augmentation
+    generator: torch.Generator | None = None  # the augmentation's random draws (seeded per epoch)
+    class_weight: torch.Tensor | None = None  # (K,) loss weight of each class (balance: weights); None: equal
+    grad_clip: float = 0.0  # largest global gradient norm before each step; 0: no clipping
+    after_step: Callable[[], None] | None = None  # called after every optimizer step (the weight average)
+    world: World = World()  # this process in a torchrun job; sums returned are over all processes
+    seen_indices: list[torch.Tensor] | None = None  # a list: each batch's indices are appended (CNNKIT_RECORD_SHARDS)
+
+
+class NonFinite(Exception):
+    """Raised inside an epoch at the first non-finite loss; the epoch loop turns it into TrainingDiverged."""
+
+    def __init__(self, step: int, steps: int, what: str):
+        super().__init__(what)
+        self.step, self.steps, self.what = step, steps, what
+
+
+def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+              perm: torch.Tensor, settings: EpochSettings, bar=None) -> tuple[float, int, int, float]:
+    """One pass over images[perm] in batches of settings.batch_size; returns (summed loss, correct,
+    seen, last lr).
+
+    images: (N, C, H, W) uint8, on the training device, the CPU, or on disk (data.DiskImages): each
+    batch is gathered by index and moved to labels' device. labels: (N,) int64. perm: the order, (N,).
+    bar: a progress bar advanced once per step, or None."""
+    s = settings
+    model.train()
+    if s.frozen_bn:  # transfer learning: keep the pretrained BatchNorm statistics (see optim.set_phase)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    device = labels.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, lr = 0, 0.0
+    first_bad: NonFinite | None = None
+    steps = math.ceil(len(perm) / s.batch_size)
+    for i in range(steps):
+        lr = s.lr_fn(i)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # fine-tuning: backbone slower than the head
+        idx = distributed.shard(perm[i * s.batch_size:(i + 1) * s.batch_size], s.world)
+        y = labels[idx]  # (B,), or this process's B / world.size
+        if s.seen_indices is not None:
+            s.seen_indices.append(idx)
+        batch = images[idx].to(device, non_blocking=True)  # (B, C, H, W) uint8
+        if s.augment is not None:
+            batch = s.augment(batch, y, s.generator)  # (B, C, H, W) float32 in 0..255
+        x = s.preprocess(batch)  # (B, C, H, W) float32, normalized
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16"):
+            logits = model(x)  # (B, K)
+            loss = F.cross_entropy(logits.float(), y, weight=s.class_weight, label_smoothing=s.label_smoothing)
+        if device.type == "cpu" or i % PROGRESS_EVERY == 0 or i == steps - 1:
+            first_bad = check_loss(loss, i, steps, s.world, first_bad)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], s.grad_clip)
+        optimizer.step()
+        if s.after_step is not None:
+            s.after_step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if bar is not None:
+            bar.update(1)
+            if i % PROGRESS_EVERY == 0 or i == steps - 1:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+    if s.world.active:
+        total, right, count = distributed.sum_over_ranks(loss_sum.item(), correct.item(), seen)
+        return total, int(right), int(count), lr
+    return loss_sum.item(), int(correct.item()), seen, lr
+
+
+def check_loss(loss: torch.Tensor, i: int, steps: int, world: World, first_bad: NonFinite | None) -> NonFinite | None:
+    """Stop a diverging run (too high a learning rate, an overflow) at its first non-finite loss.
+
+    .item() syncs a GPU, so there the caller checks at the progress bar's pace. In a torchrun job each
+    process sees its own shard's loss: the one that sees it first takes one more step, whose
+    all-reduced gradients make every process's weights (and next loss) non-finite, so all of them
+    stop at the same step instead of one waiting for the others. Returns the pending failure."""
+    if math.isfinite(loss.item()):
+        return first_bad
+    if not world.active or first_bad is not None:
+        raise first_bad or NonFinite(i + 1, steps, f"the loss became {loss.item()}")
+    return NonFinite(i + 1, steps, f"the loss became {loss.item()}")
+
+
+def non_finite_tensors(*modules: nn.Module | None) -> list[str]:
+    """Names of the floating-point tensors (parameters and buffers) holding a nan or an inf."""
+    return [k for m in modules if m is not None for k in non_finite(unwrap(m).state_dict())]

@@ -1,0 +1,145 @@
+"""Label files (--data labels.csv / .tsv / .jsonl): the same images as a folder give the same
+dataset and, seeded, the same trained weights; every malformed file is refused in one line naming
+its row, with exit 2 and nothing written."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from cnnkit.data import load_dataset
+from cnnkit.data.labelfile import Columns, read_label_file
+from cnnkit.errors import CnnkitError
+from conftest import assert_same_run, run_main, shared
+
+
+def folder_rows(root) -> list[tuple[str, str, str]]:
+    """(path, class, split) of every file in a DIR/{train,val}/<class>/* folder."""
+    rows = []
+    for split in ("train", "val"):
+        for cls in sorted(os.listdir(root / split)):
+            for name in sorted(os.listdir(root / split / cls)):
+                rows.append((str(root / split / cls / name), cls, split))
+    return rows
+
+
+def write_csv(path, header, rows, delimiter=","):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def hymenoptera_csv(tmp_path):
+    """hymenoptera as a CSV beside nothing of it: paths relative to the CSV's folder, rows shuffled."""
+    root = shared("hymenoptera")
+    rows = [(os.path.relpath(p, tmp_path), c, s) for p, c, s in folder_rows(root)]
+    random.Random(0).shuffle(rows)
+    return root, write_csv(tmp_path / "hymenoptera.csv", ["image", "label", "split"], rows)
+
+
+def test_a_csv_of_a_folder_gives_the_folders_dataset(hymenoptera_csv):
+    root, labels = hymenoptera_csv
+    a = load_dataset(str(root), image_size=32, quiet=True)
+    b = load_dataset(str(labels), image_size=32, quiet=True)
+    assert b.class_names == a.class_names == ["ants", "bees"]
+    assert b.sizes() == a.sizes() and b.sizes()["val"] > 100
+    for split in ("train", "val", "test"):
+        sa, sb = getattr(a, split), getattr(b, split)
+        assert sb.paths == sa.paths, split
+        assert torch.equal(sb.labels, sa.labels) and torch.equal(sb.images, sa.images), split
+    assert [p for p, _ in b.skipped] == [p for p, _ in a.skipped]  # the stray GIF, or whatever a folder skips
+    assert b.name == "hymenoptera" and b.source == str(labels)
+
+
+def test_tsv_and_jsonl_read_as_the_csv_and_without_a_split_column_the_splits_are_drawn(tmp_path):
+    root = shared("hymenoptera")
+    rows = [(p, c) for p, c, _ in folder_rows(root)]
+    csv_file = write_csv(tmp_path / "l.csv", ["filename", "class"], rows)
+    tsv_file = write_csv(tmp_path / "l.tsv", ["filename", "class"], rows[::-1], delimiter="\t")
+    jsonl_file = tmp_path / "l.jsonl"
+    jsonl_file.write_text("".join(json.dumps({"filename": p, "class": c, "note": None}) + "\n" for p, c in rows))
+    listings = [read_label_file(f) for f in (csv_file, tsv_file, jsonl_file)]
+    assert listings[0].files == listings[1].files == listings[2].files  # row order does not matter
+    assert set(listings[0].files) == {"all"} and listings[0].columns == Columns("filename", "class", None)
+    ds = load_dataset(str(csv_file), image_size=16, test_split=0.25, seed=3, quiet=True)
+    sizes = ds.sizes()
+    assert sizes["test"] == pytest.approx(0.25 * len(rows), abs=3) and sizes["train"] + sizes["val"] + sizes["test"] \
+        == len(rows) - len(ds.skipped)
+
+
+def test_training_on_the_csv_gives_the_folders_weights_and_evaluate_reads_the_csv(hymenoptera_csv, tmp_path):
+    root, labels = hymenoptera_csv
+    common = ["--model", "seed-patch64", "--image-size", "32", "--epochs", "1", "--batch-size", "64", "--no-report",
+              "--quiet"]
+    r = run_main("train", "--data", str(root), "--out", str(tmp_path / "folder"), *common)
+    assert r.returncode == 0, r.stderr
+    r = run_main("train", "--data", str(labels), "--out", str(tmp_path / "csv"), *common)
+    assert r.returncode == 0, r.stderr
+    assert_same_run(tmp_path / "folder", tmp_path / "csv")
+    r = run_main("evaluate", str(tmp_path / "csv"), "--data", str(labels), "--json")
+    assert r.returncode == 0, r.stderr
+    tested = json.loads((tmp_path / "csv" / "metrics.json").read_text())["test_accuracy"]
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(tested, abs=1e-6)
+
+
+def bad_files(tmp_path):
+    """name -> (label file text, what the one-line message must say)."""
+    root = shared("hymenoptera", "train")
+    ant, bee = (str(root / c / sorted(os.listdir(root / c))[0]) for c in ("ants", "bees"))
+    head = "path,label,split\n"
+    ok = f"{ant},ants,train\n{bee},bees,train\n"
+    return {
+        "missing file": (head + ok + f"{tmp_path}/nope.jpg,ants,train\n", "row 4: no such file"),
+        "duplicate row": (head + ok + f"{ant},bees,val\n", "row 4: " + ant + " is listed again (first on row 2)"),
+        "unknown split": (head + ok + f"{ant}x,ants,tain\n", "row 4: split 'tain' is not one of train, val, test"),
+        "empty label": (head + ok + f"{ant}y, ,train\n", "row 4: " + ant + "y has an empty label"),
+        "empty path": (head + ok + ",ants,train\n", "row 4: no image path"),
+        "wrong field count": (head + ok + f"{ant},ants\n", "row 4: 2 fields where the header has 3"),
+        "ambiguous columns": ("file,path,label\n" + f"{ant},{ant},ants\n", "could both be the image path column: "
+                              "choose one with --path-column"),
+        "no label column": ("path,kind\n" + f"{ant},ants\n", "has no label column"),
+        "empty": ("", "is empty"),
+        "no training rows": (head + f"{ant},ants,val\n", "no row has split 'train'"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "missing file", "duplicate row", "unknown split", "empty label", "empty path", "wrong field count",
+    "ambiguous columns", "no label column", "empty", "no training rows"])
+def test_a_malformed_label_file_gets_one_line_naming_the_row_and_nothing_is_written(case, tmp_path):
+    text, says = bad_files(tmp_path)[case]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(text)
+    out = tmp_path / "run"
+    r = run_main("train", "--data", str(labels), "--out", str(out), "--epochs", "1", "--quiet")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and str(labels) in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_several_problems_are_counted_in_the_one_line(tmp_path):
+    many = r"row 2: no such file .*\(and 5 more: row 3: .*row 5: no such file .* \.\.\.\)"
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{tmp_path}/missing{i}.png,a\n" for i in range(6)))
+    with pytest.raises(CnnkitError, match=many):
+        read_label_file(labels)
+
+
+def test_columns_named_by_flags_win_over_detection(tmp_path):
+    root = shared("hymenoptera", "train")
+    rows = [(str(root / c / n), c, c.upper()) for c in ("ants", "bees") for n in sorted(os.listdir(root / c))[:3]]
+    labels = write_csv(tmp_path / "labels.csv", ["path", "label", "kind"], rows)
+    listing = read_label_file(labels, Columns(label="kind"))
+    assert listing.class_names == ["ANTS", "BEES"]
+    with pytest.raises(CnnkitError, match=r"no column 'species' \(--label-column\); its columns: path, label, kind"):
+        read_label_file(labels, Columns(label="species"))
+    r = run_main("train", "--data", str(labels), "--label-column", "kind", "--dry-run")
+    assert r.returncode == 0, r.stderr
