@@ -9,6 +9,7 @@ import os
 import random
 
 import pytest
+import numpy as np
 import torch
 
 from cnnkit.data import load_dataset
@@ -74,6 +75,7 @@ def test_tsv_and_jsonl_read_as_the_csv_and_without_a_split_column_the_splits_are
         == len(rows) - len(ds.skipped)
 
 
+@pytest.mark.slow
 def test_training_on_the_csv_gives_the_folders_weights_and_evaluate_reads_the_csv(hymenoptera_csv, tmp_path):
     root, labels = hymenoptera_csv
     common = ["--model", "seed-patch64", "--image-size", "32", "--epochs", "1", "--batch-size", "64", "--no-report",
@@ -143,3 +145,82 @@ def test_columns_named_by_flags_win_over_detection(tmp_path):
         read_label_file(labels, Columns(label="species"))
     r = run_main("train", "--data", str(labels), "--label-column", "kind", "--dry-run")
     assert r.returncode == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------- several labels per image
+@pytest.fixture
+def multi_mnist(tmp_path):
+    from benchmarks.data.multi_mnist import write_multi_mnist
+    return write_multi_mnist(tmp_path / "multi", train=300, test=100, seed=0, data_dir=shared("mnist").parent)
+
+
+@pytest.mark.slow
+def test_multi_mnist_reads_as_a_multi_label_dataset_of_its_label_sets(multi_mnist):
+    from PIL import Image
+    rows = {os.path.normpath(multi_mnist.parent / r["path"]): r for r in csv.DictReader(open(multi_mnist))}
+    ds = load_dataset(str(multi_mnist), image_size=56, channels=1, seed=0, quiet=True)
+    assert ds.task == "multi-label" and ds.class_names == [str(d) for d in range(10)]
+    assert ds.sizes()["test"] == 100 and ds.sizes()["train"] + ds.sizes()["val"] == 300
+    for split in (ds.train, ds.val, ds.test):
+        assert split.labels.shape == (len(split), 10) and set(split.labels.sum(1).tolist()) <= {1.0, 2.0, 3.0}
+        for i in range(0, len(split), 37):
+            row = rows[split.paths[i]]
+            present = torch.nonzero(split.labels[i]).flatten().tolist()
+            assert [ds.class_names[k] for k in present] == row["labels"].split(";")
+            assert torch.equal(split.images[i, 0], torch.from_numpy(np.array(Image.open(split.paths[i]))))
+    assert (ds.val.labels.sum(0) > 0).all()  # stratified by the rarest label: every digit is validated
+
+
+@pytest.mark.slow
+def test_one_column_per_label_gives_the_same_dataset_as_a_separator(multi_mnist, tmp_path):
+    rows = list(csv.DictReader(open(multi_mnist)))
+    wide = write_csv(tmp_path / "wide.csv", ["file", *[str(d) for d in range(10)], "split"],
+                     [(str(multi_mnist.parent / r["path"]), *[int(str(d) in r["labels"].split(";")) for d in range(10)],
+                       r["split"]) for r in rows])
+    a = read_label_file(multi_mnist)
+    b = read_label_file(wide)
+    assert a.multi_label and b.multi_label and a.class_names == b.class_names
+    assert a.files == b.files and b.columns.label is None
+    da = load_dataset(str(multi_mnist), image_size=28, quiet=True)
+    db = load_dataset(str(wide), image_size=28, quiet=True)
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(da, split).labels, getattr(db, split).labels), split
+
+
+def test_a_separator_cell_may_end_in_one_but_not_be_empty_and_training_says_what_is_missing(tmp_path):
+    root = shared("hymenoptera", "train")
+    ants = [str(root / "ants" / n) for n in sorted(os.listdir(root / "ants"))[:4]]
+    labels = tmp_path / "l.csv"
+    labels.write_text("path,labels\n" + f"{ants[0]},ant;insect;\n{ants[1]},insect\n{ants[2]},ant\n")
+    listing = read_label_file(labels)
+    assert listing.multi_label and listing.class_names == ["ant", "insect"]
+    assert sorted(c for _, c in listing.files["all"]) == ["ant", "ant\x1finsect", "insect"]
+    labels.write_text("path,labels\n" + f"{ants[0]},ant;insect\n{ants[1]}, ; \n")
+    with pytest.raises(CnnkitError, match="row 3: .* has an empty label"):
+        read_label_file(labels)
+    labels.write_text("path,labels\n" + "".join(f"{a},ant;insect\n{a}x,insect\n" for a in ants[:1])
+                      + "".join(f"{a},{'ant;insect' if i % 2 else 'insect'}\n" for i, a in enumerate(ants[1:])))
+    r = run_main("train", "--data", str(labels), "--image-size", "16", "--out", str(tmp_path / "run"), "--quiet")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "no such file" in r.stderr or "single-label models only" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_audit_counts_each_label_of_a_multi_label_file(multi_mnist, tmp_path):
+    r = run_main("audit", str(multi_mnist), "--image-size", "28", "--channels", "1", "--out", str(tmp_path / "a"),
+                 "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    ds = load_dataset(str(multi_mnist), image_size=28, channels=1, quiet=True)
+    for split in ("train", "val", "test"):
+        assert list(result["class_balance"][split].values()) == getattr(ds, split).labels.sum(0).int().tolist()
+
+
+def test_a_label_files_run_folder_is_named_after_its_stem(tmp_path):
+    from cnnkit.config import TrainConfig
+    from cnnkit.jobs.train import default_run_dir
+    labels = tmp_path / "sub" / "pets.csv"
+    labels.parent.mkdir()
+    labels.write_text("path,label\n")
+    assert default_run_dir(TrainConfig(data=str(labels), model="seed-patch64")).name.startswith("pets-seed-patch64-")

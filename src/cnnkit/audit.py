@@ -148,7 +148,11 @@ def audit(ds: Dataset, threshold: float = NEAR_THRESHOLD) -> dict:
     images = torch.cat([s.images[:] for _, s in parts])  # (N, C, H, W) uint8, all splits
     where = [(name, i) for name, s in parts for i in range(len(s))]
     paths = [p for _, s in parts for p in (s.paths or [""] * len(s))]
-    labels = torch.cat([s.labels for _, s in parts]).tolist()
+    all_labels = torch.cat([s.labels for _, s in parts])
+    if all_labels.ndim == 2:  # multi-label: a row's label is its label set, "cat;outdoor"
+        labels = [";".join(ds.class_names[k] for k in torch.nonzero(row).flatten().tolist()) for row in all_labels]
+    else:
+        labels = [ds.class_names[c] for c in all_labels.tolist()]
     pairs: dict[tuple[int, int], tuple[str, float]] = {}
     for group in exact_groups(images):
         for i, j in combinations(group, 2):
@@ -159,8 +163,8 @@ def audit(ds: Dataset, threshold: float = NEAR_THRESHOLD) -> dict:
     for (i, j), (kind, sim) in sorted(pairs.items()):
         (sa, ia), (sb, ib) = where[i], where[j]
         rows.append({"kind": kind, "similarity": round(sim, 5), "split_a": sa, "index_a": ia, "path_a": paths[i],
-                     "label_a": ds.class_names[labels[i]], "split_b": sb, "index_b": ib, "path_b": paths[j],
-                     "label_b": ds.class_names[labels[j]], "row_a": i, "row_b": j})
+                     "label_a": labels[i], "split_b": sb, "index_b": ib, "path_b": paths[j],
+                     "label_b": labels[j], "row_a": i, "row_b": j})
     sizes = {name: len(s) for name, s in parts}
     leakage = {}
     for a, b in combinations([name for name, _ in parts], 2):
@@ -169,9 +173,9 @@ def audit(ds: Dataset, threshold: float = NEAR_THRESHOLD) -> dict:
                if {r["split_a"], r["split_b"]} == {a, b}}
         leakage[f"{b} in {a}"] = {"images": len(hit), "share": len(hit) / max(sizes[b], 1)}
     within = {name: sum(1 for r in rows if r["split_a"] == r["split_b"] == name) for name, _ in parts}
-    balance = {name: {c: int(v) for c, v in zip(ds.class_names,
-                                                np.bincount(s.labels.numpy(), minlength=ds.num_classes))}
-               for name, s in parts}
+    def counts(labels: torch.Tensor) -> np.ndarray:  # images per class (multi-label: having each label)
+        return labels.sum(0).numpy() if labels.ndim == 2 else np.bincount(labels.numpy(), minlength=ds.num_classes)
+    balance = {name: {c: int(v) for c, v in zip(ds.class_names, counts(s.labels))} for name, s in parts}
     result = {"data": ds.name, "source": ds.source, "images": len(where), "splits": sizes,
               "decoded_shape": list(ds.input_shape), "class_balance": balance,
               "imbalance_ratio": {name: (max(v.values()) / max(min(v.values()), 1)) for name, v in balance.items()},

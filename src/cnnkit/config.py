@@ -78,6 +78,7 @@ class TrainConfig:
     path_column: str | None = None  # a label file's column of image paths; None: the one named path, file, image, ...
     label_column: str | None = None  # a label file's column of classes; None: the one named label, class, ...
     split_column: str | None = None  # a label file's column of train/val/test; None: one named split or subset, if any
+    label_sep: str = ";"  # a label file's separator of several labels in one cell (multi-label: "cat;outdoor")
     model: str = "seed-digits"  # registered name (see `cnnkit models`), YAML spec file, or svm (linear SVM on pixels)
     epochs: int = 10  # passes over the training split
     batch_size: int = 128  # images per optimizer step

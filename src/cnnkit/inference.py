@@ -66,8 +66,13 @@ def top_k_accuracy(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """loss, accuracy, n and (with at least 5 classes) top-5 accuracy."""
+    """loss, accuracy, n and (with at least 5 classes) top-5 accuracy. Multi-label labels (N, K) of
+    0/1: the mean binary cross-entropy per label, and as accuracy the share of images whose every
+    label is right at probability 0.5 (subset accuracy; the tuned thresholds come after training)."""
     n, k = logits.shape
+    if labels.ndim == 2:
+        return {"loss": F.binary_cross_entropy_with_logits(logits, labels.float()).item(),
+                "accuracy": ((logits > 0) == (labels > 0.5)).all(1).float().mean().item(), "n": n}
     result = {"loss": F.cross_entropy(logits, labels).item(),
               "accuracy": (logits.argmax(1) == labels).float().mean().item(), "n": n}
     if k >= 5:

@@ -30,7 +30,7 @@ FORMAT = "cnnkit-model"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"  # its name inside a run folder
 REQUIRED = ("architecture", "class_names", "input", "preprocessing")
-TASKS = ("single-label",)  # one class per image (softmax); multi-label models come next
+TASKS = ("single-label", "multi-label")  # one class per image (softmax) | any set of them (one sigmoid per label)
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,7 @@ class ModelInfo:
     precision: dict = field(default_factory=dict)  # {"training": 'bf16'|'fp32', "reason": why}
     pretrained: dict | None = None  # where ImageNet weights came from, their mean/std, tensors loaded
     cnnkit_version: str = __version__  # of the cnnkit that wrote the file
+    thresholds: list[float] | None = None  # multi-label: label k is present when its probability >= thresholds[k]
 
     @property
     def name(self) -> str:
@@ -123,6 +124,12 @@ class ModelInfo:
     def numeric_metrics(self) -> dict[str, float]:
         return {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}
 
+    def single_label_only(self, what: str) -> None:
+        """A one-line error for the commands that do not handle multi-label models yet."""
+        if self.task != "single-label":
+            raise CnnkitError(f"this is a {self.task} model: {what} handles single-label models only so far "
+                              "(train evaluates a multi-label model on its test split: see its metrics.json)")
+
     def square_side(self, what: str) -> int:
         """The input side of a model that takes square images; a one-line error naming `what` otherwise."""
         if not self.input.square:
@@ -138,6 +145,8 @@ class ModelInfo:
              "precision": self.precision, "pretrained": self.pretrained, "cnnkit_version": self.cnnkit_version}
         if self.calibrated_on is not None or self.temperature != 1.0:
             d["calibration"] = self.calibration()
+        if self.thresholds is not None:
+            d["thresholds"] = [float(t) for t in self.thresholds]
         return d
 
     def calibration(self) -> dict:
@@ -184,6 +193,10 @@ class ModelInfo:
             raise broken("architecture must be a record")
         if d.get("task", "single-label") not in TASKS:
             raise broken(f"task {d.get('task')!r} is not one of {', '.join(TASKS)} (written by a newer cnnkit?)")
+        thresholds = d.get("thresholds")
+        if thresholds is not None and not (isinstance(thresholds, list) and len(thresholds) == len(names) and all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in thresholds)):
+            raise broken("thresholds must be one probability in [0, 1] per class")
 
         def record(kind, key: str):
             value = d.get(key) or {}
@@ -198,7 +211,7 @@ class ModelInfo:
                    temperature=float(calibration.get("temperature", 1.0)), calibrated_on=calibration.get("fitted_on"),
                    tta=record(TTA, "tta"), data=record(DataRecord, "data"), training=d.get("training") or {},
                    metrics=d.get("metrics") or {}, history=d.get("history") or [], precision=d.get("precision") or {},
-                   pretrained=d.get("pretrained"), cnnkit_version=d.get("cnnkit_version", "?"))
+                   pretrained=d.get("pretrained"), cnnkit_version=d.get("cnnkit_version", "?"), thresholds=thresholds)
 
 
 def save_model(path: str | Path, model: nn.Module, info: ModelInfo | dict) -> Path:

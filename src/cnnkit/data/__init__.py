@@ -58,7 +58,7 @@ def load_dataset(
     elif Path(key).is_file() and is_label_file(key):
         listing = read_label_file(key, columns or Columns())
         ds = folder.load_listed(listing.files, listing.class_names, listing.unreadable, Path(key).stem, key,
-                                image_size or 64, channels or 3, test_split, seed, quiet)
+                                image_size or 64, channels or 3, test_split, seed, quiet, listing.multi_label)
     else:
         raise CnnkitError(not_a_dataset(key))
     if ds.val is None:  # carve validation out of training, stratified and seeded

@@ -74,7 +74,7 @@ class DiskImages:
 @dataclass
 class Split:
     images: torch.Tensor | DiskImages  # (N, C, H, W) uint8, in memory or read from disk on demand
-    labels: torch.Tensor  # (N,) int64, indices into Dataset.class_names
+    labels: torch.Tensor  # (N,) int64, indices into Dataset.class_names; multi-label: (N, K) float32 0/1 rows
     paths: list[str] | None = None  # source file of each image (folder datasets only)
 
     def __len__(self) -> int:
@@ -99,6 +99,7 @@ class Dataset:
     test_source: str = "test"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of undecodable files
     source: str = ""  # where the files were read from
+    task: str = "single-label"  # or "multi-label": any number of the classes per image (labels (N, K))
 
     @property
     def num_classes(self) -> int:
@@ -143,7 +144,14 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 def carve(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    keep, hold = stratified_split(split.labels.numpy(), fraction, seed)
+    """(kept, held out): `fraction` of the split held out, stratified by class; multi-label images
+    by their rarest label (none: a stratum of their own), so rare labels reach every split."""
+    labels = split.labels.numpy()
+    if labels.ndim == 2:
+        frequency = labels.sum(0)  # (K,)
+        rarest = np.where(labels > 0, frequency[None, :], np.inf).argmin(1)
+        labels = np.where(labels.any(1), rarest, -1)
+    keep, hold = stratified_split(labels, fraction, seed)
     return split.subset(keep), split.subset(hold)
 
 

@@ -26,6 +26,7 @@ from ..decode import decoded_chunks
 from ..errors import CnnkitError
 from ..utils import progress, write_text_atomic
 from .core import Dataset, DiskImages, Split, carve
+from .labelfile import SET_SEP
 from .download import cache_dir
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -180,9 +181,11 @@ def load(root: Path, image_size: int, channels: int, test_split: float, seed: in
 
 def load_listed(files: dict[str, list[tuple[str, str]]], class_names: list[str],
                 unreadable_files: list[tuple[str, str]], name: str, source: str, image_size: int, channels: int,
-                test_split: float, seed: int, quiet: bool) -> Dataset:
+                test_split: float, seed: int, quiet: bool, multi_label: bool = False) -> Dataset:
     """A dataset from a listing {split ('all': none given): [(path, class name)]}, a folder's
-    (list_files) or a label file's (labelfile.read_label_file): decoded once into the disk cache."""
+    (list_files) or a label file's (labelfile.read_label_file): decoded once into the disk cache.
+    multi_label: each class name is a set of labels joined by labelfile.SET_SEP, and the labels are
+    (N, K) 0/1 float32 rows instead of (N,) class indices."""
     class_index = {c: i for i, c in enumerate(class_names)}
     key = cache_key(files, image_size, channels)
     raw = cache_dir() / "folders" / f"{key}.u8"
@@ -205,7 +208,12 @@ def load_listed(files: dict[str, list[tuple[str, str]]], class_names: list[str],
     else:
         everything = torch.from_numpy(np.fromfile(raw, dtype=np.uint8)).view(meta["rows"], *row_shape)
     split_of = np.array([SPLIT_NAMES.index(split) if split in SPLIT_NAMES else -1 for split, _, _ in meta["entries"]])
-    labels = torch.tensor([class_index[c] for _, _, c in meta["entries"]], dtype=torch.int64)
+    if multi_label:
+        labels = torch.zeros(len(meta["entries"]), len(class_names))
+        for row, (_, _, c) in enumerate(meta["entries"]):
+            labels[row, [class_index[n] for n in c.split(SET_SEP) if n]] = 1
+    else:
+        labels = torch.tensor([class_index[c] for _, _, c in meta["entries"]], dtype=torch.int64)
     splits = {}
     for split in files:
         index = np.flatnonzero(split_of == (SPLIT_NAMES.index(split) if split in SPLIT_NAMES else -1))
@@ -220,9 +228,15 @@ def load_listed(files: dict[str, list[tuple[str, str]]], class_names: list[str],
     if "all" in splits:  # no split folders: seeded stratified test split, validation carved later
         train, test = carve(splits["all"], test_split or 0.2, seed)
         splits = {"train": train, "test": test}
-    present = sorted(set(splits["train"].labels.tolist()))
-    if len(present) < 2:
+    present = (sorted(set(splits["train"].labels.tolist())) if not multi_label
+               else torch.nonzero(splits["train"].labels.sum(0)).flatten().tolist())
+    if multi_label and len(present) < len(class_names):  # a label never seen in training cannot be learned
+        missing = [class_names[k] for k in range(len(class_names)) if k not in present]
+        raise CnnkitError(f"{source}: no training image has the label(s) {missing}: a label is learned from its "
+                          "training images")
+    if not multi_label and len(present) < 2:
         raise CnnkitError(f"{source} has images of only one class ({class_names[present[0]]}): "
                           "a classifier needs at least two")
     return Dataset(name, class_names, splits["train"], splits.get("val"), splits.get("test"),
-                   test_source="test", skipped=skipped, source=source)
+                   test_source="test", skipped=skipped, source=source,
+                   task="multi-label" if multi_label else "single-label")

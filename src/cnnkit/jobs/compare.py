@@ -22,6 +22,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out: str | Path | None = 
     from ..report_html import write_compare_page
 
     (model_a, info_a), (model_b, info_b) = load_model(run_a), load_model(run_b)
+    info_a.single_label_only("cnnkit compare")
+    info_b.single_label_only("cnnkit compare")
     name_a, name_b = Path(run_a).name or "A", Path(run_b).name or "B"
     if name_a == name_b:
         name_a, name_b = f"A ({name_a})", f"B ({name_b})"

@@ -13,6 +13,7 @@ def evaluate_model(model_path: str | Path, data: str, split: str = "test", data_
     """(metrics, {name: file}, class names): the files of report_folder.evaluate_and_report in
     `out` (default: RUN/evaluate-<split>, beside the model file)."""
     model, info = load_model(model_path)
+    info.single_label_only("cnnkit evaluate")
     loaded, names = load_split_for(info, data, split, data_dir)
     out = Path(out) if out else resolve_model_path(model_path).parent / f"evaluate-{split}"
     metrics, files = evaluate_and_report(model, info, loaded, out, data_name=data, split_name=split, tta=tta)

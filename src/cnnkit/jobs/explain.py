@@ -19,6 +19,7 @@ def explain(model_path: str | Path, image_path: str | Path, out: str | Path | No
     """Load the model file (or run folder) and explain one image into `out` (default explain-<image name>)."""
     from ..modelfile import load_model
     model, info = load_model(model_path)
+    info.single_label_only("cnnkit explain")
     return explain_to_folder(model, info, image_path, Path(out) if out else Path(f"explain-{Path(image_path).stem}"),
                              class_name=class_name)
 

@@ -21,6 +21,7 @@ def export_with_proof(model_path: str | Path, fmt: str, out: str | Path | None =
 
     src = resolve_model_path(model_path)
     model, info = load_model(src)
+    info.single_label_only("cnnkit export")
     out = Path(out) if out else src.with_suffix(FORMATS.get(fmt, ""))
     if image_paths:
         decoded = decode_files((expand_paths(image_paths), info.input.height, info.input.channels))

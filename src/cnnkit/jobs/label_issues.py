@@ -88,6 +88,8 @@ def label_issues(cfg: TrainConfig, folds: int = 3, retrain: bool = False, out: s
     say = echo or (lambda msg: None)
     if ds is None:
         ds, _ = load_data_and_model(cfg, quiet=True)
+    if ds.task != "single-label":
+        raise CnnkitError(f"{cfg.data} is {ds.task}: label-issues ranks single-label data only so far")
     out = Path(out or f"label-issues-{ds.name}")
     out.mkdir(parents=True, exist_ok=True)
     labels = ds.train.labels.numpy()

@@ -46,6 +46,7 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
     if info is None:
         rt, why = choose_runtime(model_path, None, runtime, tta, measure=False)
         info = rt.info
+    info.single_label_only("cnnkit predict")
     names, side = info.class_names, info.square_side("predict")
     k = min(top_k, len(names))
     for chunk, decoded in decoded_chunks(files, side, info.input.channels, workers):

@@ -43,7 +43,8 @@ class RunResult:
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
-    data = Path(cfg.data).name if Path(cfg.data).is_dir() else cfg.data
+    path = Path(cfg.data)
+    data = path.name if path.is_dir() else path.stem if path.is_file() else cfg.data  # a label file: its stem
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{data}-{Path(cfg.model).stem}-{stamp}"
 
@@ -149,6 +150,8 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
     """The end of every run, CNN or SVM: calibrate on validation, test the best model on the held-out
     split in fp32 (the figure users will quote), write the model file and metrics.json, then the
     report, and remove the checkpoint."""
+    if ds.task == "multi-label":
+        return finish_multi_label(cfg, run, ds, result)
     t0 = time.perf_counter()
     best, device = result.model, result.device
     best = best.to(memory_format=torch.channels_last)  # faster fp32 inference too (inference.probabilities)
@@ -157,10 +160,7 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
     val_logits = predict_logits(best, ds.val.images, preprocess, device, "fp32")
     info = dataclasses.replace(result.info, temperature=fit_temperature(val_logits, ds.val.labels), calibrated_on="val")
     metrics = {"test_" + k: v for k, v in metrics_from_logits(test_logits, ds.test.labels).items()}
-    metrics.update({"test_split": ds.test_source, "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc,
-                    "train_seconds": result.train_seconds, "device": device.type, "precision": result.precision,
-                    "precision_reason": result.info.precision.get("reason", ""),
-                    "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()})
+    metrics.update(run_facts(ds, result))
     tta_probs = None
     if cfg.report_tta:  # mirror and shifts, averaged: in metrics.json, and the report reuses them
         tta_probs = probabilities(best, info, ds.test.images, tta=True, device=device, logits=test_logits)
@@ -182,3 +182,47 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
     run.log(f"after the last epoch: {time.perf_counter() - t0:.1f} s to test, calibrate, save"
             + (" and report" if report else ""))
     return RunResult(run.path, best, ds, result.history, metrics, cfg, info)
+
+
+def run_facts(ds: Dataset, result: TrainResult) -> dict:
+    """metrics.json's figures about the run rather than the test: best epoch, time, device, versions."""
+    return {"test_split": ds.test_source, "best_epoch": result.best_epoch, "val_accuracy": result.best_val_acc,
+            "train_seconds": result.train_seconds, "device": result.device.type, "precision": result.precision,
+            "precision_reason": result.info.precision.get("reason", ""),
+            "torch": torch.__version__, "cnnkit": __version__, "python": platform.python_version()}
+
+
+def finish_multi_label(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -> RunResult:
+    """The end of a multi-label run: one threshold per label chosen on validation (the best F1),
+    the test figures at those thresholds (multilabel.py; and macro F1 at 0.5 beside, to show what
+    tuning gave), the model file with its thresholds, metrics.json. No temperature: each label's
+    calibration is its ECE in metrics.json. report.html has no multi-label pages yet."""
+    from ..multilabel import choose_thresholds, multilabel_metrics
+    t0 = time.perf_counter()
+    best, device = result.model.to(memory_format=torch.channels_last), result.device
+    preprocess = Preprocess.from_info(result.info, channels_last=True).to(device)
+    probs = {name: torch.sigmoid(predict_logits(best, split.images, preprocess, device, "fp32")).numpy()
+             for name, split in (("val", ds.val), ("test", ds.test))}  # (N, K)
+    truth = ds.test.labels.numpy()
+    thresholds = choose_thresholds(probs["val"], ds.val.labels.numpy())
+    m = multilabel_metrics(probs["test"], truth, thresholds, ds.class_names)
+    at_half = multilabel_metrics(probs["test"], truth, np.full(ds.num_classes, 0.5), ds.class_names)
+    metrics = {"test_accuracy": m["subset_accuracy"], "test_subset_accuracy": m["subset_accuracy"],
+               "test_mean_average_precision": m["mean_average_precision"], "test_hamming_loss": m["hamming_loss"],
+               "test_micro_f1": m["micro"]["f1"], "test_macro_f1": m["macro"]["f1"],
+               "test_macro_f1_at_half": at_half["macro"]["f1"],
+               "test_subset_accuracy_at_half": at_half["subset_accuracy"],
+               "test_n": m["n"], "test_per_label": m["per_label"], **run_facts(ds, result)}
+    info = dataclasses.replace(result.info, thresholds=thresholds.tolist(), metrics=metrics, history=result.history)
+    run.save_model(best, info)
+    run.write_history(result.history)
+    run.write_metrics(metrics)
+    run.remove_checkpoint()
+    run.log(f"test mAP {metrics['test_mean_average_precision']:.4f}, subset accuracy {m['subset_accuracy']:.4f}, "
+            f"macro F1 {m['macro']['f1']:.4f} at the validation thresholds ({at_half['macro']['f1']:.4f} at 0.5) on "
+            f"{m['n']} {ds.test_source} images (best epoch {result.best_epoch})")
+    if cfg.report:
+        run.log("note: report.html has no multi-label pages yet: the figures, per label too, are in metrics.json")
+    run.log(f"after the last epoch: {time.perf_counter() - t0:.1f} s to choose thresholds, test, save")
+    return RunResult(run.path, best, ds, result.history, metrics, cfg, info)
+

@@ -50,6 +50,7 @@ class Model:
                               "--runtime onnx runs its ONNX export")
         self.path = resolve_model_path(path)
         self.info = read_info(self.path)  # the file is parsed once: the runtime and /model use this
+        self.info.single_label_only("cnnkit serve")
         self.side = self.info.square_side("serve")
         if max_batch < 1:
             raise CnnkitError("--max-batch must be at least 1")

@@ -33,6 +33,7 @@ class EpochSettings:
     preprocess: Preprocess  # uint8 or 0..255 float batches -> normalized float32, on the training device
     precision: str = "fp32"  # 'bf16': the forward pass under bf16 autocast; 'fp32': none
     label_smoothing: float = 0.0  # cross-entropy label smoothing, 0..1
+    multi_label: bool = False  # labels (N, K) of 0/1: one sigmoid per label, binary cross-entropy; else softmax
     frozen_bn: bool = False  # BatchNorm layers keep their statistics (transfer learning: training.optim.set_phase)
     augment: BatchAugment | None = None  # applied to every batch, drawing from `generator`; None: no augmentation
     generator: torch.Generator | None = None  # the augmentation's random draws (seeded per epoch)
@@ -85,7 +86,10 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         x = s.preprocess(batch)  # (B, C, H, W) float32, normalized
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16"):
             logits = model(x)  # (B, K)
-            loss = F.cross_entropy(logits.float(), y, weight=s.class_weight, label_smoothing=s.label_smoothing)
+            if s.multi_label:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+            else:
+                loss = F.cross_entropy(logits.float(), y, weight=s.class_weight, label_smoothing=s.label_smoothing)
         if device.type == "cpu" or i % PROGRESS_EVERY == 0 or i == steps - 1:
             first_bad = check_loss(loss, i, steps, s.world, first_bad)
         optimizer.zero_grad(set_to_none=True)
@@ -96,7 +100,8 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         if s.after_step is not None:
             s.after_step()
         loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        # multi-label: an image is right when every label is, at probability 0.5 (subset accuracy)
+        correct += ((logits > 0) == (y > 0.5)).all(1).sum() if s.multi_label else (logits.argmax(1) == y).sum()
         seen += len(y)
         if bar is not None:
             bar.update(1)

@@ -45,9 +45,19 @@ def load_data_and_model(cfg: TrainConfig, quiet: bool = False) -> tuple[Dataset,
     ds = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, image_size=image_size,
                       channels=channels, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, quiet=quiet,
                       columns=Columns.of(cfg))
+    if ds.task == "multi-label":
+        check_multi_label(cfg)
     c, h, w = ds.input_shape
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
     return ds, build_model(spec, ds.num_classes, in_channels=c, image_size=(h, w))
+
+
+def check_multi_label(cfg: TrainConfig) -> None:
+    """Refuse the options that mean one class per image (their multi-label forms are not built yet)."""
+    for flag, used in (("--balance", cfg.balance != "none"), ("--augment-class", cfg.augment_class),
+                       ("--label-smoothing", cfg.label_smoothing > 0)):
+        if used:
+            raise CnnkitError(f"{flag} works on one class per image; {cfg.data} is multi-label: leave {flag} out")
 
 
 BUILTIN_IMAGES = {"mnist": 70_000, "fashion-mnist": 70_000, "cifar10": 60_000, "digits": 1797}  # held in memory
@@ -102,7 +112,7 @@ def model_info(model: nn.Module, ds: Dataset, preprocess: Preprocess, cfg: Train
     model and preprocess new images exactly as in training (`more`: other ModelInfo fields)."""
     return ModelInfo(
         architecture=architecture_record(model), class_names=ds.class_names, input=InputShape(*ds.input_shape),
-        preprocessing=Preprocessing(resize=RESIZE_METHOD, **preprocess.record()), training=cfg.to_dict(),
+        preprocessing=Preprocessing(resize=RESIZE_METHOD, **preprocess.record()), training=cfg.to_dict(), task=ds.task,
         # Test-time augmentation mirrors images unless that changes the class (digits), and shifts
         # them by 1/14 of their side: the notes' 2 pixels on 28x28, 1 on 8x8 digits, 16 on 224x224.
         tta=TTA(hflip=hflip_keeps_class(ds.name), shift_pixels=max(1, round(min(ds.input_shape[1:]) / 14))),
@@ -172,8 +182,10 @@ def augmentation_and_balance(cfg: TrainConfig, ds: Dataset, device: torch.device
         per_class = parse_class_presets(cfg.augment_class, ds.class_names, flips)
     except ValueError as e:
         raise CnnkitError(str(e)) from None
-    counts = torch.bincount(ds.train.labels, minlength=ds.num_classes).double()  # (K,)
     class_weight = sample_weight = None
+    if cfg.balance == "none":
+        return BatchAugment(default, per_class), class_weight, sample_weight
+    counts = torch.bincount(ds.train.labels, minlength=ds.num_classes).double()  # (K,)
     if cfg.balance == "weights":  # inverse frequency, mean weight 1 over the images
         class_weight = (counts.sum() / (ds.num_classes * counts.clamp_min(1))).float().to(device)
     elif cfg.balance == "sampler":  # each class drawn equally often
