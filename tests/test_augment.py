@@ -196,6 +196,7 @@ def test_augment_preview_draws_what_training_would_see(tmp_path):
     assert r.returncode == 2
 
 
+@pytest.mark.slow  # over 7 s: the fast subset (-m 'not slow') stays under 3 minutes
 def test_the_notes_cifar10_recipe_runs_its_two_phases(tmp_path, monkeypatch):
     """The notes' recipe file, shortened to 2 epochs with augmentation from the second, on the
     lossless CIFAR-10 subset: plain first, shifted and mirrored after, with the notes' settings."""

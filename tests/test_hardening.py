@@ -155,6 +155,7 @@ def test_read_only_and_full_disks_are_one_line_errors(tmp_path):
     assert "read-only" in errors[2] and f"{ro}/cache" in errors[2] and "CNNKIT_DATA" in errors[2]
 
 
+@pytest.mark.slow  # over 7 s: the fast subset (-m 'not slow') stays under 3 minutes
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one_or_says_how_to_start_again(tmp_path):
     out = killed_run(tmp_path / "run", epochs_done=2, also="checkpoint-previous.safetensors")
     ckpt, prev = out / "checkpoint.safetensors", out / "checkpoint-previous.safetensors"

@@ -30,9 +30,11 @@ def test_flipped_mnist_labels_are_ranked_first_and_training_without_them_is_not_
     labels = ds.train.labels.clone()
     labels[flipped] = (labels[flipped] + torch.as_tensor(rng.integers(1, 10, len(flipped)))) % 10
     noisy = dataclasses.replace(ds, train=dataclasses.replace(ds.train, labels=labels))
-    result, files = label_issues(cfg, folds=3, retrain=True, out=tmp_path / "out", ds=noisy)
+    # 2 folds (recall 0.969, 99.06 -> 99.16% on the EPYC) rather than the default 3: a third less training
+    result, files = label_issues(cfg, folds=2, retrain=True, out=tmp_path / "out", ds=noisy)
     top = set(result["ranking"][: n // 100].tolist())
     recall = len(top & set(flipped.tolist())) / len(flipped)
+    print(f"recall {recall:.3f}, retrain {result['retrain']}")
     assert recall >= 0.70, f"only {recall:.1%} of the flipped labels are in the top 1%"
     r = result["retrain"]
     assert r["test_accuracy_without_flagged"] >= r["test_accuracy_with_flagged"], r

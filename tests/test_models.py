@@ -142,6 +142,7 @@ def test_bad_specs_are_refused_clearly(tmp_path, bad, match):
         build_model(custom_spec(tmp_path, bad), 3)
 
 
+@pytest.mark.slow  # over 7 s: the fast subset (-m 'not slow') stays under 3 minutes
 def test_every_registered_model_trains_one_step():
     for entry in list_models():
         c, h, w = entry["input"] or (1, 28, 28)

@@ -106,8 +106,33 @@ def test_a_multi_label_run_on_multi_mnist_learns_and_reports_scikit_learns_figur
     pred = probs >= np.array(info.thresholds)
     assert metrics["test_micro_f1"] == pytest.approx(f1_score(truth, pred, average="micro"), abs=1e-6)
     assert metrics["test_hamming_loss"] == pytest.approx(hamming_loss(truth, pred), abs=1e-6)
-    r = run_main("predict", str(out), str(ds.test.paths[0]))
-    assert r.returncode == 2 and "multi-label model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_main("evaluate", str(out), "--data", str(labels), "--json")
+    assert r.returncode == 0, r.stderr
+    evaluated = json.loads(r.stdout)  # the same split at the same thresholds: the same figures
+    assert evaluated["mean_average_precision"] == pytest.approx(metrics["test_mean_average_precision"], abs=1e-9)
+    assert evaluated["subset_accuracy"] == metrics["test_subset_accuracy"]
+    assert json.loads((out / "evaluate-test" / "metrics.json").read_text())["n"] == 600
+    r = run_main("evaluate", str(out), "--data", str(labels), "--split", "val")
+    assert r.returncode == 0 and "mAP" in r.stdout and "threshold" in r.stdout, r.stderr
+    # predict: the label set at the model file's thresholds, and every label's probability
+    paths = ds.test.paths[:24]
+    r = run_main("predict", str(out), *paths, "--json")
+    assert r.returncode == 0, r.stderr
+    by_path = {row["path"]: row for row in json.loads(r.stdout)}
+    for i, path in enumerate(paths):
+        row, p = by_path[path], probs[i]
+        assert [row["label_probabilities"][n] for n in info.class_names] == pytest.approx(p.tolist(), abs=1e-5)
+        if np.abs(p - np.array(info.thresholds)).min() > 1e-4:  # no label on the edge of its threshold
+            assert row["labels"] == [info.class_names[k] for k in np.argsort(-p, kind="stable")
+                                     if p[k] >= info.thresholds[k]]
+    r = run_main("predict", str(out), *paths, "--out", str(tmp_path / "p.csv"))
+    assert r.returncode == 0, r.stderr
+    header = (tmp_path / "p.csv").read_text().splitlines()[0]
+    assert header == "path,labels," + ",".join(f"p_{d}" for d in range(10)) + ",error"
+    r = run_main("predict", str(out), paths[0], "--tta")
+    assert r.returncode == 2 and "--tta is for single-label models" in r.stderr
+    r = run_main("export", str(out), "--format", "onnx")
+    assert r.returncode == 2 and "multi-label model: cnnkit export" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 def test_the_model_file_keeps_the_task_and_its_thresholds_and_refuses_bad_ones():

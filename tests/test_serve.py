@@ -119,6 +119,7 @@ def server_pid(port: int) -> int:
     return int(out.split("pid=")[1].split(",")[0])
 
 
+@pytest.mark.slow  # over 7 s: the fast subset (-m 'not slow') stays under 3 minutes
 def test_two_thousand_requests_a_fifth_malformed(server):
     port, model_path, test = server
     images = test.images[:400].numpy()

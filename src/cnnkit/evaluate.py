@@ -135,3 +135,24 @@ def evaluate(model: torch.nn.Module, info: ModelInfo, split: Split, class_names:
             metrics["tta_top5_accuracy"] = top_k_accuracy(tta_probs, labels, 5)
     metrics["misclassified"] = misclassified(probs, labels, class_names, split.paths)
     return metrics, probs
+
+
+def evaluate_multi_label(model: torch.nn.Module, info: ModelInfo, split: Split, class_names: list[str],
+                         device: torch.device = torch.device("cpu"),
+                         probs: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+    """(metrics, probabilities (N, K)) of a multi-label model on `split`, in fp32: every figure of
+    multilabel.multilabel_metrics at the model file's thresholds, and macro F1 and subset accuracy
+    at 0.5 beside (what the thresholds chose against). probs: the split's sigmoid outputs when the
+    caller has them already (train's test pass)."""
+    from .multilabel import multilabel_metrics
+    if probs is None:
+        model = model.eval().to(memory_format=torch.channels_last)
+        preprocess = Preprocess.from_info(info, channels_last=True).to(device)
+        probs = torch.sigmoid(predict_logits(model, split.images, preprocess, device, "fp32")).numpy()
+    truth = split.labels.numpy()
+    thresholds = np.array(info.thresholds if info.thresholds is not None else [0.5] * len(class_names))
+    metrics = {"task": "multi-label", **multilabel_metrics(probs, truth, thresholds, class_names)}
+    at_half = multilabel_metrics(probs, truth, np.full(len(class_names), 0.5), class_names)
+    metrics["at_half"] = {"macro_f1": at_half["macro"]["f1"], "subset_accuracy": at_half["subset_accuracy"]}
+    return metrics, probs
+

@@ -96,7 +96,8 @@ def tta_views(x: torch.Tensor, hflip: bool, shift_pixels: int = 2) -> list[torch
 def probabilities(model: nn.Module, info: ModelInfo, images: torch.Tensor, tta: bool = False,
                   calibrated: bool = True, device: torch.device = torch.device("cpu"),
                   batch_size: int = INFERENCE_BATCH, logits: torch.Tensor | None = None) -> np.ndarray:
-    """softmax(logits / T) for uint8 images (N, C, H, W), averaged over TTA views if asked, in fp32.
+    """softmax(logits / T) for uint8 images (N, C, H, W), averaged over TTA views if asked, in fp32;
+    for a multi-label model sigmoid(logits), each label's probability on its own.
     logits: the plain view's logits when the caller has them already (one pass fewer).
 
     Channels-last activations: 1.5-2x faster fp32 inference on the CPU, results equal to 1e-5
@@ -106,6 +107,10 @@ def probabilities(model: nn.Module, info: ModelInfo, images: torch.Tensor, tta: 
     model = model.eval().to(memory_format=torch.channels_last)
     if logits is None:
         logits = predict_logits(model, images, preprocess, device, batch_size=batch_size)
+    if info.task == "multi-label":  # one sigmoid per label; its thresholds decide (info.thresholds)
+        if tta:
+            raise CnnkitError("test-time augmentation averages single-label probabilities; leave --tta out")
+        return torch.sigmoid(logits).numpy().astype(np.float64)
     probs = F.softmax(logits / temperature, dim=1)  # (N, K)
     if not tta:
         return probs.numpy().astype(np.float64)

@@ -128,7 +128,7 @@ class ModelInfo:
         """A one-line error for the commands that do not handle multi-label models yet."""
         if self.task != "single-label":
             raise CnnkitError(f"this is a {self.task} model: {what} handles single-label models only so far "
-                              "(train evaluates a multi-label model on its test split: see its metrics.json)")
+                              "(cnnkit evaluate gives its figures)")
 
     def square_side(self, what: str) -> int:
         """The input side of a model that takes square images; a one-line error naming `what` otherwise."""

@@ -121,6 +121,10 @@ def choose_runtime(model_path: Path, info: ModelInfo | None, runtime: str, tta: 
         if tta:
             raise CnnkitError("--tta needs the model file (PyTorch); an ONNX export has one view built in")
         return OnnxRuntime(model_path), "an ONNX file"
+    if info is not None and info.task == "multi-label":  # the export writes softmax models only, so far
+        if runtime == "onnx":
+            raise CnnkitError("a multi-label model has no ONNX export yet: use --runtime torch (or auto)")
+        return TorchRuntime(model_path, tta, info), "a multi-label model runs in PyTorch (no ONNX export yet)"
     if runtime == "torch" or tta:
         return TorchRuntime(model_path, tta, info), "asked" if runtime == "torch" else "--tta runs in PyTorch"
     if not onnxruntime_available():

@@ -23,6 +23,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
+    if metrics.get("task") == "multi-label":
+        return print_multi_label(args, metrics, files, names)
     top5 = f", top-5 {metrics['top5_accuracy']:.4f}" if "top5_accuracy" in metrics else ""
     tta = f" ({metrics['tta_accuracy']:.4f} with TTA)" if args.tta else ""
     print(f"{args.split} split of {args.data}: {metrics['n']} images, accuracy {metrics['accuracy']:.4f}{tta}{top5}, "
@@ -40,3 +42,19 @@ def run(args) -> int:
     print(f"report: {files['report']} (confusion matrix, misclassified gallery and reliability diagram in "
           f"{files['report'].parent})")
     return 0
+
+
+def print_multi_label(args, metrics: dict, files: dict, names: list[str]) -> int:
+    print(f"{args.split} split of {args.data}: {metrics['n']} images, mAP {metrics['mean_average_precision']:.4f}, "
+          f"subset accuracy {metrics['subset_accuracy']:.4f}, Hamming loss {metrics['hamming_loss']:.4f}, "
+          f"macro F1 {metrics['macro']['f1']:.4f} at the model's thresholds ({metrics['at_half']['macro_f1']:.4f} "
+          f"at 0.5), micro F1 {metrics['micro']['f1']:.4f}")
+    width = max(max(len(n) for n in names), len("label")) + 2
+    print(f"{'label':<{width}} threshold precision  recall      f1      AP  support")
+    for row in metrics["per_label"]:
+        ap = f"{row['average_precision']:7.4f}" if row["average_precision"] is not None else "      -"
+        print(f"{row['label']:<{width}} {row['threshold']:9.3f} {row['precision']:9.4f} {row['recall']:7.4f} "
+              f"{row['f1']:7.4f} {ap} {row['support']:8d}")
+    print(f"metrics: {files['metrics']}")
+    return 0
+

@@ -46,6 +46,12 @@ def run(args) -> int:
         out = Path(args.out)
         if out.suffix == ".json":
             write_text_atomic(out, json.dumps(rows, indent=2))
+        elif any("label_probabilities" in r for r in rows):  # multi-label: the label set, each label's probability
+            names = next(list(r["label_probabilities"]) for r in rows if "label_probabilities" in r)
+            write_csv(out, ["path", "labels", *[f"p_{n}" for n in names], "error"],
+                      [[r["path"], ";".join(r.get("labels", [])),
+                        *[f"{r['label_probabilities'][n]:.6f}" if "label_probabilities" in r else "" for n in names],
+                        r.get("error", "")] for r in rows])
         else:
             header = ["path"] + [f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")] + ["error"]
             write_csv(out, header, [[r["path"], *[v for lab, p in zip(r.get("labels", []), r.get("probabilities", []))
@@ -65,7 +71,8 @@ def run(args) -> int:
             if "error" in r:
                 print(f"{r['path']}: error: {r['error']}")
             else:
-                print(f"{r['path']}: " + ", ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probabilities"])))
+                found = ", ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probabilities"]))
+                print(f"{r['path']}: " + (found or "no label reaches its threshold"))
     bad = info["errors"]
     if bad:
         print(f"{bad} of {len(rows)} file(s) could not be read", file=sys.stderr)

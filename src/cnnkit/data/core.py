@@ -2,6 +2,7 @@
 datasets: uint8 image tensors with labels, split into train / val / test."""
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 
@@ -171,3 +172,16 @@ def convert_images(images: torch.Tensor, channels: int | None, size: int | None)
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out.append(x.round_().clamp_(0, 255).to(torch.uint8))
     return torch.cat(out)
+
+
+def unreadable(path: str) -> str | None:
+    """Why a listed file cannot be read (a broken or looping symbolic link, no permission), or None."""
+    try:
+        os.stat(path)
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop (its links point at each other)"
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        return e.strerror or type(e).__name__

@@ -11,7 +11,6 @@ skipped and reported with their reason; they never stop a run.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json
@@ -25,25 +24,12 @@ import torch
 from ..decode import decoded_chunks
 from ..errors import CnnkitError
 from ..utils import progress, write_text_atomic
-from .core import Dataset, DiskImages, Split, carve
+from .core import Dataset, DiskImages, Split, carve, unreadable
 from .labelfile import SET_SEP
 from .download import cache_dir
 
 SPLIT_NAMES = ("train", "val", "test")
 CACHE_VERSION = 2  # bump when decoding or the cache layout changes, so old caches are not reused
-
-
-def unreadable(path: str) -> str | None:
-    """Why a listed file cannot be read (a broken or looping symbolic link, no permission), or None."""
-    try:
-        os.stat(path)
-        return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "a symbolic link loop (its links point at each other)"
-        if os.path.islink(path):
-            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
-        return e.strerror or type(e).__name__
 
 
 def list_files(root: Path) -> tuple[dict[str, list[tuple[str, str]]], list[str], list[tuple[str, str]], list[str]]:
@@ -179,14 +165,9 @@ def load(root: Path, image_size: int, channels: int, test_split: float, seed: in
                        seed, quiet)
 
 
-def load_listed(files: dict[str, list[tuple[str, str]]], class_names: list[str],
-                unreadable_files: list[tuple[str, str]], name: str, source: str, image_size: int, channels: int,
-                test_split: float, seed: int, quiet: bool, multi_label: bool = False) -> Dataset:
-    """A dataset from a listing {split ('all': none given): [(path, class name)]}, a folder's
-    (list_files) or a label file's (labelfile.read_label_file): decoded once into the disk cache.
-    multi_label: each class name is a set of labels joined by labelfile.SET_SEP, and the labels are
-    (N, K) 0/1 float32 rows instead of (N,) class indices."""
-    class_index = {c: i for i, c in enumerate(class_names)}
+def cached_rows(files: dict[str, list[tuple[str, str]]], image_size: int, channels: int,
+                quiet: bool) -> tuple[Path, dict]:
+    """(the raw cache file, its metadata) of a listing's decoded rows, decoding them if no complete cache exists."""
     key = cache_key(files, image_size, channels)
     raw = cache_dir() / "folders" / f"{key}.u8"
     raw.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +181,28 @@ def load_listed(files: dict[str, list[tuple[str, str]]], class_names: list[str],
             if meta is None:
                 entries = [(split, p, c) for split, ents in files.items() for p, c in ents]
                 meta = build_cache(entries, raw, image_size, channels, quiet)
+    return raw, meta
+
+
+def row_labels(classes: list[str], class_names: list[str], multi_label: bool) -> torch.Tensor:
+    """(N,) int64 class indices; multi-label (each entry labels joined by SET_SEP): (N, K) 0/1 float32 rows."""
+    index = {c: i for i, c in enumerate(class_names)}
+    if not multi_label:
+        return torch.tensor([index[c] for c in classes], dtype=torch.int64)
+    labels = torch.zeros(len(classes), len(class_names))
+    for row, c in enumerate(classes):
+        labels[row, [index[n] for n in c.split(SET_SEP) if n]] = 1
+    return labels
+
+
+def load_listed(files: dict[str, list[tuple[str, str]]], class_names: list[str],
+                unreadable_files: list[tuple[str, str]], name: str, source: str, image_size: int, channels: int,
+                test_split: float, seed: int, quiet: bool, multi_label: bool = False) -> Dataset:
+    """A dataset from a listing {split ('all': none given): [(path, class name)]}, a folder's
+    (list_files) or a label file's (labelfile.read_label_file): decoded once into the disk cache.
+    multi_label: each class name is a set of labels joined by labelfile.SET_SEP, and the labels are
+    (N, K) 0/1 float32 rows instead of (N,) class indices."""
+    raw, meta = cached_rows(files, image_size, channels, quiet)
     row_shape = (channels, image_size, image_size)
     rows = np.arange(meta["rows"])
     on_disk = meta["rows"] * channels * image_size ** 2 > in_memory_limit_bytes()
@@ -208,12 +211,7 @@ def load_listed(files: dict[str, list[tuple[str, str]]], class_names: list[str],
     else:
         everything = torch.from_numpy(np.fromfile(raw, dtype=np.uint8)).view(meta["rows"], *row_shape)
     split_of = np.array([SPLIT_NAMES.index(split) if split in SPLIT_NAMES else -1 for split, _, _ in meta["entries"]])
-    if multi_label:
-        labels = torch.zeros(len(meta["entries"]), len(class_names))
-        for row, (_, _, c) in enumerate(meta["entries"]):
-            labels[row, [class_index[n] for n in c.split(SET_SEP) if n]] = 1
-    else:
-        labels = torch.tensor([class_index[c] for _, _, c in meta["entries"]], dtype=torch.int64)
+    labels = row_labels([c for _, _, c in meta["entries"]], class_names, multi_label)
     splits = {}
     for split in files:
         index = np.flatnonzero(split_of == (SPLIT_NAMES.index(split) if split in SPLIT_NAMES else -1))

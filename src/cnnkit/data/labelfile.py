@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CnnkitError
+from .core import unreadable  # the same reasons a folder's listing gives
 
 LABEL_FILE_SUFFIXES = (".csv", ".tsv", ".jsonl")
 PATH_COLUMNS = ("path", "file", "filename", "filepath", "file_path", "image", "image_path", "img")
@@ -136,12 +137,42 @@ def find_column(path: Path, header: list[str], given: str | None, names: tuple[s
     return found[0] if found else None
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a label file's fields are: column indices, and which form its labels take."""
+    path: int
+    label: int | None  # None: the labels are the 0/1 `indicators` columns
+    split: int | None  # None: no split column (the rows are all 'all')
+    indicators: tuple[int, ...]
+    multi: bool  # several labels per row (separated, or 0/1 columns)
+    sep: str
+
+
 def read_label_file(path: str | os.PathLike, columns: Columns = Columns()) -> LabelFile:
     """Read and check a label file (see the module docstring); raises CnnkitError naming the first bad row."""
-    from .folder import unreadable  # the same reasons a folder's listing gives
-
     path = Path(path)
     header, rows = read_table(path)
+    at = layout(path, header, rows, columns)
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    entries: dict[str, list[tuple[str, str]]] = {}
+    bad: list[tuple[str, str]] = []
+    for number, fields in rows:
+        row = parse_row(path.parent, header, at, number, fields, seen)
+        if isinstance(row, str):
+            problems.append(row)
+        elif (why := unreadable(row[1])) is not None:
+            bad.append((row[1], why))
+        else:
+            entries.setdefault(row[0], []).append(row[1:])
+    if problems:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])}{' ...' if len(problems) > 4 else ''})"
+        raise CnnkitError(f"{path} {problems[0]}{more if len(problems) > 1 else ''}")
+    return listing(path, header, at, entries, bad)
+
+
+def layout(path: Path, header: list[str], rows: list[tuple[int, list[str]]], columns: Columns) -> Layout:
+    """The columns, found by name or named by the flags, and the labels' form."""
     at_path = find_column(path, header, columns.path, PATH_COLUMNS, "image path", "--path-column")
     at_split = find_column(path, header, columns.split, SPLIT_COLUMNS, "split", "--split-column", required=False)
     at_label = find_column(path, header, columns.label, LABEL_COLUMNS, "label", "--label-column", required=False)
@@ -151,67 +182,62 @@ def read_label_file(path: str | os.PathLike, columns: Columns = Columns()) -> La
     if at_label == at_path:
         raise CnnkitError(f"{path}: the image path and the label are the same column {header[at_path]!r}")
     multi = bool(indicators) or any(len(f) == len(header) and columns.label_sep in f[at_label] for _, f in rows)
-    base = path.parent
-    problems: list[str] = []
-    seen: dict[str, int] = {}
-    entries: dict[str, list[tuple[str, str]]] = {}
-    bad: list[tuple[str, str]] = []
-    for number, fields in rows:
-        if len(fields) != len(header):
-            problems.append(f"row {number}: {len(fields)} fields where the header has {len(header)}")
-            continue
-        name = fields[at_path].strip()
-        split = fields[at_split].strip().lower() if at_split is not None else "all"
-        if not name:
-            problems.append(f"row {number}: no image path")
-            continue
-        if indicators:
-            label = SET_SEP.join(header[i] for i in indicators if fields[i].strip() == "1")
-        else:
-            cell = fields[at_label]
-            parts = [p.strip() for p in (cell.split(columns.label_sep) if multi else [cell]) if p.strip()]
-            if not parts:
-                problems.append(f"row {number}: {name} has an empty label")
-                continue
-            label = SET_SEP.join(sorted(set(parts)))
-        if at_split is not None and split not in SPLIT_NAMES:
-            problems.append(f"row {number}: split {fields[at_split].strip()!r} is not one of {', '.join(SPLIT_NAMES)}")
-            continue
-        file = os.path.normpath(os.path.join(base, os.path.expanduser(name)))
-        if file in seen:
-            problems.append(f"row {number}: {name} is listed again (first on row {seen[file]})")
-            continue
-        seen[file] = number
-        if not os.path.lexists(file):
-            problems.append(f"row {number}: no such file {file}")
-            continue
-        if (why := unreadable(file)) is not None:
-            bad.append((file, why))
-            continue
-        entries.setdefault(split, []).append((file, label))
-    if problems:
-        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])}{' ...' if len(problems) > 4 else ''})"
-        raise CnnkitError(f"{path} {problems[0]}{more if len(problems) > 1 else ''}")
-    train_key = "train" if at_split is not None else "all"
+    return Layout(at_path, at_label, at_split, tuple(indicators), multi, columns.label_sep)
+
+
+def parse_row(base: Path, header: list[str], at: Layout, number: int, fields: list[str],
+              seen: dict[str, int]) -> tuple[str, str, str] | str:
+    """(split, file, label) of one row, its labels joined by SET_SEP; or what is wrong with it.
+    seen: file -> the row that first listed it (updated)."""
+    if len(fields) != len(header):
+        return f"row {number}: {len(fields)} fields where the header has {len(header)}"
+    name = fields[at.path].strip()
+    if not name:
+        return f"row {number}: no image path"
+    if at.label is None:
+        label = SET_SEP.join(header[i] for i in at.indicators if fields[i].strip() == "1")
+    else:
+        cell = fields[at.label]
+        parts = [p.strip() for p in (cell.split(at.sep) if at.multi else [cell]) if p.strip()]
+        if not parts:
+            return f"row {number}: {name} has an empty label"
+        label = SET_SEP.join(sorted(set(parts)))
+    split = fields[at.split].strip().lower() if at.split is not None else "all"
+    if at.split is not None and split not in SPLIT_NAMES:
+        return f"row {number}: split {fields[at.split].strip()!r} is not one of {', '.join(SPLIT_NAMES)}"
+    file = os.path.normpath(os.path.join(base, os.path.expanduser(name)))
+    if file in seen:
+        return f"row {number}: {name} is listed again (first on row {seen[file]})"
+    seen[file] = number
+    if not os.path.lexists(file):
+        return f"row {number}: no such file {file}"
+    return split, file, label
+
+
+def listing(path: Path, header: list[str], at: Layout, entries: dict[str, list[tuple[str, str]]],
+            bad: list[tuple[str, str]]) -> LabelFile:
+    """The checked rows as a LabelFile: class names from the training rows, every split's classes
+    known to training, rows sorted by (class, path)."""
+    train_key = "train" if at.split is not None else "all"
     if not entries.get(train_key):
-        raise CnnkitError(f"{path} lists no {'training ' if at_split is not None else ''}images"
-                          + (" (no row has split 'train')" if at_split is not None and entries else ""))
-    labels_of = (lambda c: c.split(SET_SEP) if c else []) if multi else (lambda c: [c])  # noqa: E731
-    class_names = ([header[i] for i in indicators] if indicators
+        raise CnnkitError(f"{path} lists no {'training ' if at.split is not None else ''}images"
+                          + (" (no row has split 'train')" if at.split is not None and entries else ""))
+    labels_of = (lambda c: c.split(SET_SEP) if c else []) if at.multi else (lambda c: [c])  # noqa: E731
+    class_names = ([header[i] for i in at.indicators] if at.indicators
                    else sorted({n for _, c in entries[train_key] for n in labels_of(c)}))
     for split, listed in entries.items():
         unknown = sorted({n for _, c in listed for n in labels_of(c)} - set(class_names))
         if unknown:
-            raise CnnkitError(f"{path}: the {split} rows have {'labels' if multi else 'classes'} {unknown} that no "
+            raise CnnkitError(f"{path}: the {split} rows have {'labels' if at.multi else 'classes'} {unknown} that no "
                               "train row has")
-    if multi:  # each row's labels in class order, so equal sets are equal strings
+    if at.multi:  # each row's labels in class order, so equal sets are equal strings
         order = {n: i for i, n in enumerate(class_names)}
         entries = {sp: [(p, SET_SEP.join(sorted(labels_of(c), key=order.get))) for p, c in listed]
                    for sp, listed in entries.items()}
     files = {s: sorted(entries[s], key=lambda e: (e[1], e[0])) for s in (*SPLIT_NAMES, "all") if s in entries}
-    used = Columns(header[at_path], header[at_label] if at_label is not None else None,
-                   header[at_split] if at_split is not None else None, columns.label_sep)
-    return LabelFile(files, class_names, bad, used, multi)
+    used = Columns(header[at.path], header[at.label] if at.label is not None else None,
+                   header[at.split] if at.split is not None else None, at.sep)
+    return LabelFile(files, class_names, bad, used, at.multi)
 
 
 def indicator_columns(header: list[str], rows: list[tuple[int, list[str]]], taken: set[int | None]) -> list[int]:

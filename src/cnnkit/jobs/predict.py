@@ -24,7 +24,9 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
                   tta: bool = False, runtime: str = "auto", workers: int | None = None,
                   on_progress: Callable[[int], None] | None = None) -> tuple[list[dict], dict]:
     """(rows, info). One row per file: {path, labels, probabilities} or {path, error}; a bad file
-    never stops the batch. info: {runtime, why, files, classified, errors, seconds}.
+    never stops the batch. A multi-label model's row holds the labels present (at the model file's
+    thresholds), most probable first, and label_probabilities: every label's.
+    info: {runtime, why, files, classified, errors, seconds}.
 
     model: a model file, a run folder, or an ONNX file written by `cnnkit export`."""
     start = time.perf_counter()
@@ -46,9 +48,13 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
     if info is None:
         rt, why = choose_runtime(model_path, None, runtime, tta, measure=False)
         info = rt.info
-    info.single_label_only("cnnkit predict")
     names, side = info.class_names, info.square_side("predict")
     k = min(top_k, len(names))
+    # multi-label: every label whose probability reaches its threshold, and each label's probability
+    thresholds = (np.array(info.thresholds or [0.5] * len(names)) if info.task == "multi-label" else None)
+    if thresholds is not None and (tta or min_confidence is not None):
+        raise CnnkitError(f"{'--tta' if tta else '--min-confidence'} is for single-label models; this one is "
+                          "multi-label, its thresholds are in the model file")
     for chunk, decoded in decoded_chunks(files, side, info.input.channels, workers):
         if rt is None:  # after the pool has forked: the runtime's threads are the parent's alone
             rt, why = choose_runtime(model_path, info, runtime, tta, measure=len(files) >= runtimes.MEASURE_FROM_FILES)
@@ -59,6 +65,10 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
         for path, (array, error) in zip(chunk, decoded):
             if array is None:
                 rows.append({"path": path, "error": error})
+                continue
+            if thresholds is not None:
+                rows.append(label_set_row(path, probs[j], thresholds, names))
+                j += 1
                 continue
             labels = [names[i] for i in order[j]]
             values = [float(probs[j, i]) for i in order[j]]
@@ -71,3 +81,12 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
     errors = sum("error" in r for r in rows)
     return rows, {"runtime": rt.name, "why": why, "files": len(rows), "classified": len(rows) - errors,
                   "errors": errors, "seconds": time.perf_counter() - start}
+
+
+def label_set_row(path: str, probs: np.ndarray, thresholds: np.ndarray, names: list[str]) -> dict:
+    """A multi-label model's row: the labels present (probability >= threshold), most probable
+    first, their probabilities, and every label's probability."""
+    present = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= thresholds[i]]
+    return {"path": path, "labels": [names[i] for i in present], "probabilities": [float(probs[i]) for i in present],
+            "label_probabilities": {n: float(p) for n, p in zip(names, probs)}}
+

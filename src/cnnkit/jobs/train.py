@@ -194,35 +194,32 @@ def run_facts(ds: Dataset, result: TrainResult) -> dict:
 
 def finish_multi_label(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -> RunResult:
     """The end of a multi-label run: one threshold per label chosen on validation (the best F1),
-    the test figures at those thresholds (multilabel.py; and macro F1 at 0.5 beside, to show what
-    tuning gave), the model file with its thresholds, metrics.json. No temperature: each label's
-    calibration is its ECE in metrics.json. report.html has no multi-label pages yet."""
-    from ..multilabel import choose_thresholds, multilabel_metrics
+    the test figures at those thresholds (evaluate.evaluate_multi_label; macro F1 at 0.5 beside, to
+    show what tuning gave), the model file with its thresholds, metrics.json. No temperature: each
+    label's calibration is its ECE in metrics.json. report.html has no multi-label pages yet."""
+    from ..evaluate import evaluate_multi_label
+    from ..multilabel import choose_thresholds
     t0 = time.perf_counter()
     best, device = result.model.to(memory_format=torch.channels_last), result.device
     preprocess = Preprocess.from_info(result.info, channels_last=True).to(device)
-    probs = {name: torch.sigmoid(predict_logits(best, split.images, preprocess, device, "fp32")).numpy()
-             for name, split in (("val", ds.val), ("test", ds.test))}  # (N, K)
-    truth = ds.test.labels.numpy()
-    thresholds = choose_thresholds(probs["val"], ds.val.labels.numpy())
-    m = multilabel_metrics(probs["test"], truth, thresholds, ds.class_names)
-    at_half = multilabel_metrics(probs["test"], truth, np.full(ds.num_classes, 0.5), ds.class_names)
+    val_probs = torch.sigmoid(predict_logits(best, ds.val.images, preprocess, device, "fp32")).numpy()  # (N, K)
+    info = dataclasses.replace(result.info, thresholds=choose_thresholds(val_probs, ds.val.labels.numpy()).tolist())
+    m, _ = evaluate_multi_label(best, info, ds.test, ds.class_names, device)
     metrics = {"test_accuracy": m["subset_accuracy"], "test_subset_accuracy": m["subset_accuracy"],
                "test_mean_average_precision": m["mean_average_precision"], "test_hamming_loss": m["hamming_loss"],
                "test_micro_f1": m["micro"]["f1"], "test_macro_f1": m["macro"]["f1"],
-               "test_macro_f1_at_half": at_half["macro"]["f1"],
-               "test_subset_accuracy_at_half": at_half["subset_accuracy"],
+               "test_macro_f1_at_half": m["at_half"]["macro_f1"],
+               "test_subset_accuracy_at_half": m["at_half"]["subset_accuracy"],
                "test_n": m["n"], "test_per_label": m["per_label"], **run_facts(ds, result)}
-    info = dataclasses.replace(result.info, thresholds=thresholds.tolist(), metrics=metrics, history=result.history)
+    info = dataclasses.replace(info, metrics=metrics, history=result.history)
     run.save_model(best, info)
     run.write_history(result.history)
     run.write_metrics(metrics)
     run.remove_checkpoint()
     run.log(f"test mAP {metrics['test_mean_average_precision']:.4f}, subset accuracy {m['subset_accuracy']:.4f}, "
-            f"macro F1 {m['macro']['f1']:.4f} at the validation thresholds ({at_half['macro']['f1']:.4f} at 0.5) on "
-            f"{m['n']} {ds.test_source} images (best epoch {result.best_epoch})")
+            f"macro F1 {m['macro']['f1']:.4f} at the validation thresholds ({m['at_half']['macro_f1']:.4f} at 0.5) "
+            f"on {m['n']} {ds.test_source} images (best epoch {result.best_epoch})")
     if cfg.report:
         run.log("note: report.html has no multi-label pages yet: the figures, per label too, are in metrics.json")
     run.log(f"after the last epoch: {time.perf_counter() - t0:.1f} s to choose thresholds, test, save")
     return RunResult(run.path, best, ds, result.history, metrics, cfg, info)
-
