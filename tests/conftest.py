@@ -114,3 +114,18 @@ def assert_same_run(a: Path, b: Path) -> None:
     wa, wb = load_model(a)[0], load_model(b)[0]
     for (k, va), vb in zip(wa.state_dict().items(), wb.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+@pytest.fixture(scope="session")
+def multi_label_run(tmp_path_factory):
+    """(run folder, labels.csv) of a small multi-label model: multi-MNIST (1-3 digits on a 56x56
+    canvas; benchmarks/data/multi_mnist.py) with 2,000 training and 200 test images, the multi-mnist
+    recipe for 6 epochs. Learnt, not good: for tests of what comes after training."""
+    from benchmarks.data.multi_mnist import write_multi_mnist
+    base = tmp_path_factory.mktemp("multi-label")
+    labels = write_multi_mnist(base / "data", train=2000, test=200, seed=0, data_dir=shared("mnist").parent)
+    out = base / "run"
+    r = run_main("train", "--data", str(labels), "--recipe", "multi-mnist", "--epochs", "6", "--out", str(out),
+                 "--no-report", "--quiet")
+    assert r.returncode == 0, r.stderr
+    return out, labels
