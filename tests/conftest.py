@@ -129,3 +129,46 @@ def multi_label_run(tmp_path_factory):
                  "--no-report", "--quiet")
     assert r.returncode == 0, r.stderr
     return out, labels
+
+
+def write_mnist_pair(out: Path, classes=(4, 9), train: int = 1500, test: int = 400) -> Path:
+    """MNIST images of two digits as PNG files plus labels.csv (path,label,split; labels digit4 and
+    digit9): a two-class label file of real pixels, from the first `train` matching images of MNIST's
+    training set and the first `test` of its test set."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    import cnnkit
+    mnist = cnnkit.load_dataset("mnist", data_dir=shared("mnist").parent, download=False, quiet=True)
+    rows = []
+    for split, source, count in (("train", mnist.train, train), ("test", mnist.test, test)):
+        (out / split).mkdir(parents=True)
+        keep = np.flatnonzero(np.isin(source.labels.numpy(), classes))[:count]
+        for i in keep:
+            name = f"{split}/{i:05d}.png"
+            Image.fromarray(source.images[i, 0].numpy(), mode="L").save(out / name)
+            rows.append((name, f"digit{int(source.labels[i])}", split))
+    with open(out / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "split"), *rows])
+    return out / "labels.csv"
+
+
+# The binary fixture's training, and the softmax model tests train beside it: MNIST's fast network on
+# 28x28, one-cycle at 0.01 for 5 epochs of 64-image batches (the last two, --task binary, dropped for softmax).
+BINARY_ARGS = ["--model", "fast-mnist", "--image-size", "28", "--channels", "1", "--epochs", "5", "--batch-size",
+               "64", "--lr", "0.01", "--schedule", "onecycle", "--no-report", "--quiet", "--task", "binary"]
+
+
+@pytest.fixture(scope="session")
+def binary_run(tmp_path_factory):
+    """(run folder, labels.csv) of a binary model (--task binary: one logit, a threshold chosen on
+    validation): MNIST 4 against 9 (write_mnist_pair: 1,500 training and 400 test images), about 10 s.
+    Session-scoped: treat the folder as read-only."""
+    base = tmp_path_factory.mktemp("binary")
+    labels = write_mnist_pair(base / "data")
+    out = base / "run"
+    r = run_main("train", *BINARY_ARGS, "--data", str(labels), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out, labels

@@ -3,6 +3,7 @@ runtime; an ONNX file used from a script that has only onnxruntime, NumPy and Pi
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import subprocess
 import sys
@@ -197,3 +198,136 @@ def test_auto_runtime_measures_once_and_falls_back_when_export_fails(tmp_path, m
     other = model_file(tmp_path / "o", "seed-mnist-keras", 1, 28, None, seed=3)
     rows3, info3 = predict.predict_files(other, [str(png)])
     assert info3["runtime"] == "torch" and "no ONNX export" in info3["why"] and "labels" in rows3[0]
+
+
+# ----------------------------------------------------------------------------- multi-label models
+@functools.lru_cache(maxsize=1)  # decoding the label file takes seconds; the tests only read what it returns
+def multi_label_test_split(run_folder, labels):
+    """(model, info, test split) of the multi_label_run fixture: uint8 images (N, 1, 56, 56), truth (N, K)."""
+    from cnnkit.evaluate import load_split_for
+    model, info = cnnkit.load_model(run_folder)
+    split, _ = load_split_for(info, str(labels), "test")
+    return model, info, split
+
+
+def multi_label_outputs(path, fmt: str, nhwc: torch.Tensor) -> tuple[list[np.ndarray], dict]:
+    """Every output of an export on uint8 (N, H, W, C), read by what a client would use, and its metadata."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        assert names == ["probabilities", "labels"]
+        return session.run(None, {"images": nhwc.numpy()}), json.loads(
+            session.get_modelmeta().custom_metadata_map["cnnkit"])
+    from cnnkit.export import load_torch_export
+    module, meta = load_torch_export(path)
+    with torch.no_grad():
+        return [t.numpy() for t in module(nhwc)], meta
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
+def test_a_multi_label_export_gives_sigmoids_and_decides_at_the_model_files_thresholds(multi_label_run, tmp_path,
+                                                                                      fmt):
+    import dataclasses
+
+    from cnnkit.preprocess import Preprocess
+    run_folder, labels = multi_label_run
+    out = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt2")
+    r = run_main("export", str(run_folder), "--format", fmt, "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)  # parity on the validation split: the same label set for every image
+    assert result["passed"] and result["task"] == "multi-label" and result["agreement_on"] == "label set"
+    assert result["agreement"] == 1.0 and result["max_abs_diff"] <= 1e-4 and "validation images" in result["checked_on"]
+    model, info, split = multi_label_test_split(run_folder, labels)
+    images = split.images[:128]  # uint8 (128, 1, 56, 56)
+    (probs, decided), meta = multi_label_outputs(out, fmt, images.permute(0, 2, 3, 1).contiguous())
+    with torch.no_grad():  # the reference: the model file in PyTorch eager, one sigmoid per label
+        expected = torch.sigmoid(model(Preprocess.from_info(info)(images))).numpy()
+    assert probs.dtype == np.float32 and probs.shape == (128, 10) and np.abs(probs - expected).max() < 1e-4
+    assert decided.dtype == np.bool_ and np.array_equal(decided, probs >= np.array(info.thresholds))
+    assert 0 < decided.sum() < decided.size and decided.any(1).mean() > 0.9  # decisions, not all-on or all-off
+    assert (decided == split.labels[:128].numpy().astype(bool)).mean() > 0.9  # and mostly the truth
+    assert meta["task"] == "multi-label" and meta["thresholds"] == info.thresholds
+    assert meta["outputs"] == {"probabilities": "float32", "labels": "bool"}
+    back = cnnkit.ModelInfo.from_export(meta, where=str(out))
+    assert back.task == "multi-label" and back.thresholds == info.thresholds and back.class_names == info.class_names
+    # The proof checks decisions too: thresholds other than the export's change label sets, not probabilities.
+    other = dataclasses.replace(info, thresholds=[min(1.0, t + 0.2) for t in info.thresholds])
+    check = parity(model, other, out, fmt, images)
+    assert not check["passed"] and check["agreement"] < 1 and check["max_abs_diff"] <= 1e-4
+
+
+def test_predict_on_the_onnx_runtime_gives_torchs_label_sets(multi_label_run, tmp_path, monkeypatch):
+    import cnnkit.runtimes as runtimes
+    run_folder, labels = multi_label_run
+    model, info, split = multi_label_test_split(run_folder, labels)
+    paths = split.paths[:16]
+    rows = {}
+    for runtime in ("torch", "onnx", "auto"):
+        if runtime == "auto":
+            monkeypatch.setattr(runtimes, "MEASURE_FROM_FILES", 1)  # measure on this small job, with the cached export
+        r = run_main("predict", str(run_folder), *paths, "--runtime", runtime, "--json")
+        assert r.returncode == 0, r.stderr
+        rows[runtime] = json.loads(r.stdout)
+    onnx_file = next(runtimes.exports_dir().glob("*.onnx"))  # the ONNX runtime's export (export.export's)
+    r = run_main("predict", str(onnx_file), *paths, "--json")  # the file itself: its thresholds from its metadata
+    assert r.returncode == 0, r.stderr
+    rows["file"] = json.loads(r.stdout)
+    thresholds = np.array(info.thresholds)
+    checked = 0
+    for i, ours in enumerate(rows["torch"]):
+        p = np.array([ours["label_probabilities"][n] for n in info.class_names])
+        for other in ("onnx", "auto", "file"):
+            theirs = rows[other][i]
+            assert theirs["path"] == ours["path"]
+            assert [theirs["label_probabilities"][n] for n in info.class_names] == pytest.approx(p.tolist(), abs=1e-5)
+            if np.abs(p - thresholds).min() > 1e-4:  # no label on the edge of its threshold
+                assert theirs["labels"] == ours["labels"] and theirs["probabilities"] == pytest.approx(
+                    ours["probabilities"], abs=1e-5)
+                checked += other == "onnx"
+    assert checked >= 14 and sum(len(row["labels"]) for row in rows["torch"]) >= 16  # 1-3 digits an image
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
+def test_a_binary_export_gives_calibrated_probabilities_and_the_decided_class(binary_run, tmp_path, fmt):
+    """A binary model's graph: (1 - p, p) with p = sigmoid(z / T) from its one logit z, and the class
+    its threshold decides; the parity proof compares those decisions; ONNX predict decides alike."""
+    from cnnkit.evaluate import load_split_for
+    from cnnkit.preprocess import Preprocess
+    run_folder, labels = binary_run
+    out = tmp_path / ("b.onnx" if fmt == "onnx" else "b.pt2")
+    r = run_main("export", str(run_folder), "--format", fmt, "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["passed"] and result["task"] == "binary" and result["agreement_on"] == "decided class"
+    model, info = cnnkit.load_model(run_folder)
+    split, _ = load_split_for(info, str(labels), "test")
+    pick = torch.arange(0, len(split), 3)[:128]  # both classes: the split is in class order, as a folder's
+    images = split.images[pick]
+    (probs, decided), meta = multi_label_outputs(out, fmt, images.permute(0, 2, 3, 1).contiguous())
+    with torch.no_grad():
+        p = torch.sigmoid(model(Preprocess.from_info(info)(images))[:, 0] / info.temperature).numpy()
+    assert probs.shape == (128, 2) and np.abs(probs[:, 1] - p).max() < 1e-4 and np.abs(probs.sum(1) - 1).max() < 1e-5
+    second = p >= info.thresholds[0]
+    assert decided.dtype == np.bool_ and np.array_equal(decided, np.stack([~second, second], 1))
+    assert 0.3 < second.mean() < 0.7  # both classes decided: 4s and 9s
+    assert meta["task"] == "binary" and meta["thresholds"] == info.thresholds
+    if fmt == "onnx":
+        r = run_main("predict", str(out), *[split.paths[i] for i in pick[:16]], "--json")
+        assert r.returncode == 0, r.stderr
+        assert [row["labels"][0] for row in json.loads(r.stdout)] == [
+            info.class_names[int(d)] for d in second[:16]]
+
+
+def test_the_graphs_float32_thresholds_decide_as_the_model_files_float64_ones():
+    from cnnkit.export import decision_thresholds
+    from cnnkit.modelfile import InputShape, ModelInfo, Preprocessing
+    t64 = np.concatenate([[0.7, 0.3, 0.5], np.random.default_rng(0).random(61)])  # 0.7's nearest float32 lies below
+    info = ModelInfo(architecture={}, class_names=[str(k) for k in range(64)], input=InputShape(1, 8, 8),
+                     preprocessing=Preprocessing(mean=[0.5], std=[0.2]), task="multi-label", thresholds=t64.tolist())
+    t32 = decision_thresholds(info)
+    assert t32.dtype == np.float32 and float(np.float32(0.7)) < 0.7 < float(t32[0])
+    p = t64.astype(np.float32)[None, :] + np.arange(-3, 4)[:, None] * np.spacing(t64.astype(np.float32))  # (7, 64)
+    p = p.astype(np.float32)  # the float32 probabilities around each threshold, the nearest one included
+    assert np.array_equal(p >= t32, p.astype(np.float64) >= t64)
+    assert not np.array_equal(p >= t64.astype(np.float32), p.astype(np.float64) >= t64)  # plain rounding would not

@@ -54,7 +54,10 @@ def test_f1_thresholds_are_the_best_of_scikit_learns_curve_and_beat_one_half():
     for k in range(5):
         p, r, t = precision_recall_curve(truth[:, k], probs[:, k])
         f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0)[:-1]
-        assert chosen[k] in t and f1_score(truth[:, k], probs[:, k] >= chosen[k]) == pytest.approx(f1.max()), k
+        best = t[np.argmax(f1)]  # the curve's F1-best threshold; ours lies midway below it
+        assert np.array_equal(probs[:, k] >= chosen[k], probs[:, k] >= best), k
+        assert not np.isin(chosen[k], probs[:, k]), k  # no validation score sits on the threshold
+        assert f1_score(truth[:, k], probs[:, k] >= chosen[k]) == pytest.approx(f1.max()), k
     assert chosen[5] == 0.5  # nothing to tune a never-present label on
     tuned = multilabel_metrics(probs, truth, chosen, list("abcdef"))["macro"]["f1"]
     half = multilabel_metrics(probs, truth, np.full(6, 0.5), list("abcdef"))["macro"]["f1"]
@@ -67,7 +70,7 @@ def test_a_target_precision_picks_the_most_recall_that_reaches_it():
     for k in range(4):
         p, r, t = precision_recall_curve(truth[:, k], probs[:, k])
         ok = p[:-1] >= 0.9
-        assert ok.any() and chosen[k] == pytest.approx(t[ok].min()), k
+        assert ok.any() and np.array_equal(probs[:, k] >= chosen[k], probs[:, k] >= t[ok].min()), k
         assert precision_score(truth[:, k], probs[:, k] >= chosen[k]) >= 0.9
 
 
@@ -97,7 +100,7 @@ def test_a_multi_label_run_on_multi_mnist_learns_and_reports_scikit_learns_figur
     # the pixels of 10,000 images: mAP 0.619, subset accuracy 0.200; python -m benchmarks.data.multi_mnist)
     assert metrics["test_mean_average_precision"] > 0.93 and metrics["test_subset_accuracy"] > 0.6, metrics
     model, info = load_model(out)
-    assert info.task == "multi-label" and len(info.thresholds) == 10 and not (out / "report.html").exists()
+    assert info.task == "multi-label" and len(info.thresholds) == 10 and (out / "report.html").exists()
     ds = load_dataset(str(labels), image_size=56, channels=1, seed=info.train_config().seed, quiet=True)
     probs = torch.sigmoid(predict_logits(model, ds.test.images, Preprocess.from_info(info))).numpy()
     truth = ds.test.labels.numpy()
@@ -131,8 +134,6 @@ def test_a_multi_label_run_on_multi_mnist_learns_and_reports_scikit_learns_figur
     assert header == "path,labels," + ",".join(f"p_{d}" for d in range(10)) + ",error"
     r = run_main("predict", str(out), paths[0], "--tta")
     assert r.returncode == 2 and "--tta is for single-label models" in r.stderr
-    r = run_main("export", str(out), "--format", "onnx")
-    assert r.returncode == 2 and "multi-label model: cnnkit export" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 def test_the_model_file_keeps_the_task_and_its_thresholds_and_refuses_bad_ones():

@@ -79,6 +79,13 @@ class TrainConfig:
     label_column: str | None = None  # a label file's column of classes; None: the one named label, class, ...
     split_column: str | None = None  # a label file's column of train/val/test; None: one named split or subset, if any
     label_sep: str = ";"  # a label file's separator of several labels in one cell (multi-label: "cat;outdoor")
+    task: str = "auto"  # auto (multi-label where a label file gives several labels per image, else single-label) |
+                        # single-label (softmax, cross-entropy) | multi-label (one sigmoid per label) | binary (two
+                        # classes, one logit; the positive class is the second in sorted order)
+    target_precision: float = 0.0  # multi-label and binary: the threshold is the lowest reaching this precision on
+                                   # validation (the most recall there); 0: the threshold with the best F1
+    pos_weight: bool = False  # multi-label: weight each label's positives by negatives/positives in training, so
+                              # rare labels count as much as common ones
     model: str = "seed-digits"  # registered name (see `cnnkit models`), YAML spec file, or svm (linear SVM on pixels)
     epochs: int = 10  # passes over the training split
     batch_size: int = 128  # images per optimizer step
@@ -282,12 +289,12 @@ RANGES = {
     "image_size": (1, None, (True, False)), "fine_tune_epochs": (1, None, (True, False)),
     "fine_tune_lr_factor": (0, None, (False, False)), "bias_lr_factor": (0, None, (False, False)),
     "ema": (0, 1, (True, False)), "grad_clip": (0, None, (True, False)), "early_stop": (0, None, (True, False)),
-    "augment_from_epoch": (1, None, (True, False)),
+    "augment_from_epoch": (1, None, (True, False)), "target_precision": (0, 1, (True, False)),
     **{f"aug_{op}": AUGMENT_RANGES.get(op, (0, None, (True, False))) for op in AUGMENT_OPS},
 }
 CHOICES = {"optimizer": ("adam", "adamw", "sgd"), "schedule": ("linear", "cosine", "onecycle", "constant"),
            "augment": ("none", "light", "standard", "strong"), "balance": ("none", "weights", "sampler"),
-           "precision": ("auto", "bf16", "fp32"),
+           "precision": ("auto", "bf16", "fp32"), "task": ("auto", "single-label", "multi-label", "binary"),
            "device": ("auto", "cpu", "cuda"), "channels": (None, 1, 3)}
 
 

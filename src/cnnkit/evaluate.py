@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import Columns, Split, load_dataset
+from .data import Columns, Split, load_dataset, with_task
 from .errors import CnnkitError
-from .inference import predict_logits, probabilities, top_k_accuracy
+from .inference import class_logits, decide, predict_logits, probabilities, top_k_accuracy
 from .modelfile import ModelInfo
 from .preprocess import Preprocess
 
@@ -25,6 +25,7 @@ def load_split_for(info: ModelInfo, data: str, split: str, data_dir=None) -> tup
     ds = load_dataset(data, data_dir=data_dir or cfg.data_dir, image_size=info.input.height,
                       channels=info.input.channels, val_split=cfg.val_split, test_split=cfg.test_split,
                       seed=cfg.seed, quiet=True, columns=Columns.of(cfg))
+    ds = with_task(ds, info.task)  # a model trained with --task: its labels as it saw them
     if ds.class_names != info.class_names:
         raise CnnkitError(f"{data} has classes {ds.class_names[:5]}..., the model was trained on "
                           f"{info.class_names[:5]}...: evaluate on the data it was trained for")
@@ -33,11 +34,13 @@ def load_split_for(info: ModelInfo, data: str, split: str, data_dir=None) -> tup
     return getattr(ds, split), ds.class_names
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
+                           preds: np.ndarray | None = None) -> dict:
     """Top-1/top-5 accuracy, per-class precision/recall/F1/support with macro and weighted averages,
-    the confusion matrix (rows: true class, columns: predicted), and calibration (ECE)."""
+    the confusion matrix (rows: true class, columns: predicted), and calibration (ECE).
+    preds: the decided classes (N,) where they are not the most probable (a binary model's threshold)."""
     k = len(class_names)
-    preds = probs.argmax(1)
+    preds = probs.argmax(1) if preds is None else preds
     cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (labels, preds), 1)
     tp = np.diag(cm).astype(np.float64)
@@ -81,9 +84,9 @@ def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> 
 
 
 def misclassified(probs: np.ndarray, labels: np.ndarray, class_names: list[str], paths: list[str] | None,
-                  limit: int = 50) -> list[dict]:
-    """The worst mistakes, by cross-entropy loss: highest first."""
-    preds = probs.argmax(1)
+                  limit: int = 50, preds: np.ndarray | None = None) -> list[dict]:
+    """The worst mistakes, by cross-entropy loss: highest first (preds: as classification_metrics)."""
+    preds = probs.argmax(1) if preds is None else preds
     wrong = np.flatnonzero(preds != labels)
     loss = -np.log(np.clip(probs[wrong, labels[wrong]], 1e-12, 1))
     order = wrong[np.argsort(-loss)][:limit]
@@ -120,9 +123,11 @@ def evaluate(model: torch.nn.Module, info: ModelInfo, split: Split, class_names:
     model = model.eval().to(memory_format=torch.channels_last)
     if logits is None:  # one pass serves both calibrations
         logits = predict_logits(model, split.images, Preprocess.from_info(info, channels_last=True).to(device), device)
+    logits = class_logits(logits, info.task)  # a binary model's one logit as two classes' (N, 2)
     raw = F.softmax(logits, dim=1).numpy().astype(np.float64)
     probs = F.softmax(logits / temperature, dim=1).numpy().astype(np.float64)
-    metrics = classification_metrics(probs, labels, class_names)
+    preds = decide(probs, info)
+    metrics = classification_metrics(probs, labels, class_names, preds)
     metrics["temperature"] = temperature
     metrics["ece_uncalibrated"] = calibration(raw, labels)["ece"]
     metrics["loss"] = (float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean())
@@ -130,10 +135,14 @@ def evaluate(model: torch.nn.Module, info: ModelInfo, split: Split, class_names:
     if tta:  # reported beside, not instead: TTA averages make probabilities less confident
         if tta_probs is None:
             tta_probs = probabilities(model, info, split.images, tta=True, device=device, logits=logits)
-        metrics["tta_accuracy"] = float((tta_probs.argmax(1) == labels).mean())
+        metrics["tta_accuracy"] = float((decide(tta_probs, info) == labels).mean())
         if len(class_names) >= 5:
             metrics["tta_top5_accuracy"] = top_k_accuracy(tta_probs, labels, 5)
-    metrics["misclassified"] = misclassified(probs, labels, class_names, split.paths)
+    metrics["misclassified"] = misclassified(probs, labels, class_names, split.paths, preds=preds)
+    if info.task == "binary":  # ROC and PR curves, AUCs, the threshold's confusion matrix, accuracy at 0.5 beside
+        from .multilabel import binary_metrics
+        metrics["task"] = "binary"
+        metrics["binary"] = binary_metrics(probs[:, 1], labels, info.thresholds[0] if info.thresholds else 0.5)
     return metrics, probs
 
 

@@ -149,9 +149,11 @@ def capture(model: nn.Module, sites: list[Site], x: torch.Tensor,
 
 def gradcam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = None,
             site: Site | None = None,
-            geometry: list[tuple[float, float]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            geometry: list[tuple[float, float]] | None = None, binary: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(heatmaps (N, H, W) in [0, 1], logits (N, K)) for a normalized batch x (N, C, H, W), for
-    `classes` (N,) or, by default, each image's predicted class. The model must be in eval mode:
+    `classes` (N,) or, by default, each image's predicted class (binary: a binary model, its logits
+    taken as the two classes', (N, 2)). The model must be in eval mode:
     then images do not interact (BatchNorm uses running statistics), so one backward pass over the
     summed scores gives every image its own gradient."""
     if site is None:
@@ -160,6 +162,8 @@ def gradcam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = No
         geometry = grid_geometry(model, tuple(x.shape[1:]), site)
     x = x.detach().requires_grad_(True)  # a graph to differentiate even when every weight is frozen
     logits, (maps,) = capture(model, [site], x, grad=True)
+    if binary:  # the one logit z as the two classes' (-z/2, z/2), as inference.class_logits
+        logits = torch.cat([-logits / 2, logits / 2], dim=1)
     if classes is None:
         classes = logits.argmax(1)
     score = logits.float().gather(1, classes.view(-1, 1)).sum()

@@ -65,11 +65,31 @@ def top_k_accuracy(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.
     return (top == labels[:, None]).any(1).double().mean().item()
 
 
+def class_logits(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Logits over the classes, (N, K): a binary model's one logit z (N, 1) becomes (-z/2, z/2), whose
+    softmax is (1 - sigmoid(z), sigmoid(z)) and whose Grad-CAM has a gradient for either class."""
+    if task != "binary":
+        return logits
+    return torch.cat([-logits / 2, logits / 2], dim=1)
+
+
+def decide(probs: np.ndarray, info: ModelInfo) -> np.ndarray:
+    """(N,) the class each row of probabilities (N, K) decides: the most probable, or for a binary
+    model the second class where its probability reaches the model file's threshold."""
+    if info.task == "binary":
+        threshold = info.thresholds[0] if info.thresholds else 0.5
+        return (probs[:, 1] >= threshold).astype(np.int64)
+    return probs.argmax(1)
+
+
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """loss, accuracy, n and (with at least 5 classes) top-5 accuracy. Multi-label labels (N, K) of
     0/1: the mean binary cross-entropy per label, and as accuracy the share of images whose every
     label is right at probability 0.5 (subset accuracy; the tuned thresholds come after training)."""
     n, k = logits.shape
+    if k == 1 and labels.ndim == 1:  # binary: one logit, the second class's
+        return {"loss": F.binary_cross_entropy_with_logits(logits[:, 0], labels.float()).item(),
+                "accuracy": ((logits[:, 0] > 0) == (labels == 1)).float().mean().item(), "n": n}
     if labels.ndim == 2:
         return {"loss": F.binary_cross_entropy_with_logits(logits, labels.float()).item(),
                 "accuracy": ((logits > 0) == (labels > 0.5)).all(1).float().mean().item(), "n": n}
@@ -97,7 +117,8 @@ def probabilities(model: nn.Module, info: ModelInfo, images: torch.Tensor, tta: 
                   calibrated: bool = True, device: torch.device = torch.device("cpu"),
                   batch_size: int = INFERENCE_BATCH, logits: torch.Tensor | None = None) -> np.ndarray:
     """softmax(logits / T) for uint8 images (N, C, H, W), averaged over TTA views if asked, in fp32;
-    for a multi-label model sigmoid(logits), each label's probability on its own.
+    for a multi-label model sigmoid(logits), each label's probability on its own; for a binary
+    model (1 - p, p) with p = sigmoid(z / T) (class_logits).
     logits: the plain view's logits when the caller has them already (one pass fewer).
 
     Channels-last activations: 1.5-2x faster fp32 inference on the CPU, results equal to 1e-5
@@ -107,6 +128,7 @@ def probabilities(model: nn.Module, info: ModelInfo, images: torch.Tensor, tta: 
     model = model.eval().to(memory_format=torch.channels_last)
     if logits is None:
         logits = predict_logits(model, images, preprocess, device, batch_size=batch_size)
+    logits = class_logits(logits, info.task)
     if info.task == "multi-label":  # one sigmoid per label; its thresholds decide (info.thresholds)
         if tta:
             raise CnnkitError("test-time augmentation averages single-label probabilities; leave --tta out")
@@ -122,5 +144,6 @@ def probabilities(model: nn.Module, info: ModelInfo, images: torch.Tensor, tta: 
         views = 1 + len(others)
         for v in others:  # the mirror and the four shifts; the plain view is `probs`
             v = v.contiguous(memory_format=torch.channels_last)
-            total[i:i + batch_size] += F.softmax(model(v).float() / temperature, dim=1).cpu()
+            logits_v = class_logits(model(v).float(), info.task)
+            total[i:i + batch_size] += F.softmax(logits_v / temperature, dim=1).cpu()
     return (total / views).numpy().astype(np.float64)

@@ -30,7 +30,8 @@ FORMAT = "cnnkit-model"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"  # its name inside a run folder
 REQUIRED = ("architecture", "class_names", "input", "preprocessing")
-TASKS = ("single-label", "multi-label")  # one class per image (softmax) | any set of them (one sigmoid per label)
+TASKS = ("single-label", "multi-label", "binary")  # one class per image (softmax) | any set of them (one sigmoid
+# per label) | one of two classes from one logit (sigmoid: the probability of the second class)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ class ModelInfo:
     precision: dict = field(default_factory=dict)  # {"training": 'bf16'|'fp32', "reason": why}
     pretrained: dict | None = None  # where ImageNet weights came from, their mean/std, tensors loaded
     cnnkit_version: str = __version__  # of the cnnkit that wrote the file
-    thresholds: list[float] | None = None  # multi-label: label k is present when its probability >= thresholds[k]
+    thresholds: list[float] | None = None  # multi-label: label k is present when its probability >= thresholds[k];
+                                           # binary: [t], the second class when its probability >= t
 
     @property
     def name(self) -> str:
@@ -108,6 +110,11 @@ class ModelInfo:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def outputs(self) -> int:
+        """The model's logits per image: one per class, or one for a binary model."""
+        return 1 if self.task == "binary" else len(self.class_names)
 
     @property
     def data_name(self) -> str | None:
@@ -125,7 +132,7 @@ class ModelInfo:
         return {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}
 
     def single_label_only(self, what: str) -> None:
-        """A one-line error for the commands that do not handle multi-label models yet."""
+        """A one-line error for the commands that do not handle multi-label and binary models yet."""
         if self.task != "single-label":
             raise CnnkitError(f"this is a {self.task} model: {what} handles single-label models only so far "
                               "(cnnkit evaluate gives its figures)")
@@ -156,7 +163,8 @@ class ModelInfo:
     @classmethod
     def from_export(cls, record: Any, where: str) -> ModelInfo:
         """The ModelInfo of an export (export.export_metadata's record: input with its layout, the
-        architecture's name only), so predict and serve read ONNX files and model files alike."""
+        architecture's name only; a multi-label one's task and thresholds, a single-label one's no
+        task), so predict and serve read ONNX files and model files alike."""
         if not (isinstance(record, dict) and record.get("format") == "cnnkit-export"):
             raise CnnkitError(f"{where} is an ONNX file without cnnkit metadata; export it with `cnnkit export`")
         inp = {k: v for k, v in (record.get("input") or {}).items() if k in ("channels", "height", "width")}
@@ -164,6 +172,7 @@ class ModelInfo:
         return cls.from_dict({"architecture": {"name": record.get("architecture")}, "input": inp,
                               "class_names": record.get("class_names"), "preprocessing": record.get("preprocessing"),
                               "calibration": calibration, "metrics": record.get("metrics") or {},
+                              "task": record.get("task", "single-label"), "thresholds": record.get("thresholds"),
                               "cnnkit_version": record.get("cnnkit_version", "?")}, where=where)
 
     @classmethod
@@ -193,10 +202,13 @@ class ModelInfo:
             raise broken("architecture must be a record")
         if d.get("task", "single-label") not in TASKS:
             raise broken(f"task {d.get('task')!r} is not one of {', '.join(TASKS)} (written by a newer cnnkit?)")
-        thresholds = d.get("thresholds")
-        if thresholds is not None and not (isinstance(thresholds, list) and len(thresholds) == len(names) and all(
+        thresholds, binary = d.get("thresholds"), d.get("task") == "binary"
+        if binary and len(names) != 2:
+            raise broken("a binary model has two class names")
+        if thresholds is not None and not (isinstance(thresholds, list) and len(thresholds) == (
+                1 if binary else len(names)) and all(
                 isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in thresholds)):
-            raise broken("thresholds must be one probability in [0, 1] per class")
+            raise broken("thresholds must be one probability in [0, 1] per class (one in all for a binary model)")
 
         def record(kind, key: str):
             value = d.get(key) or {}
@@ -359,8 +371,8 @@ def validated_architecture(p: Path, info: ModelInfo, shapes: dict[str, tuple[int
     except (RuntimeError, ValueError, IndexError) as e:
         raise CnnkitError(f"{p} declares input {c}x{h}x{w}, which the architecture cannot take "
                           f"({str(e).splitlines()[0][:160]})") from None
-    if outputs != len(names):
-        raise CnnkitError(f"{p} lists {len(names)} class names for a model with {outputs} outputs: "
+    if outputs != info.outputs:
+        raise CnnkitError(f"{p} lists {len(names)} class names for a {info.task} model with {outputs} outputs: "
                           "the metadata is wrong")
     need, have = inference_bytes(model, (c, h, w)), available_memory_bytes()
     if need > have:

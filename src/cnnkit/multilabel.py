@@ -9,6 +9,13 @@ label sets as a 0/1 matrix (N, K). Numbers only (report.py draws).
                                          micro and macro F1, subset accuracy, Hamming loss, and each
                                          label's calibration (ECE of its probability)
 
+A binary model (one logit: the probability p of the second class) is decided the same way, by one
+threshold chosen on validation, and measured by
+
+    roc_curve(scores, truth)             false and true positive rates at each distinct score
+    binary_metrics(p, truth, threshold)  ROC AUC, average precision (the PR curve's area), the
+                                         confusion matrix at the threshold, accuracy there and at 0.5
+
 Written in NumPy as evaluate.py's single-label metrics are, one sort per label; the tests check
 every figure against scikit-learn's (average_precision_score, f1_score, hamming_loss, ...).
 """
@@ -45,8 +52,8 @@ def average_precision(scores: np.ndarray, truth: np.ndarray) -> float | None:
 def choose_thresholds(probs: np.ndarray, truth: np.ndarray, target_precision: float | None = None) -> np.ndarray:
     """(K,) thresholds, each label's from validation: predicting `p >= threshold` at the F1-best
     threshold, or (target_precision) at the lowest threshold whose precision reaches the target
-    (the most recall at that precision; the F1-best where none does). DEFAULT_THRESHOLD for a label
-    without positives."""
+    (the most recall at that precision; the F1-best where none does), placed midway between that
+    score and the next lower one. DEFAULT_THRESHOLD for a label without positives."""
     chosen = np.full(probs.shape[1], DEFAULT_THRESHOLD)
     for k in range(probs.shape[1]):
         if not truth[:, k].any():
@@ -58,8 +65,20 @@ def choose_thresholds(probs: np.ndarray, truth: np.ndarray, target_precision: fl
         if target_precision is not None:
             reach = np.flatnonzero(precision >= target_precision)
             best = int(reach[-1]) if len(reach) else best
-        chosen[k] = thresholds[best]
+        # Midway to the next lower score: the same decisions on validation, but no validation image
+        # sits on the threshold, where a 1e-7 difference (an ONNX export's) would flip it.
+        lower = thresholds[best + 1] if best + 1 < len(thresholds) else 0.0
+        chosen[k] = (thresholds[best] + lower) / 2
     return chosen
+
+
+def label_set(probs: np.ndarray, thresholds: np.ndarray, names: list[str]) -> dict:
+    """One image's answer from its probabilities (K,): the labels present (probability >= its
+    threshold), most probable first, their probabilities, and every label's probability (what
+    `cnnkit predict` writes and `cnnkit serve` answers)."""
+    present = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= thresholds[i]]
+    return {"labels": [names[i] for i in present], "probabilities": [float(probs[i]) for i in present],
+            "label_probabilities": {n: float(p) for n, p in zip(names, probs)}}
 
 
 def label_calibration(probs: np.ndarray, truth: np.ndarray, bins: int = 15) -> float:
@@ -104,3 +123,40 @@ def multilabel_metrics(probs: np.ndarray, truth: np.ndarray, thresholds: np.ndar
         "macro": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
         "per_label": per_label,
     }
+
+
+def roc_curve(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds) of predicting `score >= threshold` at
+    each distinct score, highest first, starting from (0, 0) at threshold inf, as scikit-learn's
+    roc_curve(drop_intermediate=False). scores, truth: (N,)."""
+    order = np.argsort(-scores, kind="stable")
+    s, t = scores[order], truth[order].astype(np.float64)
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # as in precision_recall_steps
+    tp, fp = np.cumsum(t)[last_of_tie], np.cumsum(1 - t)[last_of_tie]
+    positives, negatives = max(t.sum(), 1), max(len(t) - t.sum(), 1)
+    return np.r_[0.0, fp / negatives], np.r_[0.0, tp / positives], np.r_[np.inf, s[last_of_tie]]
+
+
+def binary_metrics(p: np.ndarray, truth: np.ndarray, threshold: float) -> dict:
+    """A binary model's figures: p (N,) the second class's probability, truth (N,) in {0, 1}.
+    roc_auc and average_precision are None when the split lacks one of the classes."""
+    truth = truth.astype(bool)
+    predicted = p >= threshold
+    cm = np.array([[(~truth & ~predicted).sum(), (~truth & predicted).sum()],
+                   [(truth & ~predicted).sum(), (truth & predicted).sum()]])  # rows: true 0/1, columns: predicted
+    both = truth.any() and not truth.all()
+    fpr, tpr, roc_thresholds = roc_curve(p, truth)
+    pr_thresholds, precision, recall = precision_recall_steps(p, truth)
+    tp, predicted_pos, positives = cm[1, 1], cm[:, 1].sum(), cm[1].sum()
+    prec = tp / predicted_pos if predicted_pos else 0.0
+    rec = tp / positives if positives else 0.0
+    return {"n": int(len(truth)), "threshold": float(threshold),
+            "accuracy": float((predicted == truth).mean()) if len(truth) else 0.0,
+            "accuracy_at_half": float(((p >= 0.5) == truth).mean()) if len(truth) else 0.0,
+            "precision": float(prec), "recall": float(rec),
+            "f1": float(2 * prec * rec / (prec + rec)) if prec + rec else 0.0,
+            "roc_auc": float(np.trapezoid(tpr, fpr)) if both else None,
+            "average_precision": average_precision(p, truth) if both else None,
+            "confusion_matrix": cm.tolist(),
+            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": roc_thresholds[1:].tolist()},
+            "pr": {"precision": precision.tolist(), "recall": recall.tolist(), "thresholds": pr_thresholds.tolist()}}

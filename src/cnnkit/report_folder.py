@@ -32,7 +32,8 @@ def gallery_heatmaps(model: nn.Module, info: ModelInfo, images: torch.Tensor, ro
     x = Preprocess.from_info(info).to(device)(images[torch.tensor([r["index"] for r in rows])].to(device))
     names = info.class_names
     try:
-        heat, _ = gradcam(model.eval(), x, torch.tensor([names.index(r["predicted"]) for r in rows], device=device))
+        heat, _ = gradcam(model.eval(), x, torch.tensor([names.index(r["predicted"]) for r in rows], device=device),
+                          binary=info.task == "binary")
     except CnnkitError:  # linear, MLP and SVM models: nothing spatial to explain
         return None
     return heat.cpu()
@@ -57,6 +58,8 @@ def write_evaluation(out: Path, model: nn.Module, info: ModelInfo, split: Split,
     files["misclassified"] = report.plot_misclassified(split.images, gallery, out / "misclassified.png", columns=6,
                                                        heatmaps=gallery_heatmaps(model, info, split.images, gallery))
     files["reliability"] = report.plot_reliability(metrics["reliability"], metrics["ece"], out / "reliability.png")
+    if "binary" in metrics:
+        files["roc_pr"] = report.plot_roc_pr(metrics["binary"], names[1], out / "roc_pr.png")
     return files
 
 
@@ -68,7 +71,7 @@ def evaluate_and_report(model: nn.Module, info: ModelInfo, split: Split, out: st
     curves.png (when the model file holds a training history), evaluation.json and report.html.
     logits: the split's fp32 logits if already computed. Returns (metrics, {name: path})."""
     from .report import plot_curves
-    from .report_html import environment, write_report
+    from .report_html import timing_and_environment, write_report
     device = torch.device(device or next(model.parameters()).device)
     out = Path(out)
     t0 = time.perf_counter()
@@ -82,11 +85,9 @@ def evaluate_and_report(model: nn.Module, info: ModelInfo, split: Split, out: st
     metrics.update({"split": split_name, "data": data_name, "out": str(out), "evaluate_seconds": evaluate_seconds})
     files["evaluation_json"] = out / "evaluation.json"
     write_text_atomic(files["evaluation_json"], json.dumps(metrics, indent=2))
-    training = info.metrics
     files["report"] = write_report(
         out / "report.html", title=title or f"{arch} on {data_name}: {split_name} split",
         model_info=summary(model), info=info, evaluation=metrics, files=files,
-        timing={"train_seconds": training.get("train_seconds"), "evaluate_seconds": evaluate_seconds},
-        env={**environment(str(device)),
-             **({"precision (training)": training["precision"]} if "precision" in training else {})})
+        **timing_and_environment(info, device, evaluate_seconds))
     return metrics, files
+

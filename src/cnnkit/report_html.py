@@ -98,16 +98,30 @@ def write_report(path: str | Path, *, title: str, model_info: dict, info: ModelI
              f' · written {datetime.now().strftime("%Y-%m-%d %H:%M")} by cnnkit {esc(__version__)}</p>',
              card_row(report_cards(ev, model_info, timing))]
     parts += metrics_section(ev, info)
+    parts += binary_section(ev, files, info.class_names)
     parts += confusion_section(ev, files)
     parts += misclassified_section(ev, files, info.data.source)
     parts += calibration_section(ev, files)
     parts += training_section(info, files)
-    parts += model_section(model_info)
-    parts += data_section(info.data)
-    parts += timing_section(ev, timing, info.history, info.data.sizes)
+    parts += closing_sections(model_info, info, ev, timing, env)
+    return write_page(path, title, parts)
+
+
+def closing_sections(model_info: dict, info: ModelInfo, ev: dict, timing: dict, env: dict) -> list[str]:
+    """The last sections of every report.html: model, data, timing, environment."""
+    parts = model_section(model_info) + data_section(info.data) + timing_section(ev, timing, info.history,
+                                                                                 info.data.sizes)
     parts.append("<h2>Environment</h2>")
     parts.append(table(["component", "value"], [[k, v] for k, v in env.items()], wrap_columns=(1,)))
-    return write_page(path, title, parts)
+    return parts
+
+
+def timing_and_environment(info: ModelInfo, device: object, evaluate_seconds: float) -> dict:
+    """report.html's timing and environment tables, {timing, env}; device: a torch.device or its name."""
+    training = info.metrics
+    return {"timing": {"train_seconds": training.get("train_seconds"), "evaluate_seconds": evaluate_seconds},
+            "env": {**environment(str(device)),
+                    **({"precision (training)": training["precision"]} if "precision" in training else {})}}
 
 
 def card_row(cards: list[tuple[str, str]]) -> str:
@@ -145,6 +159,24 @@ def metrics_section(ev: dict, info: ModelInfo) -> list[str]:
                      f'and four {tta.shift_pixels}-pixel shifts, softmax averaged): accuracy {pct(ev["tta_accuracy"])} '
                      f'against {pct(ev["accuracy"])} without.</p>')
     return parts
+
+
+def binary_section(ev: dict, files: dict[str, Path], names: list[str]) -> list[str]:
+    """A binary model: its threshold, ROC and precision-recall curves with their areas, and the
+    figures at the threshold against those at 0.5 (the confusion matrix below is at the threshold)."""
+    if "binary" not in ev:
+        return []
+    b = ev["binary"]
+
+    def area(v: float | None) -> str:
+        return "n/a (one class in the split)" if v is None else f"{v:.4f}"
+    return ["<h2>ROC and precision-recall</h2>",
+            f"<p>One logit: the probability that an image is <b>{esc(names[1])}</b> (else {esc(names[0])}), "
+            f"calibrated on validation. The threshold {b['threshold']:.3f} was chosen on validation; at it, accuracy "
+            f"{pct(b['accuracy'])}, precision {b['precision']:.4f}, recall {b['recall']:.4f}, F1 {b['f1']:.4f} for "
+            f"{esc(names[1])}; accuracy {pct(b['accuracy_at_half'])} at 0.5. ROC AUC {area(b['roc_auc'])}, average "
+            f"precision (area under the precision-recall curve) {area(b['average_precision'])}.</p>",
+            image_tag(files["roc_pr"], "ROC and precision-recall curves") if "roc_pr" in files else ""]
 
 
 def confusion_section(ev: dict, files: dict[str, Path]) -> list[str]:

@@ -10,7 +10,8 @@ between them: the one measured fastest for this model on this machine. `cnnkit p
   decoder and the model file's metadata reader import numpy, Pillow and safetensors only.
 
 Probabilities are fp32 and calibrated on every runtime (the export includes the temperature), equal
-to 1e-4 between runtimes (the export's parity check).
+to 1e-4 between runtimes (the export's parity check). A multi-label model's are its sigmoids (N, K)
+on every runtime; the caller decides with info.thresholds (the ONNX file's metadata carries them).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from .errors import CnnkitError
 from .modelfile import ModelInfo
+from .onnxrun import EXPORT_TASKS
 from .utils import cache_dir, hash_file, write_text_atomic
 
 RUNTIMES = ("auto", "torch", "onnx")
@@ -121,10 +123,10 @@ def choose_runtime(model_path: Path, info: ModelInfo | None, runtime: str, tta: 
         if tta:
             raise CnnkitError("--tta needs the model file (PyTorch); an ONNX export has one view built in")
         return OnnxRuntime(model_path), "an ONNX file"
-    if info is not None and info.task == "multi-label":  # the export writes softmax models only, so far
+    if info is not None and info.task not in EXPORT_TASKS:  # a task the export writes no graph for, so far
         if runtime == "onnx":
-            raise CnnkitError("a multi-label model has no ONNX export yet: use --runtime torch (or auto)")
-        return TorchRuntime(model_path, tta, info), "a multi-label model runs in PyTorch (no ONNX export yet)"
+            raise CnnkitError(f"a {info.task} model has no ONNX export yet: use --runtime torch (or auto)")
+        return TorchRuntime(model_path, tta, info), f"a {info.task} model runs in PyTorch (no ONNX export yet)"
     if runtime == "torch" or tta:
         return TorchRuntime(model_path, tta, info), "asked" if runtime == "torch" else "--tta runs in PyTorch"
     if not onnxruntime_available():

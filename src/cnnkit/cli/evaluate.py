@@ -55,6 +55,7 @@ def print_multi_label(args, metrics: dict, files: dict, names: list[str]) -> int
         ap = f"{row['average_precision']:7.4f}" if row["average_precision"] is not None else "      -"
         print(f"{row['label']:<{width}} {row['threshold']:9.3f} {row['precision']:9.4f} {row['recall']:7.4f} "
               f"{row['f1']:7.4f} {ap} {row['support']:8d}")
-    print(f"metrics: {files['metrics']}")
+    print(f"metrics: {files['metrics']}; report: {files['report']} (PR curves, co-occurrence and the worst images "
+          f"per label in {files['report'].parent})")
     return 0
 

@@ -32,15 +32,22 @@ def run(args) -> int:
     cfg, _ = config_from_args(args)
     echo = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else None
     result, files = label_issues(cfg.validate(), folds=args.folds, retrain=args.retrain, out=cfg.out, echo=echo)
-    summary = {k: v for k, v in result.items() if k not in ("ranking", "flagged_mask")}
+    summary = {k: v for k, v in result.items() if k not in ("ranking", "flagged_mask", "probabilities")}
     if args.json:
         print_json(summary, files)
         return 0
-    print(f"{summary['flagged']:,} of {summary['train_images']:,} training labels of {summary['data']} are likely "
-          f"wrong (out-of-fold accuracy {summary['out_of_fold_accuracy']:.2%}); ranked in {files['csv']}, "
+    what = "training labels" if summary["task"] != "multi-label" else "training images' label sets"
+    print(f"{summary['flagged']:,} of {summary['train_images']:,} {what} of {summary['data']} are likely "
+          f"wrong (out-of-fold {'subset ' if summary['task'] == 'multi-label' else ''}accuracy "
+          f"{summary['out_of_fold_accuracy']:.2%}); ranked in {files['csv']}, "
           f"the first {min(summary['flagged'], 48)} drawn in {files['gallery']}")
+    if summary["task"] == "multi-label":
+        print(f"per label: {summary['likely_extra']:,} given labels likely extra, {summary['likely_missing']:,} "
+              "likely missing (the likely_extra and likely_missing columns)")
     if "retrain" in summary:
         r = summary["retrain"]
-        print(f"test accuracy: {r['test_accuracy_with_flagged']:.2%} trained on all, "
-              f"{r['test_accuracy_without_flagged']:.2%} without the flagged images ({r['test_images']:,} images)")
+        figure = "mean_average_precision" if summary["task"] == "multi-label" else "accuracy"
+        name = "mAP" if summary["task"] == "multi-label" else "accuracy"
+        print(f"test {name}: {r[f'test_{figure}_with_flagged']:.2%} trained on all, "
+              f"{r[f'test_{figure}_without_flagged']:.2%} without the flagged images ({r['test_images']:,} images)")
     return 0

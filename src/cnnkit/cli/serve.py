@@ -46,7 +46,8 @@ def run(args) -> int:
     token = args.token if args.token is not None else os.environ.get("CNNKIT_SERVE_TOKEN") or None
 
     def ready(model) -> None:
-        print(f"serving {model.path} ({model.info.name}, {model.info.num_classes} classes, "
+        kind = "labels, multi-label" if model.info.task == "multi-label" else "classes"
+        print(f"serving {model.path} ({model.info.name}, {model.info.num_classes} {kind}, "
               f"runtime {model.runtime.name}: {model.runtime_why}) on http://{args.host}:{args.port}/ "
               f"(API: /predict, /model, /health, /openapi.json){'; a token is required' if token else ''}; "
               "Ctrl-C stops", file=sys.stderr, flush=True)

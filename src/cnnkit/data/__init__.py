@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import CnnkitError
 from .core import (BUILTIN, FLIP_CHANGES_CLASS, Dataset, Split, carve, convert_images,  # noqa: F401
-                   hflip_keeps_class, is_builtin, stratified_split)
+                   hflip_keeps_class, is_builtin, stratified_split, with_task)
 from .labelfile import LABEL_FILE_SUFFIXES, Columns, is_label_file, read_label_file
 
 

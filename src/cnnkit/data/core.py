@@ -2,6 +2,7 @@
 datasets: uint8 image tensors with labels, split into train / val / test."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from dataclasses import dataclass, field
@@ -9,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..errors import CnnkitError
 
 class DiskImages:
     """uint8 images (N, C, H, W) stored row after row in a raw file, read on demand by index.
@@ -100,7 +103,8 @@ class Dataset:
     test_source: str = "test"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of undecodable files
     source: str = ""  # where the files were read from
-    task: str = "single-label"  # or "multi-label": any number of the classes per image (labels (N, K))
+    task: str = "single-label"  # or "multi-label": any number of the classes per image (labels (N, K)), or
+                                # "binary": two classes, labels (N,) of 0/1, one logit (with_task)
 
     @property
     def num_classes(self) -> int:
@@ -185,3 +189,27 @@ def unreadable(path: str) -> str | None:
         if os.path.islink(path):
             return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
         return e.strerror or type(e).__name__
+
+
+def with_task(ds: Dataset, task: str) -> Dataset:
+    """The dataset as TrainConfig.task trains it: `auto` keeps what the data gives; binary needs two
+    classes (labels stay 0/1 indices); multi-label from one class per image makes each label set
+    that one class (one-hot rows (N, K)), over the same splits."""
+    if task in ("auto", ds.task):
+        return ds
+    if ds.task == "multi-label":
+        raise CnnkitError(f"{ds.name} gives several labels per image; --task {task} needs one class per image: "
+                          "use --task multi-label (or leave --task out)")
+    if task == "binary":
+        if ds.num_classes != 2:
+            raise CnnkitError(f"--task binary needs two classes; {ds.name} has {ds.num_classes} "
+                              f"({', '.join(ds.class_names[:4])}{', ...' if ds.num_classes > 4 else ''})")
+        return dataclasses.replace(ds, task="binary")
+    if task == "multi-label":
+        def one_hot(split: Split | None) -> Split | None:
+            if split is None:
+                return None
+            return Split(split.images, F.one_hot(split.labels, ds.num_classes).float(), split.paths)
+        return dataclasses.replace(ds, train=one_hot(ds.train), val=one_hot(ds.val), test=one_hot(ds.test),
+                                   task="multi-label")
+    return ds  # single-label data trained as single-label

@@ -18,6 +18,7 @@ from .. import runtimes
 from ..decode import decoded_chunks, expand_paths
 from ..errors import CnnkitError
 from ..modelfile import read_info, resolve_model_path
+from ..multilabel import label_set
 from ..runtimes import choose_runtime, cpu_count
 
 def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confidence: float | None = None,
@@ -61,13 +62,16 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
         good = [a for a, _ in decoded if a is not None]
         probs = rt(np.stack(good)) if good else np.zeros((0, len(names)))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (B, k)
+        if info.task == "binary":  # the decided class first: the second where its probability reaches the threshold
+            second = probs[:, 1] >= (info.thresholds[0] if info.thresholds else 0.5)
+            order = np.where(second[:, None], [[1, 0]], [[0, 1]])[:, :k]
         j = 0
         for path, (array, error) in zip(chunk, decoded):
             if array is None:
                 rows.append({"path": path, "error": error})
                 continue
             if thresholds is not None:
-                rows.append(label_set_row(path, probs[j], thresholds, names))
+                rows.append({"path": path, **label_set(probs[j], thresholds, names)})
                 j += 1
                 continue
             labels = [names[i] for i in order[j]]
@@ -81,12 +85,3 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
     errors = sum("error" in r for r in rows)
     return rows, {"runtime": rt.name, "why": why, "files": len(rows), "classified": len(rows) - errors,
                   "errors": errors, "seconds": time.perf_counter() - start}
-
-
-def label_set_row(path: str, probs: np.ndarray, thresholds: np.ndarray, names: list[str]) -> dict:
-    """A multi-label model's row: the labels present (probability >= threshold), most probable
-    first, their probabilities, and every label's probability."""
-    present = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= thresholds[i]]
-    return {"path": path, "labels": [names[i] for i in present], "probabilities": [float(probs[i]) for i in present],
-            "label_probabilities": {n: float(p) for n, p in zip(names, probs)}}
-

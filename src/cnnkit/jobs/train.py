@@ -22,7 +22,7 @@ from ..data import Dataset
 from ..distributed import World, broadcast_text
 from ..errors import CnnkitError
 from ..evaluate import fit_temperature
-from ..inference import metrics_from_logits, pick_device, predict_logits, probabilities
+from ..inference import class_logits, decide, metrics_from_logits, pick_device, predict_logits, probabilities
 from ..preprocess import Preprocess
 from ..report_folder import evaluate_and_report
 from ..runfolder import RunFolder
@@ -156,15 +156,18 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
     best, device = result.model, result.device
     best = best.to(memory_format=torch.channels_last)  # faster fp32 inference too (inference.probabilities)
     preprocess = Preprocess.from_info(result.info, channels_last=True).to(device)
-    test_logits = predict_logits(best, ds.test.images, preprocess, device, "fp32")  # (N, K)
-    val_logits = predict_logits(best, ds.val.images, preprocess, device, "fp32")
+    test_logits = predict_logits(best, ds.test.images, preprocess, device, "fp32")  # (N, K); binary (N, 1)
+    val_logits = class_logits(predict_logits(best, ds.val.images, preprocess, device, "fp32"), ds.task)  # (N, K)
     info = dataclasses.replace(result.info, temperature=fit_temperature(val_logits, ds.val.labels), calibrated_on="val")
     metrics = {"test_" + k: v for k, v in metrics_from_logits(test_logits, ds.test.labels).items()}
+    if ds.task == "binary":
+        info = binary_threshold(cfg, info, val_logits, ds.val.labels.numpy())
+        metrics.update(binary_figures(info, test_logits, ds.test.labels.numpy()))
     metrics.update(run_facts(ds, result))
     tta_probs = None
     if cfg.report_tta:  # mirror and shifts, averaged: in metrics.json, and the report reuses them
         tta_probs = probabilities(best, info, ds.test.images, tta=True, device=device, logits=test_logits)
-        metrics["test_tta_accuracy"] = float((tta_probs.argmax(1) == ds.test.labels.numpy()).mean())
+        metrics["test_tta_accuracy"] = float((decide(tta_probs, info) == ds.test.labels.numpy()).mean())
     info.metrics, info.history = metrics, result.history
     run.save_model(best, info)
     run.write_history(result.history)
@@ -175,13 +178,50 @@ def finish(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -
                                        tta=cfg.report_tta, device=device, logits=test_logits, tta_probs=tta_probs)
         report = f"; report {files['report']}"
     run.remove_checkpoint()
-    top5 = f", top-5 {metrics['test_top5_accuracy']:.4f}" if "test_top5_accuracy" in metrics else ""
-    tta = f", {metrics['test_tta_accuracy']:.4f} with TTA" if "test_tta_accuracy" in metrics else ""
-    run.log(f"test accuracy {metrics['test_accuracy']:.4f}{top5}{tta} on {metrics['test_n']} {ds.test_source} images "
+    run.log(f"test accuracy {test_line(metrics)} on {metrics['test_n']} {ds.test_source} images "
             f"(best epoch {result.best_epoch}){report}")
     run.log(f"after the last epoch: {time.perf_counter() - t0:.1f} s to test, calibrate, save"
             + (" and report" if report else ""))
     return RunResult(run.path, best, ds, result.history, metrics, cfg, info)
+
+
+def test_line(m: dict) -> str:
+    """train.log's test figures after "test accuracy": top-5 and TTA where measured; a binary
+    model's threshold, accuracy at 0.5, ROC AUC and average precision."""
+    def figure(v: float | None) -> str:
+        return "n/a (one class in the split)" if v is None else f"{v:.4f}"
+    line = f"{m['test_accuracy']:.4f}"
+    if "test_threshold" in m:
+        line += (f" at threshold {m['test_threshold']:.3f} ({m['test_accuracy_at_half']:.4f} at 0.5), "
+                 f"ROC AUC {figure(m['test_roc_auc'])}, average precision {figure(m['test_average_precision'])}")
+    if "test_top5_accuracy" in m:
+        line += f", top-5 {m['test_top5_accuracy']:.4f}"
+    if "test_tta_accuracy" in m:
+        line += f", {m['test_tta_accuracy']:.4f} with TTA"
+    return line
+
+
+def binary_threshold(cfg: TrainConfig, info: ModelInfo, val_logits: torch.Tensor, val_labels: np.ndarray
+                     ) -> ModelInfo:
+    """The binary model's threshold on the calibrated probability of the second class, chosen on
+    validation as a multi-label model's are (the best F1, or --target-precision)."""
+    from ..multilabel import choose_thresholds
+    p = torch.softmax(val_logits / info.temperature, dim=1)[:, 1].numpy()
+    target = cfg.target_precision or None
+    chosen = choose_thresholds(p[:, None], val_labels[:, None] == 1, target)
+    return dataclasses.replace(info, thresholds=chosen.tolist())
+
+
+def binary_figures(info: ModelInfo, test_logits: torch.Tensor, labels: np.ndarray) -> dict:
+    """metrics.json's binary figures: accuracy at the threshold (test_accuracy) and at 0.5, the
+    positive class's precision / recall / F1, ROC AUC, average precision, the confusion matrix."""
+    from ..multilabel import binary_metrics
+    p = torch.softmax(class_logits(test_logits, "binary") / info.temperature, dim=1)[:, 1].numpy()
+    m = binary_metrics(p, labels, info.thresholds[0])
+    return {"test_accuracy": m["accuracy"], "test_accuracy_at_half": m["accuracy_at_half"],
+            "test_threshold": m["threshold"], "test_precision": m["precision"], "test_recall": m["recall"],
+            "test_f1": m["f1"], "test_roc_auc": m["roc_auc"], "test_average_precision": m["average_precision"],
+            "test_confusion_matrix": m["confusion_matrix"], "positive_class": info.class_names[1]}
 
 
 def run_facts(ds: Dataset, result: TrainResult) -> dict:
@@ -203,7 +243,8 @@ def finish_multi_label(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: Tr
     best, device = result.model.to(memory_format=torch.channels_last), result.device
     preprocess = Preprocess.from_info(result.info, channels_last=True).to(device)
     val_probs = torch.sigmoid(predict_logits(best, ds.val.images, preprocess, device, "fp32")).numpy()  # (N, K)
-    info = dataclasses.replace(result.info, thresholds=choose_thresholds(val_probs, ds.val.labels.numpy()).tolist())
+    info = dataclasses.replace(result.info, thresholds=choose_thresholds(
+        val_probs, ds.val.labels.numpy(), cfg.target_precision or None).tolist())
     m, _ = evaluate_multi_label(best, info, ds.test, ds.class_names, device)
     metrics = {"test_accuracy": m["subset_accuracy"], "test_subset_accuracy": m["subset_accuracy"],
                "test_mean_average_precision": m["mean_average_precision"], "test_hamming_loss": m["hamming_loss"],
@@ -219,7 +260,10 @@ def finish_multi_label(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: Tr
     run.log(f"test mAP {metrics['test_mean_average_precision']:.4f}, subset accuracy {m['subset_accuracy']:.4f}, "
             f"macro F1 {m['macro']['f1']:.4f} at the validation thresholds ({m['at_half']['macro_f1']:.4f} at 0.5) "
             f"on {m['n']} {ds.test_source} images (best epoch {result.best_epoch})")
-    if cfg.report:
-        run.log("note: report.html has no multi-label pages yet: the figures, per label too, are in metrics.json")
+    if cfg.report and run.primary:  # the test split's report.html and pictures, as `cnnkit evaluate` writes them
+        from ..report_multilabel import evaluate_and_report_multi_label
+        _, files = evaluate_and_report_multi_label(best, info, ds.test, run.path, data_name=ds.name,
+                                                   split_name=ds.test_source, device=device)
+        run.log(f"report {files['report']}")
     run.log(f"after the last epoch: {time.perf_counter() - t0:.1f} s to choose thresholds, test, save")
     return RunResult(run.path, best, ds, result.history, metrics, cfg, info)

@@ -20,6 +20,7 @@ def create_app(model: Model, token: str | None = None):
 
     limits, info = model.limits, model.info
     names = info.class_names
+    what = f"{len(names)} labels, any set of them per image" if info.task == "multi-label" else f"{len(names)} classes"
 
     @asynccontextmanager
     async def lifespan(app):
@@ -30,7 +31,7 @@ def create_app(model: Model, token: str | None = None):
     # No /docs or /redoc: their pages load scripts from a CDN, blank on an offline machine; the
     # schema itself is at /openapi.json for any OpenAPI viewer or client generator.
     app = FastAPI(title="cnnkit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=f"A cnnkit image classifier: {len(names)} classes, input {info.input}.")
+                  description=f"A cnnkit image classifier: {what}, input {info.input}.")
 
     @app.exception_handler(RequestError)
     async def request_error(request, e: RequestError):
@@ -44,20 +45,28 @@ def create_app(model: Model, token: str | None = None):
 
     @app.get("/model")
     async def model_info() -> dict:
-        """Class names, input size, test metrics, calibration, runtime, limits and version."""
+        """Class names, task (and a multi-label model's thresholds), input size, test metrics, calibration,
+        runtime, limits and version."""
         return model.description()
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        """The page: pick, drop or (for 1-channel models) draw an image; top-k as bars beside the heatmap."""
+        """The page: pick, drop or (for 1-channel models) draw an image; top-k as bars (a multi-label
+        model: its label set) beside the heatmap."""
         return resources.files("cnnkit").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.post("/predict")
-    async def predict(request: Request, top_k: int = 3, explain: bool = False) -> dict:
-        """One image (multipart file, or the raw body with an image content type) or several (multipart):
-        top-k labels with calibrated probabilities; with explain=true, a Grad-CAM heatmap per image (PNG data URL).
+    async def predict(request: Request, top_k: int = 3, explain: bool = False, label: str | None = None) -> dict:
+        """One image (multipart file, or the raw body with an image content type) or several (multipart).
+        A single-label model: the top-k labels with calibrated probabilities ("top"); with explain=true, a
+        Grad-CAM heatmap per image (PNG data URL, "heatmap") for the top label.
+        A multi-label model (top_k unused): the label set, as `cnnkit predict --json` writes it ("labels"
+        present, most probable first, their "probabilities", every label's in "label_probabilities");
+        with explain=true, "heatmaps": {label: PNG data URL} for each label present (the most probable
+        if none is).
+        label: explain that label instead (explain=true implied).
         (A raw body is answered by the front layer's fast path, with the same result; see Front.)"""
-        return await model.answer(await uploads(request, limits), top_k, explain)
+        return await model.answer(await uploads(request, limits), top_k, explain, label)
 
     return Front(app, model, token)
 

@@ -111,15 +111,16 @@ class Front:
                 chunks.append(message.get("body", b""))
                 more = message.get("more_body", False)
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            top_k, explain = query_options(query)
-            payload = await self.model.answer([("body", b"".join(chunks))], top_k, explain)
+            top_k, explain, label = query_options(query)
+            payload = await self.model.answer([("body", b"".join(chunks))], top_k, explain, label)
         except RequestError as e:
             return await reply(e.status, {"detail": e.message}, close=e.status == 413)
         return await reply(200, payload)
 
 
-def query_options(query: dict[str, list[str]]) -> tuple[int, bool]:
-    """top_k and explain from a parsed query string, as FastAPI would read them for /predict."""
+def query_options(query: dict[str, list[str]]) -> tuple[int, bool, str | None]:
+    """top_k, explain and label (None when absent) from a parsed query string, as FastAPI would read
+    them for /predict."""
     try:
         top_k = int(query.get("top_k", ["3"])[-1])
     except ValueError:
@@ -127,4 +128,4 @@ def query_options(query: dict[str, list[str]]) -> tuple[int, bool]:
     flag = query.get("explain", ["false"])[-1].lower()
     if flag not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
         raise RequestError(422, "explain must be true or false")
-    return top_k, flag in ("true", "1", "yes", "on")
+    return top_k, flag in ("true", "1", "yes", "on"), query.get("label", [None])[-1]

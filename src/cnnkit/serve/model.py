@@ -1,5 +1,9 @@
 """The model behind the server: its runtime, the batcher, the /predict answer, and Grad-CAM heatmaps.
 
+A single-label model answers each image with its top-k classes; a multi-label model with its label
+set, as `cnnkit predict --json` writes it (multilabel.label_set): the labels whose probability (one sigmoid
+each) reaches the model file's threshold for it, most probable first, and every label's probability.
+
 Uploads are queued; one batcher task takes everything waiting (up to max_batch images) and, in a
 single inference thread, decodes them and runs the model once for all of them. While a batch runs
 the next one gathers, so a lone request waits for nothing and under load batches grow by themselves:
@@ -20,9 +24,13 @@ from PIL import Image
 
 from ..errors import CnnkitError
 from ..modelfile import read_info, resolve_model_path
+from ..multilabel import label_set
 from ..runtimes import choose_runtime
 from ..version import __version__
 from .limits import Limits, RequestError, decode_upload, too_many_images
+
+SERVED_TASKS = ("single-label", "multi-label", "binary")
+DEFAULT_THRESHOLD = 0.5  # a multi-label model file without thresholds: as cnnkit predict decides it
 
 
 def heatmap_png(image: np.ndarray, heat: np.ndarray) -> str:
@@ -50,7 +58,15 @@ class Model:
                               "--runtime onnx runs its ONNX export")
         self.path = resolve_model_path(path)
         self.info = read_info(self.path)  # the file is parsed once: the runtime and /model use this
-        self.info.single_label_only("cnnkit serve")
+        if self.info.task not in SERVED_TASKS:
+            raise CnnkitError(f"this is a {self.info.task} model: cnnkit serve handles "
+                              f"{', '.join(SERVED_TASKS)} models only so far")
+        # multi-label: label k is present when its probability reaches thresholds[k] (K,); None: top-k classes
+        self.thresholds = (np.array(self.info.thresholds or [DEFAULT_THRESHOLD] * self.info.num_classes)
+                           if self.info.task == "multi-label" else None)
+        # binary: answered as two classes, the decided one first (the second where p >= this threshold)
+        self.binary_threshold = ((self.info.thresholds or [DEFAULT_THRESHOLD])[0] if self.info.task == "binary"
+                                 else None)
         self.side = self.info.square_side("serve")
         if max_batch < 1:
             raise CnnkitError("--max-batch must be at least 1")
@@ -133,12 +149,18 @@ class Model:
         finally:
             self.waiting -= len(uploads)
 
-    async def answer(self, files: list[tuple[str, bytes]], top_k: int, explain: bool) -> dict:
-        """The /predict response for [(name, bytes)], within the time limit; RequestError otherwise."""
+    async def answer(self, files: list[tuple[str, bytes]], top_k: int, explain: bool, label: str | None = None) -> dict:
+        """The /predict response for [(name, bytes)], within the time limit; RequestError otherwise.
+        top_k: a single-label model's classes per image (a multi-label model answers its label set).
+        label: explain this label's evidence (explain implied) rather than the default ones (result_row)."""
         start = time.perf_counter()
         names = self.info.class_names
-        if not 1 <= top_k <= len(names):
+        label = label or None  # `label=` (empty) is no label, as Front's query parsing reads it
+        if self.thresholds is None and not 1 <= top_k <= len(names):
             raise RequestError(422, f"top_k must be between 1 and {len(names)}")
+        if label is not None and label not in names:
+            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            raise RequestError(422, f"label {label[:100]!r} is not one of the model's labels ({shown})")
         if len(files) > self.limits.max_images:
             raise RequestError(413, too_many_images(self.limits.max_images))
 
@@ -146,11 +168,13 @@ class Model:
             classified = await self.classify([data for _, data in files])
             results = []
             for (name, _), (image, p) in zip(files, classified):
-                order = np.argsort(-p, kind="stable")[:top_k]
-                row = {"filename": name, "top": [{"label": names[i], "probability": float(p[i])} for i in order]}
-                if explain:  # in the default thread pool: the event loop keeps serving meanwhile
-                    row["heatmap"] = await asyncio.get_running_loop().run_in_executor(None, self.explain, image,
-                                                                                      int(order[0]))
+                row, targets = self.result_row(name, p, top_k, label)
+                if explain or label is not None:  # in the default thread pool: the event loop keeps serving
+                    maps = await asyncio.get_running_loop().run_in_executor(None, self.explain, image, targets)
+                    if self.thresholds is None:
+                        row["heatmap"] = maps[0]
+                    else:
+                        row["heatmaps"] = {names[i]: m for i, m in zip(targets, maps)}
                 results.append(row)
             return results
 
@@ -158,10 +182,33 @@ class Model:
             results = await asyncio.wait_for(handle(), self.limits.timeout_seconds)
         except asyncio.TimeoutError:
             raise RequestError(504, f"the request took longer than {self.limits.timeout_seconds:g} s") from None
-        return {"results": results, "runtime": self.runtime.name, "milliseconds": (time.perf_counter() - start) * 1000}
+        return {"results": results, "task": self.info.task, "runtime": self.runtime.name,
+                "milliseconds": (time.perf_counter() - start) * 1000}
 
-    def explain(self, image: np.ndarray, class_index: int) -> str:
-        """Grad-CAM for one image (C, H, W) uint8 and class, as a PNG data URL (PyTorch, fp32)."""
+    def result_row(self, name: str, p: np.ndarray, top_k: int, label: str | None) -> tuple[dict, list[int]]:
+        """One image's answer from its probabilities p (K,), and the classes Grad-CAM explains for it.
+        Single-label: the top-k, explained for the top class. Multi-label: the label set, explained for
+        each label present (the set is the answer: each member's evidence, not only the first's, and
+        no map for labels found absent), or for the most probable label when none is present (what the
+        model saw most of). `label` replaces either default."""
+        names = self.info.class_names
+        if self.binary_threshold is not None:
+            order = np.array([1, 0] if p[1] >= self.binary_threshold else [0, 1])[:top_k]
+            row = {"filename": name, "top": [{"label": names[i], "probability": float(p[i])} for i in order]}
+            default = [int(order[0])]
+        elif self.thresholds is None:
+            order = np.argsort(-p, kind="stable")[:top_k]
+            row = {"filename": name, "top": [{"label": names[i], "probability": float(p[i])} for i in order]}
+            default = [int(order[0])]
+        else:
+            row = {"filename": name, **label_set(p, self.thresholds, names)}
+            default = [names.index(n) for n in row["labels"]] or [int(np.argmax(p))]
+        return row, ([names.index(label)] if label is not None else default)
+
+    def explain(self, image: np.ndarray, classes: list[int]) -> list[str]:
+        """Grad-CAM for one image (C, H, W) uint8, one heatmap per class index, as PNG data URLs
+        (PyTorch, fp32). One backward pass for all: the image repeated once per class (eval mode, so
+        the copies do not interact), each copy's score its own class's logit."""
         import torch
 
         from ..explain import gradcam
@@ -171,15 +218,19 @@ class Model:
             if self.torch_model is None:  # the PyTorch runtime's model if it runs one, else loaded now
                 self.torch_model = getattr(self.runtime, "model", None) or load_model(self.path, info=self.info)[0]
                 self.preprocess = Preprocess.from_info(self.info)
-            x = self.preprocess(torch.from_numpy(np.ascontiguousarray(image))[None])
-            heat, _ = gradcam(self.torch_model, x, torch.tensor([class_index]))
-        return heatmap_png(image, heat[0].numpy())
+            x = self.preprocess(torch.from_numpy(np.ascontiguousarray(image))[None])  # (1, C, H, W)
+            heat, _ = gradcam(self.torch_model, x.repeat(len(classes), 1, 1, 1), torch.tensor(classes),
+                              binary=self.binary_threshold is not None)
+        return [heatmap_png(image, h.numpy()) for h in heat]
 
     def description(self) -> dict:
-        """What /model answers."""
+        """What /model answers. thresholds: a multi-label model's, one per label (None: single-label)."""
         m = self.info
+        thresholds = (None if self.thresholds is None else [float(t) for t in self.thresholds]) or (
+            None if self.binary_threshold is None else [float(self.binary_threshold)])
         return {"cnnkit_version": __version__, "model_file": str(self.path), "class_names": m.class_names,
-                "input": dataclasses.asdict(m.input), "architecture": m.name, "metrics": m.numeric_metrics(),
+                "task": m.task, "thresholds": thresholds, "input": dataclasses.asdict(m.input),
+                "architecture": m.name, "metrics": m.numeric_metrics(),
                 "calibration": m.calibration(), "runtime": self.runtime.name,
                 "runtime_choice": self.runtime_why, "max_batch": self.max_batch,
                 "limits": self.limits.__dict__, "data": m.data.name or None}

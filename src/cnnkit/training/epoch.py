@@ -33,11 +33,13 @@ class EpochSettings:
     preprocess: Preprocess  # uint8 or 0..255 float batches -> normalized float32, on the training device
     precision: str = "fp32"  # 'bf16': the forward pass under bf16 autocast; 'fp32': none
     label_smoothing: float = 0.0  # cross-entropy label smoothing, 0..1
-    multi_label: bool = False  # labels (N, K) of 0/1: one sigmoid per label, binary cross-entropy; else softmax
+    task: str = "single-label"  # single-label: softmax, cross-entropy | multi-label: labels (N, K) of 0/1, one
+                                # sigmoid per label, binary cross-entropy | binary: labels (N,) of 0/1, one logit
     frozen_bn: bool = False  # BatchNorm layers keep their statistics (transfer learning: training.optim.set_phase)
     augment: BatchAugment | None = None  # applied to every batch, drawing from `generator`; None: no augmentation
     generator: torch.Generator | None = None  # the augmentation's random draws (seeded per epoch)
     class_weight: torch.Tensor | None = None  # (K,) loss weight of each class (balance: weights); None: equal
+    pos_weight: torch.Tensor | None = None  # multi-label: (K,) weight of each label's positives (--pos-weight)
     grad_clip: float = 0.0  # largest global gradient norm before each step; 0: no clipping
     after_step: Callable[[], None] | None = None  # called after every optimizer step (the weight average)
     world: World = World()  # this process in a torchrun job; sums returned are over all processes
@@ -85,11 +87,8 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
             batch = s.augment(batch, y, s.generator)  # (B, C, H, W) float32 in 0..255
         x = s.preprocess(batch)  # (B, C, H, W) float32, normalized
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16"):
-            logits = model(x)  # (B, K)
-            if s.multi_label:
-                loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-            else:
-                loss = F.cross_entropy(logits.float(), y, weight=s.class_weight, label_smoothing=s.label_smoothing)
+            logits = model(x)  # (B, K); binary: (B, 1)
+            loss = batch_loss(logits.float(), y, s)
         if device.type == "cpu" or i % PROGRESS_EVERY == 0 or i == steps - 1:
             first_bad = check_loss(loss, i, steps, s.world, first_bad)
         optimizer.zero_grad(set_to_none=True)
@@ -100,8 +99,7 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         if s.after_step is not None:
             s.after_step()
         loss_sum += loss.detach() * len(y)
-        # multi-label: an image is right when every label is, at probability 0.5 (subset accuracy)
-        correct += ((logits > 0) == (y > 0.5)).all(1).sum() if s.multi_label else (logits.argmax(1) == y).sum()
+        correct += batch_correct(logits, y, s.task)
         seen += len(y)
         if bar is not None:
             bar.update(1)
@@ -111,6 +109,35 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         total, right, count = distributed.sum_over_ranks(loss_sum.item(), correct.item(), seen)
         return total, int(right), int(count), lr
     return loss_sum.item(), int(correct.item()), seen, lr
+
+
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, s: EpochSettings) -> torch.Tensor:
+    """The batch's mean loss. A binary model's one logit z stands for the two-class logits (0, z):
+    its binary cross-entropy with smoothed targets (1 - e) y + e / 2 is then exactly the two-class
+    cross-entropy with label smoothing e, and with class weights it is written as cross_entropy weighs."""
+    if s.task == "multi-label":
+        return F.binary_cross_entropy_with_logits(logits, y, pos_weight=s.pos_weight)
+    if s.task == "binary":
+        z, e = logits[:, 0], s.label_smoothing
+        if s.class_weight is None:
+            return F.binary_cross_entropy_with_logits(z, y.float() * (1 - e) + e / 2)
+        # cross_entropy's weighted form: the true class's term weighs w[y], the smoothing term each
+        # class's own weight, and the sum is divided by the sum of w[y]
+        w, log_p1, log_p0 = s.class_weight, F.logsigmoid(z), F.logsigmoid(-z)
+        nll = -torch.where(y == 1, log_p1, log_p0)
+        smooth = -(w[0] * log_p0 + w[1] * log_p1) / 2
+        return ((1 - e) * w[y] * nll + e * smooth).sum() / w[y].sum()
+    return F.cross_entropy(logits, y, weight=s.class_weight, label_smoothing=s.label_smoothing)
+
+
+def batch_correct(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """Right answers in the batch at probability 0.5; a multi-label image is right when every label is
+    (subset accuracy)."""
+    if task == "multi-label":
+        return ((logits > 0) == (y > 0.5)).all(1).sum()
+    if task == "binary":
+        return ((logits[:, 0] > 0) == (y == 1)).sum()
+    return (logits.argmax(1) == y).sum()
 
 
 def check_loss(loss: torch.Tensor, i: int, steps: int, world: World, first_bad: NonFinite | None) -> NonFinite | None:

@@ -104,8 +104,9 @@ def epoch_settings(s: Session, epoch: int, steps_per_epoch: int, seen_indices: l
     return EpochSettings(
         batch_size=cfg.batch_size, preprocess=s.preprocess, precision=s.precision,
         lr_fn=lambda i: lr_at(first_step + i, phase_steps, warmup_steps, cfg.lr, cfg.schedule),
-        label_smoothing=cfg.label_smoothing, multi_label=s.ds.task == "multi-label", frozen_bn=s.transfer,
-        augment=augment, generator=augment_gen, class_weight=s.class_weight, grad_clip=cfg.grad_clip,
+        label_smoothing=cfg.label_smoothing, task=s.ds.task, frozen_bn=s.transfer,
+        augment=augment, generator=augment_gen, class_weight=s.class_weight, pos_weight=s.pos_weight,
+        grad_clip=cfg.grad_clip,
         after_step=ema_step(s) if s.ema is not None else None,
         world=s.world, seen_indices=seen_indices)
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from .. import distributed
 from ..augment import Augment, BatchAugment, parse_class_presets
 from ..config import TrainConfig
-from ..data import Columns, Dataset, hflip_keeps_class, is_builtin, load_dataset
+from ..data import Columns, Dataset, hflip_keeps_class, is_builtin, load_dataset, with_task
 from ..decode import RESIZE_METHOD
 from ..distributed import World
 from ..errors import CnnkitError
@@ -45,11 +45,16 @@ def load_data_and_model(cfg: TrainConfig, quiet: bool = False) -> tuple[Dataset,
     ds = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, image_size=image_size,
                       channels=channels, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, quiet=quiet,
                       columns=Columns.of(cfg))
+    ds = with_task(ds, cfg.task)
     if ds.task == "multi-label":
         check_multi_label(cfg)
+    elif cfg.pos_weight:
+        raise CnnkitError(f"--pos-weight weights each label's positives in a multi-label run; {cfg.data} is "
+                          f"{ds.task}: use --balance weights")
     c, h, w = ds.input_shape
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
-    return ds, build_model(spec, ds.num_classes, in_channels=c, image_size=(h, w))
+    outputs = 1 if ds.task == "binary" else ds.num_classes  # binary: one logit, the second class's
+    return ds, build_model(spec, outputs, in_channels=c, image_size=(h, w))
 
 
 def check_multi_label(cfg: TrainConfig) -> None:
@@ -140,6 +145,7 @@ class Session:
     info: ModelInfo  # the model file's metadata, less metrics
     augment: BatchAugment  # from cfg.augment_from_epoch on
     class_weight: torch.Tensor | None = None  # (K,) loss weights (balance: weights)
+    pos_weight: torch.Tensor | None = None  # multi-label: (K,) weights of each label's positives (--pos-weight)
     sample_weight: torch.Tensor | None = None  # (N,) drawing weights of the training images (balance: sampler)
     ema: nn.Module | None = None  # the moving average of the weights (cfg.ema > 0): what is validated and kept
     ema_steps: int = 0  # optimizer steps averaged so far
@@ -193,6 +199,15 @@ def augmentation_and_balance(cfg: TrainConfig, ds: Dataset, device: torch.device
     return BatchAugment(default, per_class), class_weight, sample_weight
 
 
+def positive_weights(cfg: TrainConfig, ds: Dataset, device: torch.device) -> torch.Tensor | None:
+    """--pos-weight: each label's negatives / positives among the training images (K,), so a label on
+    1% of the images weighs its positives 99x (binary_cross_entropy_with_logits' pos_weight)."""
+    if not cfg.pos_weight:
+        return None
+    positives = ds.train.labels.sum(0).double()  # (K,)
+    return ((len(ds.train) - positives) / positives.clamp_min(1)).float().to(device)
+
+
 def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resume: bool = False,
           world: World = World()) -> Session:
     """Precision, preprocessing, pretrained weights, transfer phases, the optimizer, and (resume)
@@ -216,7 +231,7 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
     s = Session(cfg=cfg, ds=ds, run=run, model=model, optimizer=make_optimizer(cfg, model),
                 preprocess=preprocess.to(device), device=device, precision=precision, transfer=transfer,
                 total_epochs=cfg.epochs + fine_tune_epochs, info=info, augment=augment, class_weight=class_weight,
-                sample_weight=sample_weight, ema=ema, world=world)
+                sample_weight=sample_weight, pos_weight=positive_weights(cfg, ds, device), ema=ema, world=world)
     if resume:
         state = resume_state(s, model, ema)
         s.history, s.best_val, s.best_epoch = state["history"], state["best_val_acc"], state["best_epoch"]
