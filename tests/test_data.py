@@ -217,15 +217,6 @@ def test_stratified_split_is_seeded_and_keeps_class_proportions():
     assert not np.array_equal(hold, stratified_split(labels, 0.2, seed=4)[1])
 
 
-@pytest.mark.slow
-def test_cifar10_jpeg_folder_loads_all_60000_files():
-    ds = load_dataset(shared("cifar10-jpeg"), image_size=32)
-    assert ds.skipped == [] and ds.num_classes == 10
-    assert len(ds.train) + len(ds.val) == 50_000 and len(ds.test) == 10_000
-    assert torch.bincount(ds.test.labels).tolist() == [1000] * 10
-    assert ds.train.images.shape[1:] == (3, 32, 32)
-
-
 def test_unknown_dataset_and_model_list_the_known_ones():
     r = run_main("train", "--data", "imagenet-22k")
     assert r.returncode == 2 and "Traceback" not in r.stderr

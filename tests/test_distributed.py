@@ -271,3 +271,27 @@ def test_decoding_a_folder_resumes_after_a_kill_and_equals_a_fresh_decode(tmp_pa
     for split in ("train", "val", "test"):
         a, b = getattr(resumed, split), getattr(fresh, split)
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.paths == b.paths
+
+
+@pytest.mark.parametrize("task", ["multi-label", "binary"])
+def test_two_processes_train_a_multi_label_or_binary_model_as_one_does(tmp_path, task, multi_label_run, binary_run):
+    """Data-parallel training of the other task kinds: one writer, a model file with the task and its
+    thresholds, and test figures within a few points of one process's (the shards' gradients are
+    averaged, so the two runs differ only in the order of the sums)."""
+    data = str(multi_label_run[1] if task == "multi-label" else binary_run[1])
+    size = ["--image-size", "56"] if task == "multi-label" else ["--image-size", "28", "--task", "binary"]
+    args = ["train", "--data", data, "--model", "fast-mnist", "--channels", "1", *size, "--epochs", "3",
+            "--batch-size", "64", "--lr", "0.01", "--schedule", "onecycle", "--no-report", "--quiet"]
+    r = torchrun(*args, "--out", str(tmp_path / "ddp"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one = run_cli(*args, "--out", str(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    log = (tmp_path / "ddp" / "train.log").read_text()
+    assert "data-parallel: 2 processes" in log and log.count("epoch 3/3:") == 1
+    import cnnkit
+    info = cnnkit.read_info(tmp_path / "ddp")
+    assert info.task == task and len(info.thresholds) == (1 if task == "binary" else 10)
+    ddp, single = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ddp", "one"))
+    figure = "test_mean_average_precision" if task == "multi-label" else "test_roc_auc"
+    print(task, ddp[figure], single[figure], ddp["test_accuracy"], single["test_accuracy"])
+    assert abs(ddp[figure] - single[figure]) <= 0.03 and ddp[figure] > 0.85, (ddp[figure], single[figure])

@@ -45,6 +45,28 @@ def hymenoptera_csv(tmp_path):
     return root, write_csv(tmp_path / "hymenoptera.csv", ["image", "label", "split"], rows)
 
 
+@pytest.mark.slow  # decodes 60,000 JPEGs once: the label file's listing finds the folder's decoded cache
+def test_cifar10_jpeg_folder_and_its_csv_give_the_same_60000_images(tmp_path):
+    root = shared("cifar10-jpeg")
+    a = load_dataset(str(root), image_size=32, quiet=True)
+    assert a.skipped == [] and a.num_classes == 10
+    assert len(a.train) + len(a.val) == 50_000 and len(a.test) == 10_000
+    assert torch.bincount(a.test.labels).tolist() == [1000] * 10 and a.train.images.shape[1:] == (3, 32, 32)
+    rows = []
+    for split in ("train", "test"):
+        for cls in sorted(os.listdir(root / split)):
+            rows += [(os.path.relpath(root / split / cls / name, tmp_path), cls, split)
+                     for name in sorted(os.listdir(root / split / cls))]
+    random.Random(1).shuffle(rows)
+    b = load_dataset(str(write_csv(tmp_path / "cifar10.csv", ["path", "label", "split"], rows)), image_size=32,
+                     quiet=True)
+    assert b.class_names == a.class_names and b.sizes() == a.sizes() and b.skipped == []
+    for split in ("train", "val", "test"):
+        sa, sb = getattr(a, split), getattr(b, split)
+        assert sb.paths == sa.paths and torch.equal(sb.labels, sa.labels), split
+        assert torch.equal(sb.images, sa.images), split
+
+
 def test_a_csv_of_a_folder_gives_the_folders_dataset(hymenoptera_csv):
     root, labels = hymenoptera_csv
     a = load_dataset(str(root), image_size=32, quiet=True)
@@ -224,3 +246,18 @@ def test_a_label_files_run_folder_is_named_after_its_stem(tmp_path):
     labels.parent.mkdir()
     labels.write_text("path,label\n")
     assert default_run_dir(TrainConfig(data=str(labels), model="seed-patch64")).name.startswith("pets-seed-patch64-")
+
+
+def test_the_fast_recipe_adapts_to_a_label_file_as_to_its_folder(hymenoptera_csv, tmp_path):
+    from cnnkit.cli.common import listed_files
+    from cnnkit.config import recipe_choice
+    root, labels = hymenoptera_csv
+    folder_path, folder_why = recipe_choice("fast", str(root))
+    file_path, file_why = recipe_choice("fast", str(labels), listed_files({"data": str(labels)}))
+    assert file_path == folder_path and file_why.split(":")[0] == folder_why.split(":")[0]  # the same images counted
+    renamed = write_csv(tmp_path / "renamed.csv", ["picture", "kind"],
+                        [row.split(",")[:2] for row in labels.read_text().splitlines()[1:]])
+    files = listed_files({"data": str(renamed), "path_column": "picture", "label_column": "kind"})
+    assert recipe_choice("fast", str(renamed), files)[0] == folder_path
+    r = run_main("train", "--recipe", "fast", "--data", str(renamed), "--dry-run")  # columns it cannot find: asked for
+    assert r.returncode == 2 and "--path-column" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

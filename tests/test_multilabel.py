@@ -149,8 +149,12 @@ def test_the_model_file_keeps_the_task_and_its_thresholds_and_refuses_bad_ones()
     for bad in ([0.5], [0.5, 1.5], ["a", 0.5], True):
         with pytest.raises(CnnkitError, match="thresholds must be one probability in"):
             ModelInfo.from_dict({**d, "thresholds": bad})
-    with pytest.raises(CnnkitError, match="task 'multi-class' is not one of single-label, multi-label"):
+    with pytest.raises(CnnkitError, match="task 'multi-class' is not one of single-label, multi-label, binary"):
         ModelInfo.from_dict({**d, "task": "multi-class"})
     assert "thresholds" not in ModelInfo.from_dict({**d, "task": "single-label", "thresholds": None}).to_dict()
-    with pytest.raises(CnnkitError, match="multi-label model: cnnkit predict handles single-label models only"):
-        back.single_label_only("cnnkit predict")
+    binary = {**d, "task": "binary", "class_names": ["no", "yes"]}
+    assert ModelInfo.from_dict({**binary, "thresholds": [0.4]}).outputs == 1  # one logit, one threshold
+    for bad, why in (({**binary, "thresholds": [0.4, 0.6]}, "one in all for a binary model"),
+                     ({**binary, "class_names": ["a", "b", "c"], "thresholds": None}, "a binary model has two")):
+        with pytest.raises(CnnkitError, match=why):
+            ModelInfo.from_dict(bad)

@@ -80,14 +80,20 @@ AUGMENTED = ["--augment", "standard", "--ema", "0.9", "--schedule", "onecycle"]
 
 
 @pytest.mark.slow  # a killed process and two runs (13 s): in the full suite, out of the fast subset
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("task", ["single-label", "multi-label", "binary"])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, task, request):
+    """Bit for bit, for every task: digits, digits' classes as one-label sets (multi-label), and the
+    binary fixture's two MNIST digits (one logit)."""
     epochs = 10
+    extra = [*AUGMENTED, "--task", task]
+    if task == "binary":
+        extra += ["--data", str(request.getfixturevalue("binary_run")[1]), "--channels", "1"]
     whole = tmp_path / "whole"
-    r = run_cli("train", *SMALL, *AUGMENTED, "--no-report", "--epochs", str(epochs), "--out", str(whole))
+    r = run_cli("train", *SMALL, *extra, "--no-report", "--epochs", str(epochs), "--out", str(whole))
     assert r.returncode == 0, r.stderr
 
     killed = tmp_path / "killed"
-    proc = start_training(killed, epochs, *AUGMENTED)
+    proc = start_training(killed, epochs, *extra)
     wait_for_checkpoint(proc, killed, min_epoch=2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

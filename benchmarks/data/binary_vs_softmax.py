@@ -20,7 +20,6 @@ from benchmarks.common import SHARED_DATA, cnnkit_train, machine_header
 
 
 def main() -> None:
-    machine_header()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(SHARED_DATA / "hymenoptera"))
     parser.add_argument("--recipe", default="fast")
@@ -47,4 +46,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    machine_header()
     main()

@@ -40,13 +40,14 @@ def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
             "test": "McNemar's exact test (two-sided binomial test of the discordant pairs at p = 1/2)"}
 
 
-def verdict(result: dict, name_a: str = "A", name_b: str = "B") -> str:
-    """One sentence a person can act on."""
+def verdict(result: dict, name_a: str = "A", name_b: str = "B", measure: str = "accuracy") -> str:
+    """One sentence a person can act on. measure: what "right" is ("subset accuracy": exact label sets)."""
     lo, hi = result["difference_ci95"]
     diff = f"{100 * result['difference']:+.2f} points (95% CI {100 * lo:+.2f} to {100 * hi:+.2f})"
+    p = f"McNemar p = {result['mcnemar_p_value']:.3g}"
     if not result["significant"]:
-        return (f"{name_a} and {name_b} are not significantly different (McNemar p = {result['mcnemar_p_value']:.3g}): "
-                f"{name_a} minus {name_b} is {diff}.")
+        what = "" if measure == "accuracy" else f" in {measure}"
+        return f"{name_a} and {name_b} are not significantly different{what} ({p}): {name_a} minus {name_b} is {diff}."
     better = name_a if result["difference"] > 0 else name_b
-    return (f"{better} is significantly more accurate (McNemar p = {result['mcnemar_p_value']:.3g}): "
-            f"{name_a} minus {name_b} is {diff}.")
+    claim = "is significantly more accurate" if measure == "accuracy" else f"has significantly higher {measure}"
+    return f"{better} {claim} ({p}): {name_a} minus {name_b} is {diff}."

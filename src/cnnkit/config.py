@@ -223,19 +223,23 @@ MANY_IMAGES = 10_000  # at least this many files: enough to learn features from 
 SAMPLED_HEADERS = 64  # files whose headers are read to estimate the median size
 
 
-def choose_folder_recipe(root: Path) -> tuple[Path, str]:
-    """(recipe file, why) for `--recipe fast` on a folder, from its number of images and their
-    median size (headers of up to SAMPLED_HEADERS files, spread over the sorted list):
-    many small images -> fast-folder-small (the CIFAR-10 fast recipe at 32 px); few photos ->
-    fast-folder-photos (frozen ImageNet features) when its weights are installed; else fast-folder."""
+def choose_folder_recipe(root: Path, files: list[str] | None = None) -> tuple[Path, str]:
+    """(recipe file, why) for `--recipe fast` on a folder or a label file (files: the images it
+    lists), from the number of images and their median size (headers of up to SAMPLED_HEADERS
+    files, spread over the sorted list): many small images -> fast-folder-small
+    (the CIFAR-10 fast recipe at 32 px); few photos -> fast-folder-photos (frozen ImageNet features)
+    when its weights are installed; else fast-folder."""
     import importlib.util
     import os
 
     from PIL import Image
 
     from .decode import IMAGE_SUFFIXES
-    files = sorted(os.path.join(d, f) for d, dirs, names in os.walk(root) for f in names
-                   if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES and not f.startswith("."))
+    if files is not None:
+        files = sorted(files)
+    else:
+        files = sorted(os.path.join(d, f) for d, dirs, names in os.walk(root) for f in names
+                       if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES and not f.startswith("."))
     if not files:
         raise CnnkitError(f"no image files in {root}")
     sides = []
@@ -262,19 +266,21 @@ def recipe_file(name: str, data: str) -> Path:
     return recipe_choice(name, data)[0]
 
 
-def recipe_choice(name: str, data: str) -> tuple[Path, str | None]:
+def recipe_choice(name: str, data: str, files: list[str] | None = None) -> tuple[Path, str | None]:
     """(config file of a shipped recipe, why it was chosen or None): NAME.yaml, or for the
-    per-dataset kinds (fast, best) <kind>-<data>.yaml; `fast` on a folder without its own file
-    adapts to the folder (choose_folder_recipe), and says why."""
+    per-dataset kinds (fast, best) <kind>-<data>.yaml; `fast` on a folder without its own file, or
+    on a label file (files: the images it lists; the caller reads it, a layer above this module),
+    adapts to its images (choose_folder_recipe), and says why."""
     per_data = name in PER_DATASET_RECIPES
-    if name == "fast" and Path(data).is_dir() and not (RECIPE_DIR / f"fast-{Path(data).name}.yaml").is_file():
-        return choose_folder_recipe(Path(data))
+    own = (RECIPE_DIR / f"fast-{Path(data).name}.yaml").is_file()
+    if name == "fast" and (files is not None or Path(data).is_dir() and not own):
+        return choose_folder_recipe(Path(data), files)
     key = f"{name}-{Path(data).name if Path(data).is_dir() else data}" if per_data else name
     path = RECIPE_DIR / f"{key}.yaml"
     if not path.is_file():
         have = sorted(n[len(name) + 1:] for n in recipe_names()
                       if per_data and n.startswith(name + "-") and not n.startswith("fast-folder"))
-        folders = ", or any folder" if name == "fast" else ""
+        folders = ", or any folder or label file" if name == "fast" else ""
         raise CnnkitError(f"no recipe {key!r}: the recipes are {', '.join(recipe_names())}"
                           + (f" (--recipe {name} exists for --data {', '.join(have)}{folders})" if have else ""))
     return path, None

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CnnkitError
+from .inference import class_logits
 from .models.layers import Conv
+from .multilabel import label_set
 from .preprocess import Preprocess
 
 MAX_FEATURE_LAYERS = 8  # feature-map figures per image: every conv layer when there are at most this many
@@ -196,23 +199,51 @@ def feature_maps(model: nn.Module, x: torch.Tensor, sites: list[Site]) -> list[t
     return [m[0].float() for m in maps]
 
 
+def decision(logits: torch.Tensor, task: str, temperature: float = 1.0,
+             thresholds: list[float] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """(probabilities (K,), the classes decided) from one image's class logits (K,) (a binary model's
+    already as two, inference.class_logits), as inference.probabilities and decide read them:
+    single-label softmax(logits / T) and its most probable class; binary (1 - p, p) with
+    p = sigmoid(z / T) and the second class where p reaches thresholds[0]; multi-label sigmoid(logits)
+    and the labels present (p_k >= thresholds[k]), most probable first as multilabel.label_set orders them."""
+    if task == "multi-label":
+        probs = torch.sigmoid(logits)
+        cut = np.array(thresholds if thresholds is not None else [0.5] * len(probs))
+        return probs, label_set(probs.numpy(), cut, list(range(len(probs))))["labels"]  # names = indices
+    probs = F.softmax(logits / temperature, dim=0)
+    if task == "binary":
+        return probs, [int(probs[1] >= (thresholds[0] if thresholds else 0.5))]
+    return probs, [int(probs.argmax())]
+
+
 def explain_image(model: nn.Module, preprocess: Preprocess, image: torch.Tensor, class_index: int | None = None,
-                  temperature: float = 1.0) -> dict:
+                  temperature: float = 1.0, task: str = "single-label", thresholds: list[float] | None = None) -> dict:
     """Everything `cnnkit explain` draws, for one uint8 image (C, H, W) preprocessed as in training
-    (Preprocess.from_info) and probabilities at the model file's temperature:
-    {'probabilities' (K,), 'predicted', 'kernels' (F, C, kh, kw), 'layers' [(Site, map (C, H, W))],
-    'gradcam_site', 'heatmaps' {class index: (H, W)}}."""
+    (Preprocess.from_info), probabilities at the model file's temperature and decisions at its
+    thresholds (decision):
+    {'probabilities' (K,), 'decided' [class index], 'kernels' (F, C, kh, kw), 'layers' [(Site, map (C, H, W))],
+    'gradcam_site', 'heatmaps' {class index: (H, W)}}, and 'predicted' (the decided class) but for
+    multi-label. Heatmaps: single-label and binary, the decided class and `class_index`; multi-label,
+    `class_index` alone if given, else each label present, or the most probable when none is."""
     model.eval()
     x = preprocess(image[None])  # (1, C, H, W) float
     sites = trace(model, tuple(x.shape[1:]))
     target = gradcam_site(sites)
-    geometry = grid_geometry(model, tuple(x.shape[1:]), target)  # measured once for both heatmaps
-    heat, logits = gradcam(model, x, site=target, geometry=geometry)
-    probs = F.softmax(logits[0] / temperature, dim=0)
-    predicted = int(probs.argmax())
-    heatmaps = {predicted: heat[0]}
-    if class_index is not None and class_index != predicted:
-        heatmaps[class_index] = gradcam(model, x, torch.tensor([class_index]), site=target, geometry=geometry)[0][0]
+    geometry = grid_geometry(model, tuple(x.shape[1:]), target)  # measured once for every heatmap
+    with torch.no_grad():
+        logits = class_logits(model(x).float(), task)[0]  # (K,)
+    probs, decided = decision(logits, task, temperature, thresholds)
+    if task == "multi-label":
+        classes = [class_index] if class_index is not None else decided or [int(probs.argmax())]
+    else:
+        classes = decided + ([class_index] if class_index not in (None, *decided) else [])
+    # One backward pass for all: the image once per class (eval mode, so the copies do not interact).
+    heat, _ = gradcam(model, x.repeat(len(classes), 1, 1, 1), torch.tensor(classes), site=target, geometry=geometry,
+                      binary=task == "binary")
     layers = conv_layers(sites)
-    return {"probabilities": probs, "predicted": predicted, "kernels": first_conv(model).weight.detach().float().cpu(),
-            "layers": list(zip(layers, feature_maps(model, x, layers))), "gradcam_site": target, "heatmaps": heatmaps}
+    result = {"probabilities": probs, "decided": decided, "kernels": first_conv(model).weight.detach().float().cpu(),
+              "layers": list(zip(layers, feature_maps(model, x, layers))), "gradcam_site": target,
+              "heatmaps": dict(zip(classes, heat))}
+    if task != "multi-label":
+        result["predicted"] = decided[0]
+    return result

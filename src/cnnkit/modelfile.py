@@ -131,12 +131,6 @@ class ModelInfo:
     def numeric_metrics(self) -> dict[str, float]:
         return {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}
 
-    def single_label_only(self, what: str) -> None:
-        """A one-line error for the commands that do not handle multi-label and binary models yet."""
-        if self.task != "single-label":
-            raise CnnkitError(f"this is a {self.task} model: {what} handles single-label models only so far "
-                              "(cnnkit evaluate gives its figures)")
-
     def square_side(self, what: str) -> int:
         """The input side of a model that takes square images; a one-line error naming `what` otherwise."""
         if not self.input.square:

@@ -288,26 +288,33 @@ def write_page(path: str | Path, title: str, parts: list[str]) -> Path:
 
 def write_compare_page(path: str | Path, *, names: tuple[str, str], result: dict, verdict: str, per_class: list[list],
                        files: dict[str, Path], data: str) -> Path:
-    """compare.html: the verdict, the paired counts, per-class recall side by side and the curves."""
+    """compare.html: the verdict, the paired counts, per-class recall side by side (multi-label: per-label
+    F1 and each model's mAP; "right" is then the exact label set) and the curves."""
     a, b = names
     lo, hi = result["difference_ci95"]
+    measure = result.get("measure", "accuracy")
+    multi = result.get("task") == "multi-label"
     parts = [f"<h1>{esc(a)} against {esc(b)}</h1>",
              f'<p class="muted">the same {result["n"]:,} test images of {esc(data)} · written '
              f'{datetime.now().strftime("%Y-%m-%d %H:%M")} by cnnkit {esc(__version__)}</p>',
              f"<p><b>{esc(verdict)}</b></p>"]
-    cards = [(f"accuracy {a}", pct(result["accuracy_a"])), (f"accuracy {b}", pct(result["accuracy_b"])),
+    cards = [(f"{measure} {a}", pct(result["accuracy_a"])), (f"{measure} {b}", pct(result["accuracy_b"])),
              ("difference (A − B)", f'{100 * result["difference"]:+.2f} pts'),
              ("95% interval", f"{100 * lo:+.2f} to {100 * hi:+.2f}"),
              ("McNemar p", f'{result["mcnemar_p_value"]:.3g}')]
+    if multi:
+        cards += [(f"mAP {n}", pct(result.get(f"mean_average_precision_{k}"))) for n, k in ((a, "a"), (b, "b"))]
     parts.append(card_row(cards))
     parts.append("<h2>Where they disagree</h2>")
-    parts.append('<p class="muted">McNemar\'s exact test uses only the images exactly one model gets right: if the two '
-                 "were equally accurate, each such image would be A's or B's with even odds.</p>")
+    right = "its whole label set right (every label present found, no other)" if multi else "right"
+    parts.append('<p class="muted">McNemar\'s exact test uses only the images exactly one model gets '
+                 f"{esc(right)}: if the two were equally accurate, each such image would be A's or B's with "
+                 "even odds.</p>")
     parts.append(table(["", f"{b} right", f"{b} wrong"],
                        [[f"{a} right", result["both_right"], result["only_a_right"]],
                         [f"{a} wrong", result["only_b_right"], result["both_wrong"]]]))
-    parts.append("<h2>Recall per class</h2>")
-    parts.append(table(["class", a, b, "difference"], per_class))
+    parts.append("<h2>F1 per label</h2>" if multi else "<h2>Recall per class</h2>")
+    parts.append(table(["label" if multi else "class", a, b, "difference"], per_class))
     if "curves" in files:
         parts.append("<h2>Training curves</h2>")
         parts.append(image_tag(files["curves"], "validation loss and accuracy per epoch of both runs"))

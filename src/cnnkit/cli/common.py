@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import CnnkitError
 
@@ -53,6 +54,20 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 metavar=None if choices else f.name.upper(), help=text)
 
 
+def listed_files(fields: dict) -> list[str] | None:
+    """The image paths a label file given as --data lists (read with the column flags given), for
+    `--recipe fast` to look at; None when --data is no label file."""
+    from ..config import TrainConfig
+    data = fields.get("data") or TrainConfig().data
+    suffixes = (".csv", ".tsv", ".jsonl")  # data.LABEL_FILE_SUFFIXES, without importing torch for every command
+    if not (Path(data).is_file() and Path(data).suffix.lower() in suffixes):
+        return None
+    from ..data.labelfile import Columns, read_label_file
+    columns = Columns(path=fields.get("path_column"), label=fields.get("label_column"),
+                      split=fields.get("split_column"), label_sep=fields.get("label_sep") or TrainConfig().label_sep)
+    return [p for entries in read_label_file(Path(data), columns).files.values() for p, _ in entries]
+
+
 def config_from_args(args):
     """The TrainConfig a command's flags describe: lowest to highest precedence, the recipe, the
     --config file, the flags typed (their defaults are SUPPRESSed, so only typed ones are here)."""
@@ -64,7 +79,7 @@ def config_from_args(args):
     base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
     if args.recipe:
         data = given.get("data") or base.get("data") or TrainConfig().data
-        path, why = recipe_choice(args.recipe, data)
+        path, why = recipe_choice(args.recipe, data, listed_files({**base, **given}) if args.recipe == "fast" else None)
         if why:  # chosen by looking at the folder: say what and why
             print(f"recipe fast for {data}: {why} ({path.name})", file=sys.stderr)
         base = {**TrainConfig.from_file(path).to_dict(), **base}

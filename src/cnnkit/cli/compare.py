@@ -8,7 +8,10 @@ def add(sub) -> None:
                         description="Evaluates both models on the same test images and reports the accuracy "
                                     "difference with a 95% interval, McNemar's exact test (p-value, and the images "
                                     "only A or only B gets right), recall per class and both runs' curves "
-                                    "(compare.json, compare.html).")
+                                    "(compare.json, compare.html). Binary models: each decided at its own "
+                                    "threshold. Multi-label models: right means the exact label set at each "
+                                    "model's thresholds (subset accuracy), with F1 per label and each "
+                                    "model's mAP. Both models must be of the same task.")
     p.add_argument("run_a", metavar="RUN_A", help="model file or run folder")
     p.add_argument("run_b", metavar="RUN_B", help="model file or run folder")
     p.add_argument("--data", default=None, help="the dataset (default: the one RUN_A was trained on)")
@@ -26,7 +29,12 @@ def run(args) -> int:
         print_json(result, files)
         return 0
     print(result["verdict"])
-    print(f"on {result['n']:,} test images: only A right {result['only_a_right']}, only B right "
-          f"{result['only_b_right']}, both right {result['both_right']}, both wrong {result['both_wrong']}")
+    what = "label sets" if result["task"] == "multi-label" else ""
+    print(f"on {result['n']:,} test images{f' ({what} right)' if what else ''}: only A right "
+          f"{result['only_a_right']}, only B right {result['only_b_right']}, both right {result['both_right']}, "
+          f"both wrong {result['both_wrong']}")
+    if result["task"] == "multi-label":
+        maps = (result[f"mean_average_precision_{k}"] for k in "ab")
+        print("mAP: " + ", ".join(f"{k} {'-' if m is None else f'{m:.4f}'}" for k, m in zip("AB", maps)))
     print(f"report: {files['report']}")
     return 0

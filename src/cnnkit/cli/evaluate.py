@@ -36,6 +36,13 @@ def run(args) -> int:
         print(f"{c['class']:<{width}} {c['precision']:9.4f} {c['recall']:7.4f} {c['f1']:7.4f} {c['support']:8d}")
     for avg, v in metrics["averages"].items():
         print(f"{avg + ' avg':<{width}} {v['precision']:9.4f} {v['recall']:7.4f} {v['f1']:7.4f} {metrics['n']:8d}")
+    if "binary" in metrics:  # one logit: the decision is the threshold's
+        b = metrics["binary"]
+
+        def area(v):
+            return "n/a" if v is None else f"{v:.4f}"
+        print(f"binary, {names[1]} positive: threshold {b['threshold']:.3f} (accuracy {b['accuracy_at_half']:.4f} at "
+              f"0.5), ROC AUC {area(b['roc_auc'])}, average precision {area(b['average_precision'])}")
     if metrics["most_confused"]:
         print("most confused: " + ", ".join(f"{m['true']}→{m['predicted']} ({m['count']})"
                                             for m in metrics["most_confused"][:5]))

@@ -10,7 +10,8 @@ def add(sub) -> None:
     p.add_argument("image", help="an image file")
     p.add_argument("--out", default=None, help="output folder (default: explain-<image name>)")
     p.add_argument("--class", dest="class_name", default=None, metavar="NAME",
-                    help="also draw the heatmap for this class (default: the predicted class only)")
+                    help="also draw the heatmap for this class (default: the predicted class only); for a "
+                         "multi-label model, this label's instead of each label present")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -22,7 +23,11 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info['image']}: " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in info["top"][:3]))
+    if info["task"] == "multi-label":
+        present = ", ".join(f"{n} {p:.3f}" for n, p in zip(info["labels"], info["probabilities"]))
+        print(f"{info['image']}: labels present: {present or 'none at their thresholds'}")
+    else:
+        print(f"{info['image']}: " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in info["top"][:3]))
     print(f"first-layer kernels {'x'.join(map(str, info['kernels_shape']))}: {info['files']['kernels']}")
     for layer in info["feature_maps"]:
         print(f"feature maps of {layer['name']} ({'x'.join(map(str, layer['shape']))}): {layer['file']}")
