@@ -172,3 +172,15 @@ def binary_run(tmp_path_factory):
     r = run_main("train", *BINARY_ARGS, "--data", str(labels), "--out", str(out))
     assert r.returncode == 0, r.stderr
     return out, labels
+
+
+@pytest.fixture(scope="session")
+def fast_mnist_run(tmp_path_factory):
+    """(run folder, metrics) of `cnnkit train --recipe fast --data mnist --seed 0 --no-report`, run as a
+    user runs it (a subprocess), once a session: the fast recipe's accuracy test and compare share it."""
+    import json
+    out = tmp_path_factory.mktemp("fast-mnist") / "run"
+    r = run_cli("train", "--recipe", "fast", "--data", "mnist", "--data-dir", str(shared()), "--seed", "0",
+                "--out", str(out), "--quiet", "--json", "--no-report")
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(r.stdout)["metrics"]

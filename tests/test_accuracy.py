@@ -33,13 +33,10 @@ def test_mnist_two_epochs_reaches_the_notes_accuracy(tmp_path, keras_run):
 
 
 @pytest.mark.slow
-def test_mnist_fast_recipe_reaches_the_notes_accuracy(tmp_path):
+def test_mnist_fast_recipe_reaches_the_notes_accuracy(fast_mnist_run):
     """`--recipe fast` reaches the notes' 99.14% in its 3 epochs (bf16: seeds 0-4 gave 99.17-99.28%; fp32, as
     on a CPU without native bf16, seed 0 gave 99.12%): allowed one standard error (0.1 point) below it."""
-    r = run_cli("train", "--recipe", "fast", "--data", "mnist", "--data-dir", str(shared()), "--seed", "0",
-                "--out", str(tmp_path / "run"), "--quiet", "--json", "--no-report")
-    assert r.returncode == 0, r.stderr
-    metrics = json.loads(r.stdout)["metrics"]
+    _, metrics = fast_mnist_run
     print(f"fast-mnist: test accuracy {metrics['test_accuracy']:.4f} in {metrics['train_seconds']:.0f} s")
     assert metrics["test_n"] == 10000 and metrics["test_accuracy"] >= 0.9914 - 0.001
 
@@ -58,6 +55,7 @@ def test_tta_and_temperature_on_mnist(keras_run):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_temperature_scaling_lowers_ece_on_cifar10(tmp_path):
     run = tmp_path / "run"
     data = ["--data", "cifar10", "--data-dir", str(shared("cifar10-subset-bin"))]
@@ -73,6 +71,7 @@ def test_temperature_scaling_lowers_ece_on_cifar10(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_pixel_svm_baseline_on_mnist_loses_to_the_cnn(tmp_path):
     """The notes' point: the pre-deep-learning linear SVM on pixels against the CNN (>= 99.0%). On 14x14
     pixels: a quarter of the features, a quarter of the fitting time, the same point."""

@@ -44,8 +44,8 @@ def train_fast_mnist(tmp_path, name: str, seed: int, model: str | None = None):
 
 
 @pytest.mark.slow
-def test_two_seeds_are_not_different_and_a_weak_model_is(tmp_path):
-    a, b = train_fast_mnist(tmp_path, "seed0", 0), train_fast_mnist(tmp_path, "seed1", 1)
+def test_two_seeds_are_not_different_and_a_weak_model_is(tmp_path, fast_mnist_run):
+    a, b = fast_mnist_run[0], train_fast_mnist(tmp_path, "seed1", 1)  # seed 0: the shared run, trained alike
     r = run_main("compare", str(a), str(b), "--json", "--out", str(tmp_path / "cmp"))
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)

@@ -128,6 +128,7 @@ def kill_rank_one(launcher: subprocess.Popen) -> str:
     return output
 
 
+@pytest.mark.heavy
 def test_a_killed_process_ends_the_job_clearly_and_resume_continues_with_two_then_one(tmp_path):
     run = tmp_path / "run"
     launcher = torchrun(*mnist("--epochs", "3", "--batch-size", "64", "--out", str(run)), wait=False)
@@ -214,6 +215,7 @@ def peak_rss_mb(data: Path, out: Path, env: dict) -> tuple[float, float]:
     return accuracy, peak
 
 
+@pytest.mark.heavy
 def test_a_folder_larger_than_the_memory_limit_trains_from_disk_in_bounded_memory(tmp_path, colour_folders):
     """Doubling the dataset (88 -> 177 MB decoded) raises the peak memory of an in-memory run by about
     the added data, and of a run past the in-memory limit (16 MB here) by almost nothing."""
@@ -275,23 +277,22 @@ def test_decoding_a_folder_resumes_after_a_kill_and_equals_a_fresh_decode(tmp_pa
 
 @pytest.mark.parametrize("task", ["multi-label", "binary"])
 def test_two_processes_train_a_multi_label_or_binary_model_as_one_does(tmp_path, task, multi_label_run, binary_run):
-    """Data-parallel training of the other task kinds: one writer, a model file with the task and its
-    thresholds, and test figures within a few points of one process's (the shards' gradients are
-    averaged, so the two runs differ only in the order of the sums)."""
-    data = str(multi_label_run[1] if task == "multi-label" else binary_run[1])
-    size = ["--image-size", "56"] if task == "multi-label" else ["--image-size", "28", "--task", "binary"]
-    args = ["train", "--data", data, "--model", "fast-mnist", "--channels", "1", *size, "--epochs", "3",
-            "--batch-size", "64", "--lr", "0.01", "--schedule", "onecycle", "--no-report", "--quiet"]
-    r = torchrun(*args, "--out", str(tmp_path / "ddp"))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    one = run_cli(*args, "--out", str(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"})
-    assert one.returncode == 0, one.stderr
-    log = (tmp_path / "ddp" / "train.log").read_text()
-    assert "data-parallel: 2 processes" in log and log.count("epoch 3/3:") == 1
+    """Data-parallel training of the other task kinds, with the shared fixtures' own arguments: one
+    writer, a model file with the task and its thresholds, and test figures within a few points of the
+    fixture's one-process run (the shards' gradients are averaged; the runs differ in the order of sums)."""
     import cnnkit
+    from conftest import BINARY_ARGS
+    one, data = multi_label_run if task == "multi-label" else binary_run
+    args = (["--recipe", "multi-mnist", "--epochs", "6", "--no-report", "--quiet"] if task == "multi-label"
+            else BINARY_ARGS)  # as the fixtures train
+    r = torchrun("train", "--data", str(data), *args, "--out", str(tmp_path / "ddp"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (tmp_path / "ddp" / "train.log").read_text()
+    epochs = 6 if task == "multi-label" else 5
+    assert "data-parallel: 2 processes" in log and log.count(f"epoch {epochs}/{epochs}:") == 1
     info = cnnkit.read_info(tmp_path / "ddp")
     assert info.task == task and len(info.thresholds) == (1 if task == "binary" else 10)
-    ddp, single = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ddp", "one"))
+    ddp, single = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "ddp", one))
     figure = "test_mean_average_precision" if task == "multi-label" else "test_roc_auc"
     print(task, ddp[figure], single[figure], ddp["test_accuracy"], single["test_accuracy"])
     assert abs(ddp[figure] - single[figure]) <= 0.03 and ddp[figure] > 0.85, (ddp[figure], single[figure])

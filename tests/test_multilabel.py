@@ -75,32 +75,28 @@ def test_a_target_precision_picks_the_most_recall_that_reaches_it():
 
 
 # ----------------------------------------------------------------------------- training, end to end
-@pytest.mark.slow
-def test_a_multi_label_run_on_multi_mnist_learns_and_reports_scikit_learns_figures(tmp_path):
-    """cnnkit train on the multi-MNIST label file: one sigmoid per digit, thresholds chosen on
-    validation and stored in the model file, test figures equal to scikit-learn's on the saved model."""
+def test_a_multi_label_run_on_multi_mnist_learns_and_reports_scikit_learns_figures(tmp_path, multi_label_run):
+    """cnnkit train on the multi-MNIST label file (the shared fixture's run): one sigmoid per digit,
+    thresholds chosen on validation and stored in the model file, test figures equal to scikit-learn's
+    on the saved model; evaluate and predict agree with them."""
     import json
 
     import torch
 
-    from benchmarks.data.multi_mnist import write_multi_mnist
     from cnnkit import load_dataset, load_model
     from cnnkit.inference import predict_logits
     from cnnkit.preprocess import Preprocess
-    from conftest import run_main, shared
+    from conftest import run_main
 
-    labels = write_multi_mnist(tmp_path / "multi", train=3000, test=600, seed=0, data_dir=shared("mnist").parent)
-    out = tmp_path / "run"
-    r = run_main("train", "--data", str(labels), "--recipe", "multi-mnist", "--out", str(out),
-                 "--quiet")
-    assert r.returncode == 0, r.stderr
+    out, labels = multi_label_run
     metrics = json.loads((out / "metrics.json").read_text())
     print({k: v for k, v in metrics.items() if k != "test_per_label"})
-    # measured on the EPYC (bf16): mAP 0.959, subset accuracy 0.722 (a per-label logistic regression on
-    # the pixels of 10,000 images: mAP 0.619, subset accuracy 0.200; python -m benchmarks.data.multi_mnist)
-    assert metrics["test_mean_average_precision"] > 0.93 and metrics["test_subset_accuracy"] > 0.6, metrics
+    # The fixture's 2,000 images and 6 epochs: mAP about 0.90 (EPYC). The recipe on 10,000 images: mAP 0.992,
+    # subset accuracy 0.882, against a per-label logistic regression's 0.619 / 0.200 on the pixels
+    # (python -m benchmarks.data.multi_mnist --baseline --train-recipe).
+    assert metrics["test_mean_average_precision"] > 0.85 and metrics["test_subset_accuracy"] > 0.4, metrics
     model, info = load_model(out)
-    assert info.task == "multi-label" and len(info.thresholds) == 10 and (out / "report.html").exists()
+    assert info.task == "multi-label" and len(info.thresholds) == 10
     ds = load_dataset(str(labels), image_size=56, channels=1, seed=info.train_config().seed, quiet=True)
     probs = torch.sigmoid(predict_logits(model, ds.test.images, Preprocess.from_info(info))).numpy()
     truth = ds.test.labels.numpy()
@@ -109,13 +105,13 @@ def test_a_multi_label_run_on_multi_mnist_learns_and_reports_scikit_learns_figur
     pred = probs >= np.array(info.thresholds)
     assert metrics["test_micro_f1"] == pytest.approx(f1_score(truth, pred, average="micro"), abs=1e-6)
     assert metrics["test_hamming_loss"] == pytest.approx(hamming_loss(truth, pred), abs=1e-6)
-    r = run_main("evaluate", str(out), "--data", str(labels), "--json")
+    r = run_main("evaluate", str(out), "--data", str(labels), "--json", "--out", str(tmp_path / "ev"))
     assert r.returncode == 0, r.stderr
     evaluated = json.loads(r.stdout)  # the same split at the same thresholds: the same figures
     assert evaluated["mean_average_precision"] == pytest.approx(metrics["test_mean_average_precision"], abs=1e-9)
     assert evaluated["subset_accuracy"] == metrics["test_subset_accuracy"]
-    assert json.loads((out / "evaluate-test" / "metrics.json").read_text())["n"] == 600
-    r = run_main("evaluate", str(out), "--data", str(labels), "--split", "val")
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 200
+    r = run_main("evaluate", str(out), "--data", str(labels), "--split", "val", "--out", str(tmp_path / "ev-val"))
     assert r.returncode == 0 and "mAP" in r.stdout and "threshold" in r.stdout, r.stderr
     # predict: the label set at the model file's thresholds, and every label's probability
     paths = ds.test.paths[:24]

@@ -258,7 +258,8 @@ def test_a_token_guards_every_route_but_health(server, tmp_path):
     port, model_path, test = server
     token = "s3cret-token-for-the-test"
     proc, guarded = start_server(str(model_path.parent), 8,
-                                 ["--token", token, "--timeout", "3", "--max-connections", "4"])
+                                 ["--token", token, "--timeout", "3", "--max-connections", "4",
+                                  "--runtime", "torch"])  # no runtime measurement: this test is about the token
     try:
         digit = png_bytes(test.images[0, 0].numpy())
         assert call(guarded, "GET", "/health")[0] == 200  # liveness probes carry no secrets

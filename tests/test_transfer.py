@@ -22,15 +22,16 @@ def train(tmp_path, name, *args):
 
 @pytest.mark.slow
 def test_frozen_pretrained_beats_scratch_and_fine_tuning_keeps_it(tmp_path):
-    # One run holds both phases: 5 epochs on the frozen backbone, then 3 with everything trainable.
+    # One run holds both phases: 3 epochs on the frozen backbone (93% after 2 in the binary benchmark's runs),
+    # then 1 with everything trainable (each a full backward pass through EfficientNet: the costly ones).
     # Hymenoptera's test split is its val split, so the frozen phase's own val accuracy (history)
     # is what a frozen-only run would report as its test accuracy.
-    tuned = train(tmp_path, "tuned", "--pretrained", "efficientnet_lite0", "--fine-tune", "--epochs", "5",
-                  "--fine-tune-epochs", "3")
+    tuned = train(tmp_path, "tuned", "--pretrained", "efficientnet_lite0", "--fine-tune", "--epochs", "3",
+                  "--fine-tune-epochs", "1")
     m = tuned["metrics"]
-    assert [h["epoch"] for h in tuned["history"]] == list(range(1, 9))
+    assert [h["epoch"] for h in tuned["history"]] == list(range(1, 5))
     assert m["test_split"] == "val" and m["test_n"] == 153
-    frozen = max(h["val_acc"] for h in tuned["history"][:5])
+    frozen = max(h["val_acc"] for h in tuned["history"][:3])
     print(f"frozen phase: {frozen:.4f} on val; after fine-tuning: {m['test_accuracy']:.4f} "
           f"in {m['train_seconds']:.0f} s")
     assert frozen >= 0.90  # no time bound: a slow machine must not fail a test
@@ -50,6 +51,6 @@ def test_frozen_pretrained_beats_scratch_and_fine_tuning_keeps_it(tmp_path):
     model, meta = load_model(tmp_path / "tuned")
     assert meta.pretrained["mean"] == pytest.approx([127 / 255] * 3)
     original, _, _ = read_state_dict("efficientnet_lite0")
-    if meta.metrics["best_epoch"] > 5:
+    if meta.metrics["best_epoch"] > 3:
         assert not torch.equal(model.state_dict()["_blocks.3._project_conv.weight"],
                                original["_blocks.3._project_conv.weight"])

@@ -366,7 +366,8 @@ def validated_architecture(p: Path, info: ModelInfo, shapes: dict[str, tuple[int
         raise CnnkitError(f"{p} declares input {c}x{h}x{w}, which the architecture cannot take "
                           f"({str(e).splitlines()[0][:160]})") from None
     if outputs != info.outputs:
-        raise CnnkitError(f"{p} lists {len(names)} class names for a {info.task} model with {outputs} outputs: "
+        one = " (a binary model has one)" if info.task == "binary" else ""
+        raise CnnkitError(f"{p} lists {len(names)} class names for a model with {outputs} outputs{one}: "
                           "the metadata is wrong")
     need, have = inference_bytes(model, (c, h, w)), available_memory_bytes()
     if need > have:
