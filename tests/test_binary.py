@@ -49,6 +49,7 @@ def test_the_binary_loss_is_the_two_class_cross_entropy(smoothing, weighted):
     assert batch_loss(z, y, s).item() == pytest.approx(want.item(), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_binary_run_matches_softmax_and_reports_scikit_learns_figures(tmp_path, binary_run):
     """4 against 9, MNIST's most confused pair: the binary model's one logit, its threshold from
     validation in the model file, its test figures equal to scikit-learn's on the saved model, and
@@ -80,9 +81,16 @@ def test_a_binary_run_matches_softmax_and_reports_scikit_learns_figures(tmp_path
     assert binary["test_average_precision"] == pytest.approx(average_precision_score(truth, p), abs=5e-4)
     assert binary["test_confusion_matrix"] == confusion_matrix(truth, p >= info.thresholds[0]).tolist()
 
-    r = run_main("evaluate", str(run), "--data", str(labels), "--json")
+    r = run_main("compare", str(run), str(tmp_path / "softmax"), "--json", "--out", str(tmp_path / "cmp"))
+    assert r.returncode == 0, r.stderr  # a binary model against the two-class softmax one: each decides a class
+    compared = json.loads(r.stdout)
+    assert compared["task"] == "binary / single-label" and compared["n"] == 400
+    assert compared["accuracy_a"] == pytest.approx(binary["test_accuracy"])  # at the binary model's threshold
+    assert compared["accuracy_b"] == pytest.approx(softmax["test_accuracy"])
+    r = run_main("evaluate", str(run), "--data", str(labels), "--json", "--tta", "--out", str(tmp_path / "ev"))
     assert r.returncode == 0, r.stderr
     evaluated = json.loads(r.stdout)
+    assert 0.95 < evaluated["tta_accuracy"] <= 1  # test-time augmentation of the one logit, decided at the threshold
     assert evaluated["binary"]["roc_auc"] == pytest.approx(binary["test_roc_auc"], abs=1e-9)
     assert evaluated["accuracy"] == binary["test_accuracy"]  # decided at the model file's threshold
     paths = ds.test.paths[::20]  # both classes: the split is in class order
@@ -95,11 +103,14 @@ def test_a_binary_run_matches_softmax_and_reports_scikit_learns_figures(tmp_path
         assert rows[path]["probabilities"][rows[path]["labels"].index("digit9")] == pytest.approx(p[i], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_the_task_is_refused_where_the_data_cannot_have_it(tmp_path, multi_label_run):
     _, multi = multi_label_run
     for args, message in ((["--data", "digits", "--task", "binary"], "--task binary needs two classes"),
                           (["--data", str(multi), "--task", "single-label"], "gives several labels per image"),
-                          (["--data", "digits", "--pos-weight"], "--pos-weight weights each label's positives")):
+                          (["--data", "digits", "--pos-weight"], "--pos-weight weights each label's positives"),
+                          (["--data", "digits", "--target-precision", "0.9"], "--target-precision sets the threshold"),
+                          (["--data", "digits", "--model", "svm", "--task", "multi-label"], "the SVM baseline is")):
         r = run_main("train", *args, "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet")
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "run").exists()
@@ -121,6 +132,7 @@ def test_one_class_per_image_can_train_as_multi_label(tmp_path):
     assert info.task == "multi-label" and len(info.thresholds) == 10
 
 
+@pytest.mark.slow
 def test_the_binary_report_shows_roc_and_pr_in_chromium(binary_run, tmp_path):
     """`cnnkit evaluate` of a binary model: report.html with its ROC and precision-recall curves,
     the threshold and the areas evaluate measured, the confusion matrix at the threshold."""
@@ -140,3 +152,13 @@ def test_the_binary_report_shows_roc_and_pr_in_chromium(binary_run, tmp_path):
     text = page["desktop"]["text"]
     assert "ROC and precision-recall" in text and f"ROC AUC {b['roc_auc']:.4f}" in text
     assert f"threshold {b['threshold']:.3f}" in text and "average precision (area under" in text
+
+
+@pytest.mark.slow
+def test_the_fast_recipe_drops_its_one_class_choices_for_multi_label_data(binary_run):
+    """`--recipe fast` on few small images picks fast-folder, whose label smoothing means one class per
+    image: for multi-label data it is dropped, and said, rather than refused as if the user had typed it."""
+    _, labels = binary_run
+    r = run_main("train", "--recipe", "fast", "--data", str(labels), "--task", "multi-label", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "fast-folder.yaml" in r.stderr and "without its label smoothing" in r.stderr

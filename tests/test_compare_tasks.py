@@ -14,6 +14,8 @@ import cnnkit
 from cnnkit.preprocess import Preprocess
 from conftest import run_main
 
+pytestmark = pytest.mark.slow  # trains or serves the shared fixtures' models: out of the fast subset
+
 
 def test_a_binary_model_against_itself_differs_by_nothing(binary_run, tmp_path):
     run, labels = binary_run

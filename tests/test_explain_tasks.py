@@ -15,6 +15,8 @@ from cnnkit import explain as ex
 from cnnkit.preprocess import Preprocess
 from conftest import run_main
 
+pytestmark = pytest.mark.slow  # trains or serves the shared fixtures' models: out of the fast subset
+
 
 @pytest.fixture
 def drawn(monkeypatch):

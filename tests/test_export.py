@@ -225,6 +225,7 @@ def multi_label_outputs(path, fmt: str, nhwc: torch.Tensor) -> tuple[list[np.nda
         return [t.numpy() for t in module(nhwc)], meta
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
 def test_a_multi_label_export_gives_sigmoids_and_decides_at_the_model_files_thresholds(multi_label_run, tmp_path,
                                                                                       fmt):
@@ -257,6 +258,7 @@ def test_a_multi_label_export_gives_sigmoids_and_decides_at_the_model_files_thre
     assert not check["passed"] and check["agreement"] < 1 and check["max_abs_diff"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_predict_on_the_onnx_runtime_gives_torchs_label_sets(multi_label_run, tmp_path, monkeypatch):
     import cnnkit.runtimes as runtimes
     run_folder, labels = multi_label_run
@@ -288,6 +290,7 @@ def test_predict_on_the_onnx_runtime_gives_torchs_label_sets(multi_label_run, tm
     assert checked >= 14 and sum(len(row["labels"]) for row in rows["torch"]) >= 16  # 1-3 digits an image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
 def test_a_binary_export_gives_calibrated_probabilities_and_the_decided_class(binary_run, tmp_path, fmt):
     """A binary model's graph: (1 - p, p) with p = sigmoid(z / T) from its one logit z, and the class

@@ -75,6 +75,7 @@ def test_a_target_precision_picks_the_most_recall_that_reaches_it():
 
 
 # ----------------------------------------------------------------------------- training, end to end
+@pytest.mark.slow
 def test_a_multi_label_run_on_multi_mnist_learns_and_reports_scikit_learns_figures(tmp_path, multi_label_run):
     """cnnkit train on the multi-MNIST label file (the shared fixture's run): one sigmoid per digit,
     thresholds chosen on validation and stored in the model file, test figures equal to scikit-learn's

@@ -17,6 +17,8 @@ from cnnkit.preprocess import Preprocess
 from conftest import run_main
 from test_report import check_page, open_in_browser, self_contained
 
+pytestmark = pytest.mark.slow  # trains or serves the shared fixtures' models: out of the fast subset
+
 
 @pytest.fixture(scope="module")
 def evaluated(multi_label_run, tmp_path_factory):

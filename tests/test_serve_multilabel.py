@@ -24,6 +24,8 @@ from test_serve import call, png_bytes
 
 FILES = 24  # test images sent: enough for sets of one, two and three digits
 
+pytestmark = pytest.mark.slow  # trains or serves the shared fixtures' models: out of the fast subset
+
 
 @pytest.fixture(scope="module")
 def multi_server(multi_label_run):

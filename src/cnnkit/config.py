@@ -295,7 +295,7 @@ RANGES = {
     "image_size": (1, None, (True, False)), "fine_tune_epochs": (1, None, (True, False)),
     "fine_tune_lr_factor": (0, None, (False, False)), "bias_lr_factor": (0, None, (False, False)),
     "ema": (0, 1, (True, False)), "grad_clip": (0, None, (True, False)), "early_stop": (0, None, (True, False)),
-    "augment_from_epoch": (1, None, (True, False)), "target_precision": (0, 1, (True, False)),
+    "augment_from_epoch": (1, None, (True, False)), "target_precision": (0, 1, (True, True)),
     **{f"aug_{op}": AUGMENT_RANGES.get(op, (0, None, (True, False))) for op in AUGMENT_OPS},
 }
 CHOICES = {"optimizer": ("adam", "adamw", "sgd"), "schedule": ("linear", "cosine", "onecycle", "constant"),

@@ -123,7 +123,7 @@ def evaluate(model: torch.nn.Module, info: ModelInfo, split: Split, class_names:
     model = model.eval().to(memory_format=torch.channels_last)
     if logits is None:  # one pass serves both calibrations
         logits = predict_logits(model, split.images, Preprocess.from_info(info, channels_last=True).to(device), device)
-    logits = class_logits(logits, info.task)  # a binary model's one logit as two classes' (N, 2)
+    model_logits, logits = logits, class_logits(logits, info.task)  # a binary model's one logit as two classes'
     raw = F.softmax(logits, dim=1).numpy().astype(np.float64)
     probs = F.softmax(logits / temperature, dim=1).numpy().astype(np.float64)
     preds = decide(probs, info)
@@ -134,7 +134,7 @@ def evaluate(model: torch.nn.Module, info: ModelInfo, split: Split, class_names:
                        if len(labels) else 0.0)
     if tta:  # reported beside, not instead: TTA averages make probabilities less confident
         if tta_probs is None:
-            tta_probs = probabilities(model, info, split.images, tta=True, device=device, logits=logits)
+            tta_probs = probabilities(model, info, split.images, tta=True, device=device, logits=model_logits)
         metrics["tta_accuracy"] = float((decide(tta_probs, info) == labels).mean())
         if len(class_names) >= 5:
             metrics["tta_top5_accuracy"] = top_k_accuracy(tta_probs, labels, 5)

@@ -54,6 +54,7 @@ def choose_thresholds(probs: np.ndarray, truth: np.ndarray, target_precision: fl
     threshold, or (target_precision) at the lowest threshold whose precision reaches the target
     (the most recall at that precision; the F1-best where none does), placed midway between that
     score and the next lower one. DEFAULT_THRESHOLD for a label without positives."""
+    probs = np.asarray(probs, np.float64)  # the midpoint of two float32 scores is exact in float64 only
     chosen = np.full(probs.shape[1], DEFAULT_THRESHOLD)
     for k in range(probs.shape[1]):
         if not truth[:, k].any():

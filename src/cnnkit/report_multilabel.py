@@ -223,7 +223,8 @@ def per_label_section(ev: dict) -> list[str]:
               ap(ev["mean_average_precision"]) if k == "macro" else "", "", ""] for k in ("micro", "macro")]
     return ["<h2>Per-label metrics</h2>",
             '<p class="muted">A label is predicted present when its probability reaches its threshold (chosen on '
-            "the validation split at the end of training, each label's best F1). AP: average precision over every "
+            "the validation split at the end of training: each label's best F1, or with --target-precision the most "
+            "recall at that precision). AP: average precision over every "
             "threshold (the macro row's is the mAP, over labels with a positive). ECE: the label's expected "
             "calibration error, the support-weighted gap between its mean probability and its share of positives "
             f'in 15 bins (no temperature: each probability is its own sigmoid). At 0.5 instead: macro F1 '

@@ -54,9 +54,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 metavar=None if choices else f.name.upper(), help=text)
 
 
-def listed_files(fields: dict) -> list[str] | None:
-    """The image paths a label file given as --data lists (read with the column flags given), for
-    `--recipe fast` to look at; None when --data is no label file."""
+def read_listed(fields: dict):
+    """The label file given as --data (data.labelfile.LabelFile, read with the column flags given),
+    for `--recipe fast` to look at its images; None when --data is no label file."""
     from ..config import TrainConfig
     data = fields.get("data") or TrainConfig().data
     suffixes = (".csv", ".tsv", ".jsonl")  # data.LABEL_FILE_SUFFIXES, without importing torch for every command
@@ -65,7 +65,17 @@ def listed_files(fields: dict) -> list[str] | None:
     from ..data.labelfile import Columns, read_label_file
     columns = Columns(path=fields.get("path_column"), label=fields.get("label_column"),
                       split=fields.get("split_column"), label_sep=fields.get("label_sep") or TrainConfig().label_sep)
-    return [p for entries in read_label_file(Path(data), columns).files.values() for p, _ in entries]
+    return read_label_file(Path(data), columns)
+
+
+def listed_files(fields: dict) -> list[str] | None:
+    """The image paths of read_listed's label file; None when --data is no label file."""
+    listed = read_listed(fields)
+    return None if listed is None else [p for entries in listed.files.values() for p, _ in entries]
+
+
+# A recipe's one-class-per-image choices, dropped for a multi-label run (typed, they are refused: session.py)
+ONE_CLASS_CHOICES = {"label_smoothing": 0.0, "balance": "none", "augment_class": None}
 
 
 def config_from_args(args):
@@ -79,9 +89,17 @@ def config_from_args(args):
     base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
     if args.recipe:
         data = given.get("data") or base.get("data") or TrainConfig().data
-        path, why = recipe_choice(args.recipe, data, listed_files({**base, **given}) if args.recipe == "fast" else None)
+        listed = read_listed({**base, **given}) if args.recipe == "fast" else None
+        files = None if listed is None else [p for entries in listed.files.values() for p, _ in entries]
+        path, why = recipe_choice(args.recipe, data, files)
         if why:  # chosen by looking at the folder: say what and why
             print(f"recipe fast for {data}: {why} ({path.name})", file=sys.stderr)
-        base = {**TrainConfig.from_file(path).to_dict(), **base}
+        recipe = TrainConfig.from_file(path).to_dict()
+        multi = (listed is not None and listed.multi_label) or {**base, **given}.get("task") == "multi-label"
+        if multi and any(recipe.get(k) != v for k, v in ONE_CLASS_CHOICES.items()):
+            recipe.update(ONE_CLASS_CHOICES)
+            print(f"recipe {args.recipe} for multi-label data: without its label smoothing, class balancing and "
+                  "per-class augmentation (they mean one class per image)", file=sys.stderr)
+        base = {**recipe, **base}
     return TrainConfig.from_dict({**base, **given},
                                  source=f"config file {args.config}" if args.config else "the flags"), given

@@ -11,7 +11,8 @@ def add(sub) -> None:
                                     "(compare.json, compare.html). Binary models: each decided at its own "
                                     "threshold. Multi-label models: right means the exact label set at each "
                                     "model's thresholds (subset accuracy), with F1 per label and each "
-                                    "model's mAP. Both models must be of the same task.")
+                                    "model's mAP. Both models must be of the same task (a binary one may face "
+                                    "a two-class single-label one).")
     p.add_argument("run_a", metavar="RUN_A", help="model file or run folder")
     p.add_argument("run_b", metavar="RUN_B", help="model file or run folder")
     p.add_argument("--data", default=None, help="the dataset (default: the one RUN_A was trained on)")

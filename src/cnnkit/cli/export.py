@@ -10,9 +10,11 @@ def add(sub) -> None:
     p = sub.add_parser("export", help="export to ONNX or torch.export, with preprocessing inside, and prove parity",
                         description="The export takes uint8 images (N, H, W, C) and returns calibrated probabilities; "
                                     "a multi-label model's returns one sigmoid per label and its decisions (labels, "
-                                    "bool: probabilities >= the model file's thresholds). After writing it, validation "
-                                    "images run through PyTorch and the export; the command fails unless agreement "
-                                    "(top-1, or the whole label set) is 100% and probabilities differ by at most 1e-4.")
+                                    "bool: probabilities >= the model file's thresholds); a binary model's returns "
+                                    "(1 - p, p) and the class its threshold decides (labels, bool, N x 2). After "
+                                    "writing it, validation images run through PyTorch and the export; the command "
+                                    "fails unless agreement (top-1, the whole label set, or the decided class) is "
+                                    "100% and probabilities differ by at most 1e-4.")
     p.add_argument("model", help="model file or run folder")
     p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
     p.add_argument("--out", default=None, help="output file (default: beside the model, .onnx or .pt2)")
@@ -29,10 +31,10 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        multi = result["task"] == "multi-label"
+        outputs = {"multi-label": "label probabilities and labels (at the model file's thresholds) out",
+                   "binary": "calibrated probabilities and the decided class (at the model file's threshold) out"}
         print(f"wrote {result['out']} ({result['bytes'] / 1e6:.1f} MB, {args.format}): uint8 images (N, H, W, C) in, "
-              + ("label probabilities and labels (at the model file's thresholds) out" if multi
-                 else "calibrated probabilities out"))
+              + outputs.get(result["task"], "calibrated probabilities out"))
         print(f"parity on {result['checked_on']}: {result['agreement_on']} agreement {result['agreement']:.2%}, "
               f"largest probability difference {result['max_abs_diff']:.2e} (allowed {result['max_allowed_diff']:g}): "
               f"{'passed' if result['passed'] else 'FAILED'}")

@@ -32,9 +32,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out: str | Path | None = 
     name_a, name_b = Path(run_a).name or "A", Path(run_b).name or "B"
     if name_a == name_b:
         name_a, name_b = f"A ({name_a})", f"B ({name_b})"
-    if info_a.task != info_b.task:
+    if (info_a.task == "multi-label") != (info_b.task == "multi-label"):  # binary against softmax: both decide a class
         raise CnnkitError(f"{name_a} is a {info_a.task} model and {name_b} a {info_b.task} one: "
-                          "compare two models of the same task")
+                          "compare two models of the same task (or a binary one with a two-class single-label one)")
     if info_a.class_names != info_b.class_names:
         raise CnnkitError("the two models have different classes: compare models trained on the same data")
     # The config's data is where it was read from (a label file's or folder's path); the record's name is for people.
@@ -53,7 +53,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out: str | Path | None = 
     files: dict[str, Path] = {}
     if info_a.history and info_b.history:
         files["curves"] = plot_compare_curves({name_a: info_a.history, name_b: info_b.history}, out / "curves.png")
-    result.update({"task": info_a.task, "measure": measure, **extra, "per_class": per_class, "a": str(run_a),
+    task = info_a.task if info_a.task == info_b.task else f"{info_a.task} / {info_b.task}"
+    result.update({"task": task, "measure": measure, **extra, "per_class": per_class, "a": str(run_a),
                    "b": str(run_b), "data": data, "verdict": sentence, "out": str(out)})
     files["compare_json"] = out / "compare.json"
     write_text_atomic(files["compare_json"], json.dumps(result, indent=2))

@@ -60,9 +60,16 @@ def out_of_fold_probabilities(cfg: TrainConfig, ds: Dataset, folds: int, workdir
     if folds < 2:
         raise CnnkitError("--folds must be at least 2")
     if labels.ndim == 2:  # multi-label: folds stratified by each image's rarest label, as data.carve splits
+        if labels.sum(0).min() < folds:
+            raise CnnkitError(f"every label needs at least {folds} training images for {folds}-fold cross-validation")
         counts = labels.sum(0)
-        labels = np.where(labels > 0, counts[None, :], np.inf).argmin(1)
-    if np.bincount(labels, minlength=ds.num_classes).min() < folds:
+        rarest = np.where(labels > 0, counts[None, :], np.inf).argmin(1)
+        labels = np.where(labels.any(1), rarest, ds.num_classes)  # images without a label: a group of their own
+        groups = np.bincount(labels)
+        if groups[groups > 0].min() < folds:
+            raise CnnkitError(f"too few training images share a rarest label for {folds}-fold cross-validation: "
+                              "use fewer --folds")
+    elif np.bincount(labels, minlength=ds.num_classes).min() < folds:
         raise CnnkitError(f"every class needs at least {folds} training images for {folds}-fold cross-validation")
     probs = np.zeros((len(labels), ds.num_classes))
     splitter = StratifiedKFold(folds, shuffle=True, random_state=cfg.seed)

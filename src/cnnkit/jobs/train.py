@@ -27,6 +27,7 @@ from ..preprocess import Preprocess
 from ..report_folder import evaluate_and_report
 from ..runfolder import RunFolder
 from ..training import TrainResult, fit, load_data_and_model, train_svm
+from ..training.svm import check_svm_options
 from ..version import __version__
 
 
@@ -100,6 +101,7 @@ def train_in(world: World, cfg: TrainConfig | None, resume: str | Path | None, *
     if cfg.model == "svm":
         if world.active:
             raise CnnkitError("the SVM baseline trains in one process: start it without torchrun")
+        check_svm_options(cfg)
         run.create()
         run.write_config(cfg)
         ds, result = train_svm(cfg, run, quiet)
@@ -233,10 +235,10 @@ def run_facts(ds: Dataset, result: TrainResult) -> dict:
 
 
 def finish_multi_label(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: TrainResult) -> RunResult:
-    """The end of a multi-label run: one threshold per label chosen on validation (the best F1),
-    the test figures at those thresholds (evaluate.evaluate_multi_label; macro F1 at 0.5 beside, to
-    show what tuning gave), the model file with its thresholds, metrics.json. No temperature: each
-    label's calibration is its ECE in metrics.json. report.html has no multi-label pages yet."""
+    """The end of a multi-label run: one threshold per label chosen on validation (the best F1, or
+    --target-precision), the test figures at those thresholds (evaluate.evaluate_multi_label; macro
+    F1 at 0.5 beside, to show what tuning gave), the model file with its thresholds, metrics.json,
+    then report.html (report_multilabel.py). No temperature: each label's calibration is its ECE."""
     from ..evaluate import evaluate_multi_label
     from ..multilabel import choose_thresholds
     t0 = time.perf_counter()
@@ -245,7 +247,7 @@ def finish_multi_label(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: Tr
     val_probs = torch.sigmoid(predict_logits(best, ds.val.images, preprocess, device, "fp32")).numpy()  # (N, K)
     info = dataclasses.replace(result.info, thresholds=choose_thresholds(
         val_probs, ds.val.labels.numpy(), cfg.target_precision or None).tolist())
-    m, _ = evaluate_multi_label(best, info, ds.test, ds.class_names, device)
+    m, test_probs = evaluate_multi_label(best, info, ds.test, ds.class_names, device)
     metrics = {"test_accuracy": m["subset_accuracy"], "test_subset_accuracy": m["subset_accuracy"],
                "test_mean_average_precision": m["mean_average_precision"], "test_hamming_loss": m["hamming_loss"],
                "test_micro_f1": m["micro"]["f1"], "test_macro_f1": m["macro"]["f1"],
@@ -256,14 +258,15 @@ def finish_multi_label(cfg: TrainConfig, run: RunFolder, ds: Dataset, result: Tr
     run.save_model(best, info)
     run.write_history(result.history)
     run.write_metrics(metrics)
-    run.remove_checkpoint()
     run.log(f"test mAP {metrics['test_mean_average_precision']:.4f}, subset accuracy {m['subset_accuracy']:.4f}, "
             f"macro F1 {m['macro']['f1']:.4f} at the validation thresholds ({m['at_half']['macro_f1']:.4f} at 0.5) "
             f"on {m['n']} {ds.test_source} images (best epoch {result.best_epoch})")
     if cfg.report and run.primary:  # the test split's report.html and pictures, as `cnnkit evaluate` writes them
         from ..report_multilabel import evaluate_and_report_multi_label
         _, files = evaluate_and_report_multi_label(best, info, ds.test, run.path, data_name=ds.name,
-                                                   split_name=ds.test_source, device=device)
+                                                   split_name=ds.test_source, device=device, probs=test_probs)
         run.log(f"report {files['report']}")
-    run.log(f"after the last epoch: {time.perf_counter() - t0:.1f} s to choose thresholds, test, save")
+    run.remove_checkpoint()  # last, as for one class per image: a run stopped before here resumes
+    run.log(f"after the last epoch: {time.perf_counter() - t0:.1f} s to choose thresholds, test, save"
+            + (" and report" if cfg.report and run.primary else ""))
     return RunResult(run.path, best, ds, result.history, metrics, cfg, info)

@@ -51,6 +51,9 @@ def load_data_and_model(cfg: TrainConfig, quiet: bool = False) -> tuple[Dataset,
     elif cfg.pos_weight:
         raise CnnkitError(f"--pos-weight weights each label's positives in a multi-label run; {cfg.data} is "
                           f"{ds.task}: use --balance weights")
+    if cfg.target_precision and ds.task == "single-label":
+        raise CnnkitError("--target-precision sets the threshold of a multi-label or binary model; this run is "
+                          "single-label (softmax decides): add --task binary for two classes, or leave it out")
     c, h, w = ds.input_shape
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
     outputs = 1 if ds.task == "binary" else ds.num_classes  # binary: one logit, the second class's

@@ -17,6 +17,13 @@ from ..runfolder import RunFolder
 from .session import TrainResult, model_info
 
 
+def check_svm_options(cfg: TrainConfig) -> None:
+    """Before the run folder exists: the options an SVM cannot honour, refused in one line."""
+    if cfg.task not in ("auto", "single-label") or cfg.pos_weight or cfg.target_precision:
+        raise CnnkitError("the SVM baseline is single-label (one class per image, softmax over its scores): leave "
+                          "--task, --pos-weight and --target-precision out, or train a CNN")
+
+
 def train_svm(cfg: TrainConfig, run: RunFolder, quiet: bool = False) -> tuple[Dataset, TrainResult]:
     """The notes' pre-deep-learning baseline: scikit-learn's linear SVM on normalized, flattened pixels.
 
@@ -27,6 +34,9 @@ def train_svm(cfg: TrainConfig, run: RunFolder, quiet: bool = False) -> tuple[Da
     ds = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, image_size=cfg.image_size,
                       channels=cfg.channels, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed,
                       quiet=quiet, columns=Columns.of(cfg))
+    if ds.task != "single-label":
+        raise CnnkitError(f"the SVM baseline is single-label (one class per image); {cfg.data} is {ds.task}: "
+                          "train a CNN")
     if isinstance(ds.train.images, DiskImages):
         raise CnnkitError(f"the SVM fits all {len(ds.train)} training images at once, and this dataset is larger than "
                           "the in-memory limit: train a CNN, or raise CNNKIT_MAX_IN_MEMORY_MB")
