@@ -142,7 +142,7 @@ def evaluate(model: torch.nn.Module, info: ModelInfo, split: Split, class_names:
     if info.task == "binary":  # ROC and PR curves, AUCs, the threshold's confusion matrix, accuracy at 0.5 beside
         from .multilabel import binary_metrics
         metrics["task"] = "binary"
-        metrics["binary"] = binary_metrics(probs[:, 1], labels, info.thresholds[0] if info.thresholds else 0.5)
+        metrics["binary"] = binary_metrics(probs[:, 1], labels, info.decision_thresholds[0])
     return metrics, probs
 
 
@@ -159,7 +159,7 @@ def evaluate_multi_label(model: torch.nn.Module, info: ModelInfo, split: Split, 
         preprocess = Preprocess.from_info(info, channels_last=True).to(device)
         probs = torch.sigmoid(predict_logits(model, split.images, preprocess, device, "fp32")).numpy()
     truth = split.labels.numpy()
-    thresholds = np.array(info.thresholds if info.thresholds is not None else [0.5] * len(class_names))
+    thresholds = np.array(info.decision_thresholds)
     metrics = {"task": "multi-label", **multilabel_metrics(probs, truth, thresholds, class_names)}
     at_half = multilabel_metrics(probs, truth, np.full(len(class_names), 0.5), class_names)
     metrics["at_half"] = {"macro_f1": at_half["macro"]["f1"], "subset_accuracy": at_half["subset_accuracy"]}

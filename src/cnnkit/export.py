@@ -53,17 +53,11 @@ def exportable(info: ModelInfo) -> None:
                           "only so far")
 
 
-def model_thresholds(info: ModelInfo) -> list[float]:
-    """A multi-label model's thresholds, one per label, or a binary model's one (0.5 where the file
-    has none, as predict does)."""
-    return [float(t) for t in (info.thresholds or [0.5] * info.outputs)]
-
-
 def decision_thresholds(info: ModelInfo) -> np.ndarray:
     """The thresholds (K,) as float32 values that decide exactly as the model file's float64 ones:
     each is rounded up to the next float32 where the nearest one lies below, so for any float32
     probability p, p >= t32 exactly when p >= t64 (what predict computes in NumPy)."""
-    t64 = np.asarray(model_thresholds(info), np.float64)
+    t64 = np.asarray(info.decision_thresholds, np.float64)
     t32 = t64.astype(np.float32)
     return np.where(t32.astype(np.float64) < t64, np.nextafter(t32, np.float32(np.inf)), t32)
 
@@ -104,7 +98,7 @@ def export_metadata(info: ModelInfo) -> dict:
               "class_names": info.class_names, "preprocessing": dataclasses.asdict(info.preprocessing),
               "calibration": info.calibration(), "architecture": info.name, "metrics": info.numeric_metrics()}
     if info.task in ("multi-label", "binary"):
-        record.update(task=info.task, thresholds=model_thresholds(info),
+        record.update(task=info.task, thresholds=info.decision_thresholds,
                       output=MULTI_LABEL_OUTPUT if info.task == "multi-label" else BINARY_OUTPUT,
                       outputs={"probabilities": "float32", "labels": "bool"})
     return record

@@ -77,8 +77,7 @@ def decide(probs: np.ndarray, info: ModelInfo) -> np.ndarray:
     """(N,) the class each row of probabilities (N, K) decides: the most probable, or for a binary
     model the second class where its probability reaches the model file's threshold."""
     if info.task == "binary":
-        threshold = info.thresholds[0] if info.thresholds else 0.5
-        return (probs[:, 1] >= threshold).astype(np.int64)
+        return (probs[:, 1] >= info.decision_thresholds[0]).astype(np.int64)
     return probs.argmax(1)
 
 

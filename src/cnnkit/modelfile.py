@@ -117,6 +117,12 @@ class ModelInfo:
         return 1 if self.task == "binary" else len(self.class_names)
 
     @property
+    def decision_thresholds(self) -> list[float]:
+        """The thresholds that decide: a multi-label model's one per label, a binary model's one,
+        0.5 each where the file records none (and for a single-label model, whose argmax decides)."""
+        return [float(t) for t in self.thresholds] if self.thresholds is not None else [0.5] * self.outputs
+
+    @property
     def data_name(self) -> str | None:
         """The dataset it was trained on, by name (the data record's, else the config's)."""
         return self.data.name or self.training.get("data")

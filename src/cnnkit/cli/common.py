@@ -68,9 +68,10 @@ def read_listed(fields: dict):
     return read_label_file(Path(data), columns)
 
 
-def listed_files(fields: dict) -> list[str] | None:
-    """The image paths of read_listed's label file; None when --data is no label file."""
-    listed = read_listed(fields)
+def listed_files(fields: dict, listed=None) -> list[str] | None:
+    """The image paths of read_listed's label file (`listed`, when the caller has read it); None when
+    --data is no label file."""
+    listed = listed or read_listed(fields)
     return None if listed is None else [p for entries in listed.files.values() for p, _ in entries]
 
 
@@ -90,8 +91,7 @@ def config_from_args(args):
     if args.recipe:
         data = given.get("data") or base.get("data") or TrainConfig().data
         listed = read_listed({**base, **given}) if args.recipe == "fast" else None
-        files = None if listed is None else [p for entries in listed.files.values() for p, _ in entries]
-        path, why = recipe_choice(args.recipe, data, files)
+        path, why = recipe_choice(args.recipe, data, listed_files({}, listed) if listed else None)
         if why:  # chosen by looking at the folder: say what and why
             print(f"recipe fast for {data}: {why} ({path.name})", file=sys.stderr)
         recipe = TrainConfig.from_file(path).to_dict()

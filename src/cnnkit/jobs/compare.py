@@ -105,7 +105,7 @@ def multi_label_figures(probs: tuple[np.ndarray, np.ndarray], infos: tuple[Model
     truth = truth > 0.5
     right, metrics = [], []
     for p, info in zip(probs, infos):
-        thresholds = np.array(info.thresholds if info.thresholds is not None else [0.5] * len(names))
+        thresholds = np.array(info.decision_thresholds)
         right.append(((p >= thresholds[None, :]) == truth).all(1))  # the whole label set right
         metrics.append(multilabel_metrics(p, truth, thresholds, names))
     per_label = [{"label": a["label"], "f1_a": a["f1"], "f1_b": b["f1"], "support": a["support"]}

@@ -83,7 +83,7 @@ def thresholds_of(info: ModelInfo) -> list[float]:
     """A multi-label model's thresholds, one per label (0.5 where the model file has none); else []."""
     if info.task != "multi-label":
         return []
-    return list(info.thresholds) if info.thresholds is not None else [0.5] * len(info.class_names)
+    return info.decision_thresholds
 
 
 def answer(info: ModelInfo, probs: np.ndarray, decided: list[int], top_k: int) -> dict:
@@ -99,5 +99,5 @@ def answer(info: ModelInfo, probs: np.ndarray, decided: list[int], top_k: int) -
     record = {"predicted": names[decided[0]], "probability": float(probs[decided[0]]),
               "top": [{"label": names[i], "probability": float(probs[i])} for i in order[:min(top_k, len(names))]]}
     if info.task == "binary":
-        record["threshold"] = float(info.thresholds[0]) if info.thresholds else 0.5
+        record["threshold"] = info.decision_thresholds[0]
     return record

@@ -52,7 +52,7 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
     names, side = info.class_names, info.square_side("predict")
     k = min(top_k, len(names))
     # multi-label: every label whose probability reaches its threshold, and each label's probability
-    thresholds = (np.array(info.thresholds or [0.5] * len(names)) if info.task == "multi-label" else None)
+    thresholds = (np.array(info.decision_thresholds) if info.task == "multi-label" else None)
     if thresholds is not None and (tta or min_confidence is not None):
         raise CnnkitError(f"{'--tta' if tta else '--min-confidence'} is for single-label models; this one is "
                           "multi-label, its thresholds are in the model file")
@@ -63,7 +63,7 @@ def predict_files(model: str | Path, paths: list[str], top_k: int = 3, min_confi
         probs = rt(np.stack(good)) if good else np.zeros((0, len(names)))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (B, k)
         if info.task == "binary":  # the decided class first: the second where its probability reaches the threshold
-            second = probs[:, 1] >= (info.thresholds[0] if info.thresholds else 0.5)
+            second = probs[:, 1] >= info.decision_thresholds[0]
             order = np.where(second[:, None], [[1, 0]], [[0, 1]])[:, :k]
         j = 0
         for path, (array, error) in zip(chunk, decoded):

@@ -30,7 +30,6 @@ from ..version import __version__
 from .limits import Limits, RequestError, decode_upload, too_many_images
 
 SERVED_TASKS = ("single-label", "multi-label", "binary")
-DEFAULT_THRESHOLD = 0.5  # a multi-label model file without thresholds: as cnnkit predict decides it
 
 
 def heatmap_png(image: np.ndarray, heat: np.ndarray) -> str:
@@ -62,10 +61,10 @@ class Model:
             raise CnnkitError(f"this is a {self.info.task} model: cnnkit serve handles "
                               f"{', '.join(SERVED_TASKS)} models only so far")
         # multi-label: label k is present when its probability reaches thresholds[k] (K,); None: top-k classes
-        self.thresholds = (np.array(self.info.thresholds or [DEFAULT_THRESHOLD] * self.info.num_classes)
+        self.thresholds = (np.array(self.info.decision_thresholds)
                            if self.info.task == "multi-label" else None)
         # binary: answered as two classes, the decided one first (the second where p >= this threshold)
-        self.binary_threshold = ((self.info.thresholds or [DEFAULT_THRESHOLD])[0] if self.info.task == "binary"
+        self.binary_threshold = (self.info.decision_thresholds[0] if self.info.task == "binary"
                                  else None)
         self.side = self.info.square_side("serve")
         if max_batch < 1:
