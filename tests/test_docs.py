@@ -81,7 +81,7 @@ def test_the_option_check_catches_an_option_missing_from_a_page():
 def test_the_generated_table_reads_the_parser():
     table = manual.options_markdown("predict")
     assert table.startswith("<!-- options:") and table.endswith(manual.END)
-    assert "| `--runtime` | `{auto,torch,onnx}` | `auto` |" in table
+    assert "| `--runtime` | `{auto,torch,onnx,int8,openvino,openvino-int8}` | `auto` |" in table
     assert "| `--top-k` | `TOP_K` | `3` |" in table
     train = manual.options_markdown("train")
     assert "| `--epochs` | `EPOCHS` | `10` | passes over the training split |" in train  # "(default: 10)" moved

@@ -78,6 +78,7 @@ def test_gradcam_runs_on_the_classic_networks(arch, size):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # about 60 s: run by CI after the suite (pyproject markers), so the suite stays under 15 min
 def test_gradcam_points_at_the_digit_on_mnist(tmp_path):
     """The issue's sanity check: for correctly classified MNIST test digits, at least 70% of the
     heatmap mass lies inside the bounding box of the digit's non-zero pixels (mean over 200 images);

@@ -188,7 +188,9 @@ def test_auto_runtime_measures_once_and_falls_back_when_export_fails(tmp_path, m
     rows, info = predict.predict_files(path, [str(png)])
     assert info["why"].startswith("measured now") and info["runtime"] in ("onnx", "torch")
     record = json.loads(next((runtimes.exports_dir()).glob("*.runtime.json")).read_text())
-    assert set(record["images_per_second"]) == {"onnx", "torch"} and record["runtime"] == info["runtime"]
+    # int8 needs the model's data (none here: refused and said); OpenVINO takes part where installed
+    assert {"onnx", "torch"} <= set(record["images_per_second"]) <= {"onnx", "torch", "openvino"}
+    assert record["runtime"] == info["runtime"] and record["int8"].startswith("int8 not used")
     rows2, info2 = predict.predict_files(path, [str(png)])
     assert info2["why"].startswith("measured before") and rows2 == rows
 
@@ -268,10 +270,14 @@ def test_predict_on_the_onnx_runtime_gives_torchs_label_sets(multi_label_run, tm
     for runtime in ("torch", "onnx", "auto"):
         if runtime == "auto":
             monkeypatch.setattr(runtimes, "MEASURE_FROM_FILES", 1)  # measure on this small job, with the cached export
+
+            def no_int8(*args, **kwargs):  # the float runtimes' parity is what this test is about (int8: test_int8.py)
+                raise cnnkit.CnnkitError("int8 left out of this test")
+            monkeypatch.setattr(runtimes, "cached_int8", no_int8)
         r = run_main("predict", str(run_folder), *paths, "--runtime", runtime, "--json")
         assert r.returncode == 0, r.stderr
         rows[runtime] = json.loads(r.stdout)
-    onnx_file = next(runtimes.exports_dir().glob("*.onnx"))  # the ONNX runtime's export (export.export's)
+    onnx_file = next(p for p in runtimes.exports_dir().glob("*.onnx") if ".int8" not in p.name)  # export.export's
     r = run_main("predict", str(onnx_file), *paths, "--json")  # the file itself: its thresholds from its metadata
     assert r.returncode == 0, r.stderr
     rows["file"] = json.loads(r.stdout)

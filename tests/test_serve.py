@@ -34,7 +34,9 @@ def server(tmp_path_factory):
         recipe = cnnkit.TrainConfig.from_file(recipe_file("fast", "mnist")).to_dict()
         run = cnnkit.train(cnnkit.TrainConfig.from_dict({**recipe, "data_dir": str(shared()), "epochs": 1,
                                                          "out": str(tmp / "run"), "report": False}), quiet=True)
-        proc, port = start_server(str(run.run_dir), 32)
+        # onnx, not auto: auto may pick int8, whose answers differ from PyTorch's (the probabilities below are
+        # compared at 1e-4); auto's choice is tested in tests/test_int8.py and test_export.py
+        proc, port = start_server(str(run.run_dir), 32, ["--runtime", "onnx"])
         yield port, run.run_dir / "model.safetensors", run.dataset.test
         proc.terminate()
         proc.wait(10)
@@ -70,7 +72,7 @@ def test_api_answers_with_calibrated_top_k_and_heatmaps(server):
     status, info = call(port, "GET", "/model")
     assert info["class_names"] == [str(i) for i in range(10)]
     assert info["input"] == {"channels": 1, "height": 28, "width": 28}
-    assert info["metrics"]["test_accuracy"] > 0.97 and info["runtime"] in ("onnx", "torch")
+    assert info["metrics"]["test_accuracy"] > 0.97 and info["runtime"] == "onnx"
     status, schema = call(port, "GET", "/openapi.json")
     assert status == 200 and "/predict" in schema["paths"] and "/model" in schema["paths"]
     assert call(port, "GET", "/docs")[0] == 404  # Swagger UI needs a CDN: not offered

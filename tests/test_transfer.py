@@ -21,6 +21,7 @@ def train(tmp_path, name, *args):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # about 60 s: run by CI after the suite (pyproject markers), so the suite stays under 15 min
 def test_frozen_pretrained_beats_scratch_and_fine_tuning_keeps_it(tmp_path):
     # One run holds both phases: 3 epochs on the frozen backbone (93% after 2 in the binary benchmark's runs),
     # then 1 with everything trainable (each a full backward pass through EfficientNet: the costly ones).

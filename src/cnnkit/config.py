@@ -86,7 +86,10 @@ class TrainConfig:
                                    # validation (the most recall there); 0: the threshold with the best F1
     pos_weight: bool = False  # multi-label: weight each label's positives by negatives/positives in training, so
                               # rare labels count as much as common ones
-    model: str = "seed-digits"  # registered name (see `cnnkit models`), YAML spec file, or svm (linear SVM on pixels)
+    model: str = "seed-digits"  # registered name (see `cnnkit models`), YAML spec file, svm (linear SVM on pixels),
+                                # or knn:RUN (nearest neighbours on the features of a run folder, a model file or
+                                # knn:efficientnet_lite0, the pretrained ImageNet network)
+    shots: int = 0  # knn: training images per class in the support set, drawn by --seed; 0: every training image
     epochs: int = 10  # passes over the training split
     batch_size: int = 128  # images per optimizer step
     lr: float = 2e-3  # peak learning rate (reached after warmup, then following --schedule)
@@ -200,6 +203,9 @@ class TrainConfig:
                 lo, hi = ("[" if closed[0] else "("), ("]" if closed[1] else ")")
                 raise CnnkitError(f"--{name.replace('_', '-')} must be in {lo}{low}, "
                                   f"{'∞' if high is None else high}{hi}, not {value}")
+        if self.shots and not self.model.startswith("knn:"):
+            raise CnnkitError("--shots takes N training images per class for a nearest-neighbour model: give "
+                              "--model knn:RUN (or knn:efficientnet_lite0)")
         if self.lookahead and self.ema == 0:
             raise CnnkitError("--lookahead resets the weights to their moving average: give --ema too (e.g. 0.95)")
         for name, choices in CHOICES.items():
@@ -296,6 +302,7 @@ RANGES = {
     "fine_tune_lr_factor": (0, None, (False, False)), "bias_lr_factor": (0, None, (False, False)),
     "ema": (0, 1, (True, False)), "grad_clip": (0, None, (True, False)), "early_stop": (0, None, (True, False)),
     "augment_from_epoch": (1, None, (True, False)), "target_precision": (0, 1, (True, True)),
+    "shots": (0, None, (True, False)),
     **{f"aug_{op}": AUGMENT_RANGES.get(op, (0, None, (True, False))) for op in AUGMENT_OPS},
 }
 CHOICES = {"optimizer": ("adam", "adamw", "sgd"), "schedule": ("linear", "cosine", "onecycle", "constant"),

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import conformal
 from .data import Columns, Split, load_dataset, with_task
 from .errors import CnnkitError
 from .inference import class_logits, decide, predict_logits, probabilities, top_k_accuracy
@@ -19,10 +20,13 @@ from .preprocess import Preprocess
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017
 
 
-def load_split_for(info: ModelInfo, data: str, split: str, data_dir=None) -> tuple[Split, list[str]]:
-    """The dataset split a model is evaluated on, decoded and split exactly as in training."""
+def load_split_for(info: ModelInfo, data: str, split: str, data_dir=None, download: bool | None = None
+                   ) -> tuple[Split, list[str]]:
+    """The dataset split a model is evaluated on, decoded and split exactly as in training.
+    download: whether a built-in dataset may be downloaded (None: as the run's config says)."""
     cfg = info.train_config()
     ds = load_dataset(data, data_dir=data_dir or cfg.data_dir, image_size=info.input.height,
+                      download=cfg.download if download is None else download,
                       channels=info.input.channels, val_split=cfg.val_split, test_split=cfg.test_split,
                       seed=cfg.seed, quiet=True, columns=Columns.of(cfg))
     ds = with_task(ds, info.task)  # a model trained with --task: its labels as it saw them
@@ -33,6 +37,18 @@ def load_split_for(info: ModelInfo, data: str, split: str, data_dir=None) -> tup
         raise CnnkitError("--split must be train, val or test")
     return getattr(ds, split), ds.class_names
 
+
+
+def load_model_split(info: ModelInfo, split: str, why: str, download: bool | None = None) -> tuple[Split, str]:
+    """(the split, the data's name) of the data a model was trained on, as the run was given it (a label
+    file's or folder's path, else a built-in dataset's name); `why` completes the error where it cannot load."""
+    data = info.training.get("data") or info.data_name
+    if not data:
+        raise CnnkitError(f"the model file does not name its dataset, needed to {why}")
+    try:
+        return load_split_for(info, data, split, download=download)[0], data
+    except CnnkitError as e:
+        raise CnnkitError(f"cannot load {data} to {why} ({e})") from None
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
                            preds: np.ndarray | None = None) -> dict:
@@ -143,7 +159,22 @@ def evaluate(model: torch.nn.Module, info: ModelInfo, split: Split, class_names:
         from .multilabel import binary_metrics
         metrics["task"] = "binary"
         metrics["binary"] = binary_metrics(probs[:, 1], labels, info.decision_thresholds[0])
+    if info.conformal is not None:  # prediction sets at 0.90 / 0.95 / 0.99: coverage and mean size on this split
+        metrics["conformal"] = conformal.held_out_figures(info.conformal, probs, labels)
     return metrics, probs
+
+
+def conformal_from_validation(info: ModelInfo, run) -> tuple[dict, str]:
+    """(conformal record, a line saying where it came from) for a model file written before cnnkit stored
+    one: its validation split's scores, through `run` (uint8 images (N, C, H, W) -> calibrated
+    probabilities (N, K), any runtime); a one-line error where that data cannot be loaded."""
+    split, data = load_model_split(info, "val", "compute prediction sets (this model file holds no conformal "
+                                               "calibration: it was written before cnnkit stored one)")
+    n = len(split)  # read in slices: a disk-backed split (data.DiskImages) is not one array
+    probs = np.concatenate([run(split.images[i:i + 512].numpy()) for i in range(0, n, 512)]) if n else \
+        np.zeros((0, info.num_classes))
+    note = f"conformal calibration computed now from {n:,} validation images of {data} (the file holds none)"
+    return conformal.fit(probs, split.labels.numpy()), note
 
 
 def evaluate_multi_label(model: torch.nn.Module, info: ModelInfo, split: Split, class_names: list[str],

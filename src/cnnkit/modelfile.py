@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError, safe_open
 
+from .conformal import check_record
 from .decode import RESIZE_METHOD
 from .errors import CnnkitError
 from .utils import save_safetensors
@@ -101,6 +102,8 @@ class ModelInfo:
     cnnkit_version: str = __version__  # of the cnnkit that wrote the file
     thresholds: list[float] | None = None  # multi-label: label k is present when its probability >= thresholds[k];
                                            # binary: [t], the second class when its probability >= t
+    conformal: dict | None = None  # conformal.fit's record, {score, scores}: the validation split's sorted conformity
+                                   # scores, for prediction sets at any coverage (in the calibration record)
 
     @property
     def name(self) -> str:
@@ -150,15 +153,16 @@ class ModelInfo:
              "task": self.task, "tta": dataclasses.asdict(self.tta), "data": dataclasses.asdict(self.data),
              "training": self.training, "metrics": self.metrics, "history": self.history,
              "precision": self.precision, "pretrained": self.pretrained, "cnnkit_version": self.cnnkit_version}
-        if self.calibrated_on is not None or self.temperature != 1.0:
+        if self.calibrated_on is not None or self.temperature != 1.0 or self.conformal is not None:
             d["calibration"] = self.calibration()
         if self.thresholds is not None:
             d["thresholds"] = [float(t) for t in self.thresholds]
         return d
 
     def calibration(self) -> dict:
-        """The calibration record: {temperature, fitted_on (when fitted)}."""
-        return {"temperature": self.temperature, **({"fitted_on": self.calibrated_on} if self.calibrated_on else {})}
+        """The calibration record: {temperature, fitted_on (when fitted), conformal (when fitted)}; exports carry it."""
+        return {"temperature": self.temperature, **({"fitted_on": self.calibrated_on} if self.calibrated_on else {}),
+                **({"conformal": self.conformal} if self.conformal is not None else {})}
 
     @classmethod
     def from_export(cls, record: Any, where: str) -> ModelInfo:
@@ -223,7 +227,8 @@ class ModelInfo:
                    temperature=float(calibration.get("temperature", 1.0)), calibrated_on=calibration.get("fitted_on"),
                    tta=record(TTA, "tta"), data=record(DataRecord, "data"), training=d.get("training") or {},
                    metrics=d.get("metrics") or {}, history=d.get("history") or [], precision=d.get("precision") or {},
-                   pretrained=d.get("pretrained"), cnnkit_version=d.get("cnnkit_version", "?"), thresholds=thresholds)
+                   pretrained=d.get("pretrained"), cnnkit_version=d.get("cnnkit_version", "?"), thresholds=thresholds,
+                   conformal=check_record(calibration.get("conformal"), where))
 
 
 def save_model(path: str | Path, model: nn.Module, info: ModelInfo | dict) -> Path:

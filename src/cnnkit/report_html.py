@@ -102,6 +102,7 @@ def write_report(path: str | Path, *, title: str, model_info: dict, info: ModelI
     parts += confusion_section(ev, files)
     parts += misclassified_section(ev, files, info.data.source)
     parts += calibration_section(ev, files)
+    parts += conformal_section(ev)
     parts += training_section(info, files)
     parts += closing_sections(model_info, info, ev, timing, env)
     return write_page(path, title, parts)
@@ -141,10 +142,17 @@ def report_cards(ev: dict, model_info: dict, timing: dict) -> list[tuple[str, st
         cards.append(("top-5 accuracy", pct(ev["top5_accuracy"])))
     cards += [("macro F1", f'{ev["averages"]["macro"]["f1"]:.4f}'),
               ("ECE (calibrated)", f'{ev["ece"]:.4f}'),
+              *conformal_card(ev),
               ("parameters", f'{model_info["parameters"]:,}')]
     if timing.get("train_seconds") is not None:
         cards.append(("training time", f'{timing["train_seconds"]:.1f} s'))
     return cards
+
+
+def conformal_card(ev: dict) -> list[tuple[str, str]]:
+    """The mean prediction set at 95% coverage, when measured."""
+    at = [r for r in (ev.get("conformal") or {}).get("levels", []) if r["coverage"] == 0.95 and "note" not in r]
+    return [("mean set at 95% coverage", f'{at[0]["mean_set_size"]:.2f} classes')] if at else []
 
 
 def metrics_section(ev: dict, info: ModelInfo) -> list[str]:
@@ -217,6 +225,30 @@ def calibration_section(ev: dict, files: dict[str, Path]) -> list[str]:
     if "reliability" in files:
         parts.append(image_tag(files["reliability"], "reliability diagram"))
     return parts
+
+
+def conformal_section(ev: dict) -> list[str]:
+    """Prediction sets (conformal.py): for each coverage asked, the share of this split's images whose
+    set holds the true class and the mean set size, calibrated on the validation split."""
+    c = ev.get("conformal")
+    if not c:
+        return []
+    rows = [[f'{100 * r["coverage"]:g}%', "n/a", "n/a", r["note"]] if "note" in r else
+            [f'{100 * r["coverage"]:g}%', pct(r["empirical_coverage"]), f'{r["mean_set_size"]:.3f}',
+             f'{r["threshold"]:.4g}'] for r in c["levels"]]
+    same = ev.get("split") == "val"  # a dataset without a test split: the figures are on the calibration images
+    return ["<h2>Prediction sets</h2>",
+            f'<p>Split conformal prediction (score {esc(c["score"])}), calibrated on {c["calibration_images"]:,} '
+            "validation images: asked for a coverage, <code>cnnkit predict --coverage</code> gives each image the "
+            "classes, most probable first, that hold its true class with at least that probability (and, where the "
+            f'scores have no ties, less than that plus {1 / (c["calibration_images"] + 1):.2g}). Below: how often '
+            'the set held the true class on '
+            f'these {c["n"]:,} images, and its mean size. Where the accuracy already reaches a coverage, each set '
+            "is the top class alone, and holds the true class as often as the model is right.</p>"
+            + ("<p><b>These are the calibration images themselves (the data has no test split): coverage here is "
+               "not a test of the guarantee.</b></p>" if same else ""),
+            table(["coverage asked", "held the true class", "mean set size", "score threshold"], rows,
+                  wrap_columns=(3,))]
 
 
 def training_section(info: ModelInfo, files: dict[str, Path]) -> list[str]:

@@ -9,6 +9,9 @@ from pathlib import Path
 from ..errors import CnnkitError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+# predict's and serve's --runtime choices: runtimes.RUNTIMES, written out here because importing runtimes
+# would load numpy and the model file's reader for every command's --help (tests/test_int8.py checks they agree)
+RUNTIMES = ("auto", "torch", "onnx", "int8", "openvino", "openvino-int8")
 
 
 def print_json(result: dict, files: dict | None = None) -> None:

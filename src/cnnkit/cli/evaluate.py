@@ -43,6 +43,13 @@ def run(args) -> int:
             return "n/a" if v is None else f"{v:.4f}"
         print(f"binary, {names[1]} positive: threshold {b['threshold']:.3f} (accuracy {b['accuracy_at_half']:.4f} at "
               f"0.5), ROC AUC {area(b['roc_auc'])}, average precision {area(b['average_precision'])}")
+    if "conformal" in metrics:  # prediction sets at 0.90 / 0.95 / 0.99, calibrated on validation
+        c = metrics["conformal"]
+        levels = [f"{r['coverage']:g}: " + (r["note"] if "note" in r else
+                                            f"held the true class {r['empirical_coverage']:.4f}, "
+                                            f"{r['mean_set_size']:.2f} classes on average") for r in c["levels"]]
+        print(f"prediction sets ({c['score']}, calibrated on {c['calibration_images']:,} validation images): "
+              + "; ".join(levels))
     if metrics["most_confused"]:
         print("most confused: " + ", ".join(f"{m['true']}→{m['predicted']} ({m['count']})"
                                             for m in metrics["most_confused"][:5]))

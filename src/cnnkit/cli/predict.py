@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CnnkitError
-from .common import EXIT_ERROR
+from .common import EXIT_ERROR, RUNTIMES
 
 
 def add(sub) -> None:
@@ -17,10 +17,15 @@ def add(sub) -> None:
     p.add_argument("--min-confidence", type=float, default=None, help="label top predictions below this 'unknown'")
     p.add_argument("--out", default=None, help="FILE.csv or FILE.json")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (runs in PyTorch)")
-    p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                     help="auto: the runtime measured fastest for this model on this machine (measured once, on the "
-                         "first job of 2,000+ files; smaller jobs use torch until then)")
+                         "first job of 2,000+ files; smaller jobs use torch until then); int8 and openvino-int8 run "
+                         "the model's int8 export, allowed where it lost at most 1 point of test accuracy; openvino "
+                         "needs pip install 'cnnkit[openvino]'")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core)")
+    p.add_argument("--coverage", type=float, default=None, metavar="C",
+                   help="also give each image its prediction set: the classes that hold the true one with "
+                        "probability C (e.g. 0.95; conformal, calibrated on the validation split)")
     p.add_argument("--json", action="store_true", help="rows as JSON; with --out, a JSON summary")
     p.set_defaults(func=run)
 
@@ -38,9 +43,12 @@ def run(args) -> int:
     bar = progress(None, "predict", unit="img")
     with bar:
         rows, info = predict_files(args.model, args.paths, top_k=args.top_k, min_confidence=args.min_confidence,
-                                   tta=args.tta, runtime=args.runtime, workers=args.workers, on_progress=bar.update)
+                                   tta=args.tta, runtime=args.runtime, workers=args.workers, on_progress=bar.update,
+                                   coverage=args.coverage)
     if not rows:
         raise CnnkitError(f"no files found in {' '.join(args.paths)}")
+    if info.get("conformal", {}).get("source", "").startswith("conformal calibration computed"):
+        print(f"note: {info['conformal']['source']}", file=sys.stderr)  # an older model file: say where sets came from
     k = max((len(r.get("labels", [])) for r in rows), default=0)
     if args.out:
         out = Path(args.out)
@@ -53,10 +61,7 @@ def run(args) -> int:
                         *[f"{r['label_probabilities'][n]:.6f}" if "label_probabilities" in r else "" for n in names],
                         r.get("error", "")] for r in rows])
         else:
-            header = ["path"] + [f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")] + ["error"]
-            write_csv(out, header, [[r["path"], *[v for lab, p in zip(r.get("labels", []), r.get("probabilities", []))
-                                                  for v in (lab, f"{p:.6f}")],
-                                     *([""] * 2 * (k - len(r.get("labels", [])))), r.get("error", "")] for r in rows])
+            write_single_label_csv(out, rows, k, sets="conformal" in info)
         # With --out the rows are in the file: the terminal gets one line (or the JSON summary).
         summary = {**info, "out": str(out), "images_per_second": info["files"] / max(info["seconds"], 1e-9)}
         if args.json:
@@ -72,10 +77,23 @@ def run(args) -> int:
                 print(f"{r['path']}: error: {r['error']}")
             else:
                 found = ", ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probabilities"]))
-                print(f"{r['path']}: " + (found or "no label reaches its threshold"))
+                at = f"; set at {args.coverage:g}: {', '.join(r['set'])}" if "set" in r else ""
+                print(f"{r['path']}: " + (found or "no label reaches its threshold") + at)
     bad = info["errors"]
     if bad:
         print(f"{bad} of {len(rows)} file(s) could not be read", file=sys.stderr)
     # A batch job that could read none of its inputs has failed; with some read, the error rows say
     # which were not, and the job succeeded.
     return EXIT_ERROR if bad == len(rows) else 0
+
+
+def write_single_label_csv(out: Path, rows: list[dict], k: int, sets: bool) -> None:
+    """label_1, probability_1, ... label_k, probability_k per file; with --coverage, `set`: the
+    prediction set's class names joined by ';', most probable first."""
+    from ..utils import write_csv
+    header = ["path"] + [f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")]
+    write_csv(out, [*header, *(["set"] if sets else []), "error"],
+              [[r["path"], *[v for lab, p in zip(r.get("labels", []), r.get("probabilities", []))
+                             for v in (lab, f"{p:.6f}")],
+                *([""] * 2 * (k - len(r.get("labels", [])))), *([";".join(r.get("set", []))] if sets else []),
+                r.get("error", "")] for r in rows])

@@ -113,6 +113,9 @@ def architecture_record(model: nn.Module) -> dict:
 
 
 def build_from_record(record: dict) -> nn.Module:
+    if record.get("kind") == "knn":  # a network's record inside, the vote's sizes beside it (models/knn.py)
+        from .knn import build_knn
+        return build_knn(record, build_from_record)
     if record.get("kind") == "registry":
         if record.get("name") not in ARCHS:
             raise CnnkitError(f"the model file's architecture {record.get('name')!r} is unknown to this cnnkit")

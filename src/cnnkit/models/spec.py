@@ -119,9 +119,24 @@ class SpecNet(Classifier):
     @property
     def head(self) -> nn.Linear:
         """The last dense layer: the classifier that transfer learning replaces and trains alone."""
-        return [m for m in self.layers if isinstance(m, Dense)][-1].linear
+        return self.layers[self.head_index].linear
 
-    def forward(self, x):  # (N, C, H, W) -> (N, num_classes) logits
+    @property
+    def head_index(self) -> int:
+        """The position of the last dense layer in `layers`."""
+        index = max((i for i, m in enumerate(self.layers) if isinstance(m, Dense)), default=None)
+        if index is None:
+            raise CnnkitError(f"model spec {self.spec.get('name')} has no dense layer, so no classifier head to "
+                              "replace or features before it: end it with `dense: {units: num_classes}`")
+        return index
+
+    def embed(self, x):  # (N, C, H, W) -> (N, D): what the last dense layer takes
+        return self.layers[:self.head_index](x)
+
+    def classify(self, features):  # (N, D) -> logits: the last dense layer and any layers after it
+        return self.layers[self.head_index:](features)
+
+    def forward(self, x):  # (N, C, H, W) -> (N, num_classes) logits: embed then classify, in one pass
         return self.layers(x)
 
 

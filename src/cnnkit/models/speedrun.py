@@ -87,5 +87,11 @@ class SpeedrunNet(Classifier):
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
         self.whiten.bias.zero_()
 
+    def embed(self, x):  # (N, C, H, W) -> (N, widths[2]), max-pooled
+        return self.pool(self.features(self.whiten(x)))
+
+    def classify(self, features):  # the head, then the 1/9 logit scale
+        return self.linear(features) * self.logit_scale
+
     def forward(self, x):  # (N, C, H, W) -> (N, K)
-        return self.linear(self.pool(self.features(self.whiten(x)))) * self.logit_scale
+        return self.classify(self.embed(x))

@@ -35,21 +35,31 @@ def layer_formula(module: nn.Module) -> str:
     return "; ".join(parts) if parts else "0 (no parameters)"
 
 
+def summary_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """[(description, module)] of the rows: a spec's layers; a kNN model's network's rows (less its
+    head, which never runs: the rows that never run are dropped) and its vote; else the top-level
+    children, with a ModuleList's members (it is never called itself)."""
+    from .knn import KnnClassifier
+    if isinstance(model, SpecNet):
+        return list(zip(model.descriptions, model.layers))
+    if isinstance(model, KnnClassifier):
+        return [(f"backbone {d}", m) for d, m in summary_blocks(model.backbone)] + [("vote (KnnVote)", model.vote)]
+    blocks = []
+    for name, m in model.named_children():
+        if isinstance(m, nn.ModuleList):
+            blocks += [(f"{name}.{i} ({type(sub).__name__})", sub) for i, sub in enumerate(m)]
+        else:
+            blocks.append((f"{name} ({type(m).__name__})", m))
+    return blocks
+
+
 def summary(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> dict:
     """{'input', 'layers': [{index, layer, output_shape, params, trainable_params, macs}], totals}.
 
     macs counts multiply-adds of conv and dense layers for one image (the bias adds are not counted)."""
     if input_shape is None:
         input_shape = model.input_shape
-    if isinstance(model, SpecNet):
-        blocks = list(zip(model.descriptions, model.layers))
-    else:  # top-level children; a ModuleList is never called itself, so list its members
-        blocks = []
-        for name, m in model.named_children():
-            if isinstance(m, nn.ModuleList):
-                blocks += [(f"{name}.{i} ({type(sub).__name__})", sub) for i, sub in enumerate(m)]
-            else:
-                blocks.append((f"{name} ({type(m).__name__})", m))
+    blocks = summary_blocks(model)
     shapes: dict[int, tuple] = {}
     macs_of: dict[int, int] = {}
 

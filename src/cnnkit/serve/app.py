@@ -56,7 +56,8 @@ def create_app(model: Model, token: str | None = None):
         return resources.files("cnnkit").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.post("/predict")
-    async def predict(request: Request, top_k: int = 3, explain: bool = False, label: str | None = None) -> dict:
+    async def predict(request: Request, top_k: int = 3, explain: bool = False, label: str | None = None,
+                      coverage: float | None = None) -> dict:
         """One image (multipart file, or the raw body with an image content type) or several (multipart).
         A single-label model: the top-k labels with calibrated probabilities ("top"); with explain=true, a
         Grad-CAM heatmap per image (PNG data URL, "heatmap") for the top label.
@@ -65,8 +66,9 @@ def create_app(model: Model, token: str | None = None):
         with explain=true, "heatmaps": {label: PNG data URL} for each label present (the most probable
         if none is).
         label: explain that label instead (explain=true implied).
+        coverage (e.g. 0.95): also each image's conformal prediction set ("set"; single-label, binary).
         (A raw body is answered by the front layer's fast path, with the same result; see Front.)"""
-        return await model.answer(await uploads(request, limits), top_k, explain, label)
+        return await model.answer(await uploads(request, limits), top_k, explain, label, coverage)
 
     return Front(app, model, token)
 

@@ -111,16 +111,16 @@ class Front:
                 chunks.append(message.get("body", b""))
                 more = message.get("more_body", False)
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            top_k, explain, label = query_options(query)
-            payload = await self.model.answer([("body", b"".join(chunks))], top_k, explain, label)
+            top_k, explain, label, coverage = query_options(query)
+            payload = await self.model.answer([("body", b"".join(chunks))], top_k, explain, label, coverage)
         except RequestError as e:
             return await reply(e.status, {"detail": e.message}, close=e.status == 413)
         return await reply(200, payload)
 
 
-def query_options(query: dict[str, list[str]]) -> tuple[int, bool, str | None]:
-    """top_k, explain and label (None when absent) from a parsed query string, as FastAPI would read
-    them for /predict."""
+def query_options(query: dict[str, list[str]]) -> tuple[int, bool, str | None, float | None]:
+    """top_k, explain, label and coverage (None when absent) from a parsed query string, as FastAPI
+    would read them for /predict (coverage's bounds are checked by Model.answer, for both paths)."""
     try:
         top_k = int(query.get("top_k", ["3"])[-1])
     except ValueError:
@@ -128,4 +128,9 @@ def query_options(query: dict[str, list[str]]) -> tuple[int, bool, str | None]:
     flag = query.get("explain", ["false"])[-1].lower()
     if flag not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
         raise RequestError(422, "explain must be true or false")
-    return top_k, flag in ("true", "1", "yes", "on"), query.get("label", [None])[-1]
+    given = query.get("coverage", [""])[-1]
+    try:
+        coverage = float(given) if given else None  # `coverage=` (empty) is no coverage, as for label
+    except ValueError:
+        raise RequestError(422, "coverage must be a number between 0 and 1 (e.g. 0.95)") from None
+    return top_k, flag in ("true", "1", "yes", "on"), query.get("label", [None])[-1], coverage

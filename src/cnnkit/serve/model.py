@@ -14,6 +14,7 @@ import asyncio
 import base64
 import dataclasses
 import io
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .. import conformal
 from ..errors import CnnkitError
 from ..modelfile import read_info, resolve_model_path
 from ..multilabel import label_set
@@ -30,6 +32,7 @@ from ..version import __version__
 from .limits import Limits, RequestError, decode_upload, too_many_images
 
 SERVED_TASKS = ("single-label", "multi-label", "binary")
+log = logging.getLogger("cnnkit.serve")
 
 
 def heatmap_png(image: np.ndarray, heat: np.ndarray) -> str:
@@ -80,6 +83,10 @@ class Model:
         self.torch_model = None  # loaded on the first explain request
         self.explain_lock = threading.Lock()
         self.batches = self.images = 0
+        # coverage requests: the model file's conformal record; a file written before cnnkit stored one gets it
+        # computed from its validation split on the first such request (or the reason it cannot be, kept)
+        self.conformal, self.conformal_source = self.info.conformal, "stored in the model file"
+        self.conformal_error: str | None = None
 
     # The batcher: it waits for one image, takes every other image already waiting (up to max_batch;
     # with --batch-window-ms, after that long a pause), and runs them as one batch.
@@ -148,11 +155,15 @@ class Model:
         finally:
             self.waiting -= len(uploads)
 
-    async def answer(self, files: list[tuple[str, bytes]], top_k: int, explain: bool, label: str | None = None) -> dict:
+    async def answer(self, files: list[tuple[str, bytes]], top_k: int, explain: bool, label: str | None = None,
+                     coverage: float | None = None) -> dict:
         """The /predict response for [(name, bytes)], within the time limit; RequestError otherwise.
         top_k: a single-label model's classes per image (a multi-label model answers its label set).
-        label: explain this label's evidence (explain implied) rather than the default ones (result_row)."""
+        label: explain this label's evidence (explain implied) rather than the default ones (result_row).
+        coverage: each row also gets `set`, its conformal prediction set (class names, most probable
+        first), and the response `coverage`; absent, the response is as without it."""
         start = time.perf_counter()
+        threshold = None if coverage is None else await self.set_threshold(coverage)
         names = self.info.class_names
         label = label or None  # `label=` (empty) is no label, as Front's query parsing reads it
         if self.thresholds is None and not 1 <= top_k <= len(names):
@@ -168,6 +179,9 @@ class Model:
             results = []
             for (name, _), (image, p) in zip(files, classified):
                 row, targets = self.result_row(name, p, top_k, label)
+                if threshold is not None:
+                    members = conformal.prediction_sets(p[None], threshold, self.conformal["score"])[0]
+                    row["set"] = [names[i] for i in members]
                 if explain or label is not None:  # in the default thread pool: the event loop keeps serving
                     maps = await asyncio.get_running_loop().run_in_executor(None, self.explain, image, targets)
                     if self.thresholds is None:
@@ -182,7 +196,40 @@ class Model:
         except asyncio.TimeoutError:
             raise RequestError(504, f"the request took longer than {self.limits.timeout_seconds:g} s") from None
         return {"results": results, "task": self.info.task, "runtime": self.runtime.name,
+                **({"coverage": float(coverage)} if coverage is not None else {}),
                 "milliseconds": (time.perf_counter() - start) * 1000}
+
+    async def set_threshold(self, coverage: float) -> float:
+        """The conformal threshold for a request's coverage; RequestError 422 for a multi-label model, a
+        coverage outside (0, 1) or beyond what the calibration allows, or a record that cannot be had."""
+        if self.thresholds is not None:
+            raise RequestError(422, "coverage is for single-label and binary models; a multi-label model's label "
+                                    "set is decided by its per-label thresholds")
+        if "int8" in self.runtime.name:  # auto may have picked it: its probabilities are not the calibrated ones
+            raise RequestError(422, f"this server runs the int8 export ({self.runtime.name}), whose probabilities "
+                                    "the prediction sets were not calibrated on: start it with --runtime onnx "
+                                    "(or torch, openvino) to answer coverage")
+        try:
+            coverage = conformal.check_coverage(coverage, "coverage")
+            if self.conformal is None and self.conformal_error is None:  # once, in the inference thread
+                await asyncio.get_running_loop().run_in_executor(self.inference, self.compute_conformal)
+            if self.conformal is None:
+                raise CnnkitError(self.conformal_error)
+            return conformal.record_threshold(self.conformal, coverage)
+        except CnnkitError as e:
+            raise RequestError(422, str(e)) from None
+
+    def compute_conformal(self) -> None:
+        """A model file without a conformal record: compute one from its validation split through the
+        runtime, and log that it was; or keep why it cannot be, for every later request."""
+        from ..evaluate import conformal_from_validation
+        if self.conformal is not None or self.conformal_error is not None:  # a request queued behind the first
+            return
+        try:
+            self.conformal, self.conformal_source = conformal_from_validation(self.info, self.runtime)
+            log.info("%s", self.conformal_source)
+        except CnnkitError as e:
+            self.conformal_error = str(e)
 
     def result_row(self, name: str, p: np.ndarray, top_k: int, label: str | None) -> tuple[dict, list[int]]:
         """One image's answer from its probabilities p (K,), and the classes Grad-CAM explains for it.
@@ -230,6 +277,17 @@ class Model:
         return {"cnnkit_version": __version__, "model_file": str(self.path), "class_names": m.class_names,
                 "task": m.task, "thresholds": thresholds, "input": dataclasses.asdict(m.input),
                 "architecture": m.name, "metrics": m.numeric_metrics(),
-                "calibration": m.calibration(), "runtime": self.runtime.name,
+                "calibration": self.calibration(), "runtime": self.runtime.name,
                 "runtime_choice": self.runtime_why, "max_batch": self.max_batch,
                 "limits": self.limits.__dict__, "data": m.data.name or None}
+
+    def calibration(self) -> dict:
+        """/model's calibration: the temperature, and the conformal record summed up (its score, the
+        validation images it holds, where it came from) rather than its scores."""
+        record = {k: v for k, v in self.info.calibration().items() if k != "conformal"}
+        if self.thresholds is None:
+            c = self.conformal
+            record["conformal"] = ({"score": c["score"], "calibration_images": len(c["scores"]),
+                                    "source": self.conformal_source} if c is not None else
+                                   {"source": self.conformal_error or "computed on the first request with coverage"})
+        return record

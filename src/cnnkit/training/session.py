@@ -253,9 +253,8 @@ def choose_precision(cfg: TrainConfig, device: torch.device, world: World) -> tu
     return precision, why
 
 
-def log_run(run: RunFolder, cfg: TrainConfig, ds: Dataset, model: nn.Module, device: torch.device,
-            precision: str, world: World) -> None:
-    """The run header in train.log: the data (and what was skipped), the model's layers, how it trains."""
+def log_data(run: RunFolder, ds: Dataset) -> None:
+    """train.log's lines on the data: sizes, the files skipped and why, a missing test split."""
     run.log(f"data {ds.name}: {ds.sizes()} images of {'x'.join(map(str, ds.input_shape))}, {ds.num_classes} classes "
             f"(from {ds.source})")
     if ds.skipped:
@@ -264,6 +263,12 @@ def log_run(run: RunFolder, cfg: TrainConfig, ds: Dataset, model: nn.Module, dev
             run.log(f"  {path}: {reason}")
     if ds.test_source == "val":
         run.log("note: the data has no test split, so test metrics are measured on the validation split")
+
+
+def log_run(run: RunFolder, cfg: TrainConfig, ds: Dataset, model: nn.Module, device: torch.device,
+            precision: str, world: World) -> None:
+    """The run header in train.log: the data (and what was skipped), the model's layers, how it trains."""
+    log_data(run, ds)
     run.log(format_summary(summary(model), title=f"model {model.architecture.get('name')}"))
     run.log(f"device {device.type}, precision {precision}, {cfg.epochs} epochs of batch {cfg.batch_size}, "
             f"{cfg.optimizer} lr {cfg.lr}")

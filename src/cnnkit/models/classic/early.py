@@ -26,8 +26,11 @@ class LeNet5(Classifier):
     def head(self) -> nn.Linear:
         return self.classifier[-1]
 
+    def embed(self, x):  # (N, C, H, W) -> (N, 84), after the last tanh
+        return self.classifier[:-1](self.avgpool(self.features(x)))
+
     def forward(self, x):  # (N, C, H, W) -> (N, K)
-        return self.classifier(self.avgpool(self.features(x)))
+        return self.classify(self.embed(x))
 
 
 class AlexNet(Classifier):
@@ -52,8 +55,11 @@ class AlexNet(Classifier):
     def head(self) -> nn.Linear:
         return self.classifier[-1]
 
+    def embed(self, x):  # (N, C, H, W) -> (N, 4096), after the second dense layer's ReLU
+        return self.classifier[:-1](torch.flatten(self.avgpool(self.features(x)), 1))
+
     def forward(self, x):
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+        return self.classify(self.embed(x))
 
 
 VGG_WIDTHS = {  # conv widths per stage; "M" is a 2x2 max-pool (Simonyan & Zisserman 2014, table 1)
@@ -87,8 +93,11 @@ class VGG(Classifier):
     def head(self) -> nn.Linear:
         return self.classifier[-1]
 
+    def embed(self, x):  # (N, C, H, W) -> (N, 4096), after the second dense layer's ReLU
+        return self.classifier[:-1](torch.flatten(self.avgpool(self.features(x)), 1))
+
     def forward(self, x):
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+        return self.classify(self.embed(x))
 
 
 def nin_block(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.Sequential:
@@ -96,6 +105,14 @@ def nin_block(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding), nn.ReLU(inplace=True),
                          nn.Conv2d(cout, cout, 1), nn.ReLU(inplace=True),
                          nn.Conv2d(cout, cout, 1), nn.ReLU(inplace=True))
+
+
+def nin_map_side(side: int) -> int:
+    """The side of NiN's last feature map for an input side: three blocks, each pooled 3/2."""
+    for kernel, stride, padding in ((11, 4, 0), (5, 1, 2), (3, 1, 1)):
+        side = (side + 2 * padding - kernel) // stride + 1  # the block's first conv (its 1x1s keep the side)
+        side = (side - 3) // 2 + 1  # max-pool 3, stride 2
+    return side
 
 
 class NiN(Classifier):
@@ -110,11 +127,19 @@ class NiN(Classifier):
             nin_block(96, 256, 5, 1, 2), nn.MaxPool2d(3, 2),
             nin_block(256, 384, 3, 1, 1), nn.MaxPool2d(3, 2), nn.Dropout(dropout))
         self.classifier = nin_block(384, num_classes, 3, 1, 1)
+        self.map_size = tuple(nin_map_side(side) for side in image_size)  # (h, w) of the last feature map
 
     @property
     def head(self) -> nn.Sequential:
         return self.classifier
 
-    def forward(self, x):
+    def embed(self, x):  # (N, C, H, W) -> (N, 384 * h * w): the last feature map, flattened
+        # NiN has no dense layer: its head is a conv block on the whole map, so the map is its input
+        return torch.flatten(self.features(x), 1)
+
+    def classify(self, features):  # (N, 384 * h * w) -> (N, K), on the map of the input it was built for
+        return self.classifier(features.unflatten(1, (384, *self.map_size))).mean(dim=(2, 3))
+
+    def forward(self, x):  # any input size: the map need not be the one it was built for
         # The last ReLU makes logits non-negative, as in the paper; the mean over positions is the logit.
         return self.classifier(self.features(x)).mean(dim=(2, 3))

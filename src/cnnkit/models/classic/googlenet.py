@@ -87,7 +87,7 @@ class GoogLeNet(Classifier):
     def head(self) -> nn.Linear:
         return self.fc
 
-    def forward(self, x):
+    def trunk(self, x):  # (N, C, H, W) -> (pooled features (N, 1024), aux1, aux2): the aux logits in training only
         x = self.maxpool1(self.conv1(x))  # (N, 64, H/4, W/4)
         x = self.maxpool2(self.conv3(self.conv2(x)))
         x = self.maxpool3(self.inception3b(self.inception3a(x)))
@@ -97,5 +97,12 @@ class GoogLeNet(Classifier):
         aux2 = self.aux2(x) if self.aux2 is not None and self.training else None
         x = self.maxpool4(self.inception4e(x))
         x = self.inception5b(self.inception5a(x))  # (N, 1024, h, w)
-        logits = self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+        return self.dropout(torch.flatten(self.avgpool(x), 1)), aux1, aux2
+
+    def embed(self, x):  # (N, C, H, W) -> (N, 1024): pooled, through the dropout (identity in eval)
+        return self.trunk(x)[0]
+
+    def forward(self, x):
+        features, aux1, aux2 = self.trunk(x)
+        logits = self.classify(features)
         return (logits, aux1, aux2) if aux1 is not None else logits

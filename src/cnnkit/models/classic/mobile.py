@@ -58,8 +58,11 @@ class MobileNetV2(Classifier):
     def head(self) -> nn.Linear:
         return self.classifier[-1]
 
+    def embed(self, x):  # (N, C, H, W) -> (N, 1280): pooled, through the dropout (identity in eval)
+        return self.classifier[:-1](self.features(x).mean(dim=(2, 3)))
+
     def forward(self, x):
-        return self.classifier(self.features(x).mean(dim=(2, 3)))
+        return self.classify(self.embed(x))
 
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite0
@@ -129,9 +132,12 @@ class EfficientNetLite0(Classifier):
     def head(self) -> nn.Linear:
         return self._fc
 
-    def forward(self, x):
+    def embed(self, x):  # (N, C, H, W) -> (N, 1280): pooled, through the dropout (identity in eval)
         x = F.relu6(self._bn0(self._conv_stem(x)))  # (N, 32, H/2, W/2)
         for block in self._blocks:
             x = block(x)
         x = F.relu6(self._bn1(self._conv_head(x)))  # (N, 1280, H/32, W/32)
-        return self._fc(self._dropout(x.mean(dim=(2, 3))))
+        return self._dropout(x.mean(dim=(2, 3)))
+
+    def forward(self, x):
+        return self.classify(self.embed(x))

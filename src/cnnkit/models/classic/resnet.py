@@ -88,7 +88,10 @@ class ResNet(Classifier):
     def head(self) -> nn.Linear:
         return self.fc
 
-    def forward(self, x):
+    def embed(self, x):  # (N, C, H, W) -> (N, 512 * expansion), globally average-pooled
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x):
+        return self.classify(self.embed(x))
