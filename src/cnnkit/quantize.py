@@ -45,7 +45,8 @@ QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 # in fp32 too, the version with the smaller drop kept. Measured on 2 EPYC cores (benchmarks/NOTES.md):
 # quantizing the stem cost 15.4 points of subset accuracy on the multi-MNIST model (88.20% -> 72.75%; 87.80%
 # with it in fp32) and 3.3 points on EfficientNet-Lite0 on hymenoptera (94.77% -> 91.50%; 95.42%), and
-# nothing on the seed MNIST and CIFAR-10 networks, where keeping it in fp32 slowed int8 by 20-45%.
+# nothing on the seed MNIST and CIFAR-10 networks, where keeping it in fp32 cut OpenVINO int8's speed-up
+# (seed-mnist-torch 2.33x -> 1.85x of onnxruntime fp32, seed-cifar10 2.47x -> 1.71x, fast-mnist 1.50x -> 1.05x).
 RETRY_DROP = 0.5
 KEEP_FLOAT_TRIES = ((), ("first",))
 
@@ -180,10 +181,12 @@ def correct(info: ModelInfo, outputs: list[np.ndarray], labels: np.ndarray) -> n
     return outputs[0].argmax(1) == labels
 
 
-def run_both(info: ModelInfo, fp32_path: Path, int8_path: Path, images: np.ndarray, labels: np.ndarray) -> dict:
-    """Both exports on the same uint8 images (N, H, W, C): {correct_fp32, correct_int8 (N,) bool,
-    agreement: the share of images whose answer (top-1, decided class or label set) is the same}."""
-    fp32, int8 = OnnxRunner(fp32_path).outputs(images, "NHWC"), OnnxRunner(int8_path).outputs(images, "NHWC")
+def run_both(info: ModelInfo, fp32: list[np.ndarray], int8_path: Path, images: np.ndarray, labels: np.ndarray
+             ) -> dict:
+    """The int8 export on uint8 images (N, H, W, C) beside the fp32 export's outputs on them (`fp32`,
+    computed once for every try): {correct_fp32, correct_int8 (N,) bool, agreement: the share of
+    images whose answer (top-1, decided class or label set) is the same}."""
+    int8 = OnnxRunner(int8_path).outputs(images, "NHWC")
     if info.task == "single-label":
         same = fp32[0].argmax(1) == int8[0].argmax(1)
     else:
@@ -220,12 +223,13 @@ def export_int8(model, info: ModelInfo, out: Path, images, source: str, max_drop
             raise CnnkitError(f"the fp32 export disagrees with PyTorch (agreement {check['agreement']:.2%}, "
                               f"difference {check['max_abs_diff']:.2e}): nothing to quantize")
         test_images, test_labels = nhwc(test.images[pick]), test.labels[pick].numpy()
+        fp32_outputs = OnnxRunner(fp32).outputs(test_images, "NHWC")  # what every try is compared with
         tried = []  # (drop, how, proof, file) per choice of fp32 layers, the better one kept
         for i, keep in enumerate(KEEP_FLOAT_TRIES if keep_float is None else (tuple(keep_float),)):
             int8 = Path(tmp) / f"int8-{i}.onnx"  # moved to `out` only once it has passed
             how = quantize_onnx(fp32, int8, calibration, keep)
             proof = {"split": test_split, "data": data, "measure": accuracy_name(info), "max_drop_points": max_drop,
-                     **measured_change(info, fp32, int8, test_images, test_labels)}
+                     **measured_change(info, fp32_outputs, int8, test_images, test_labels)}
             tried.append((proof["drop_points"], i, how, proof, int8))
             if proof["drop_points"] <= RETRY_DROP:
                 break
@@ -251,8 +255,10 @@ def nhwc(images) -> np.ndarray:
     return images.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def measured_change(info: ModelInfo, fp32: Path, int8: Path, images: np.ndarray, labels: np.ndarray) -> dict:
-    """Both files on the same test images: accuracies, the drop in points, agreement, McNemar."""
+def measured_change(info: ModelInfo, fp32: list[np.ndarray], int8: Path, images: np.ndarray, labels: np.ndarray
+                    ) -> dict:
+    """The int8 file against the fp32 one's outputs `fp32` on the same test images: accuracies, the
+    drop in points, agreement, McNemar."""
     ran = run_both(info, fp32, int8, images, labels)
     paired = paired_comparison(ran["correct_int8"], ran["correct_fp32"])  # a: int8, b: fp32
     return {"n": paired["n"], "accuracy_fp32": paired["accuracy_b"], "accuracy_int8": paired["accuracy_a"],

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import CnnkitError
-from .modelfile import ModelInfo
+from .modelfile import ModelInfo, read_info
 from .onnxrun import EXPORT_TASKS
 from .utils import cache_dir, hash_file, write_text_atomic
 
@@ -79,14 +79,12 @@ class OpenVinoRuntime:
     """An ONNX export (fp32, or the int8 one) compiled by OpenVINO for this CPU: the optional extra
     `cnnkit[openvino]`, which takes part in `auto` where it is installed."""
 
-    def __init__(self, onnx_path: Path, name: str):
+    def __init__(self, onnx_path: Path, name: str, info: ModelInfo):
         try:
             import openvino
         except ImportError:
             raise CnnkitError(f"--runtime {name} needs OpenVINO: pip install 'cnnkit[openvino]'") from None
-        from .onnxrun import OnnxRunner
-        self.name = name
-        self.info = ModelInfo.from_export(OnnxRunner(onnx_path).meta, where=str(onnx_path))
+        self.name, self.info = name, info  # the caller's: the model file's, or the ONNX file's record
         try:
             # f32 asked for: on a CPU with native bf16 OpenVINO's default runs fp32 graphs in bf16 (probabilities
             # 1e-3 off); the int8 graph's integer kernels are unaffected
@@ -148,9 +146,9 @@ def cached_onnx(model_path: Path, key: str, loaded: TorchRuntime | None = None) 
 def int8_name(key: str) -> str:
     """The cached int8 export's file stem: the model's sha256 and the quantizer's version (a new
     onnxruntime quantizes, and is tested, afresh)."""
-    import onnxruntime
+    from .quantize import q_version
 
-    return f"{key}.int8-ort{onnxruntime.__version__}"
+    return f"{key}.int8-ort{q_version()}"
 
 
 def cached_int8(model_path: Path, key: str, loaded: TorchRuntime | None = None) -> Path:
@@ -251,8 +249,9 @@ def onnx_file_runtime(path: Path, runtime: str, tta: bool):
     if runtime == "torch":
         raise CnnkitError("an ONNX file runs in onnxruntime or OpenVINO: --runtime auto, onnx or openvino")
     if runtime.startswith("openvino"):
-        rt = OnnxRuntime(path)  # reads the record: whether the file is int8
-        return OpenVinoRuntime(path, "openvino-int8" if rt.name == "int8" else "openvino"), "an ONNX file, asked"
+        rt = OnnxRuntime(path)  # reads the record: whether the file is int8, and the ModelInfo
+        return OpenVinoRuntime(path, "openvino-int8" if rt.name == "int8" else "openvino", rt.info), \
+            "an ONNX file, asked"
     return OnnxRuntime(path), "an ONNX file"
 
 
@@ -263,9 +262,10 @@ def named_runtime(name: str, model_path: Path, key: str, info: ModelInfo | None)
         return OnnxRuntime(cached_onnx(model_path, key))
     if name == "int8":
         return OnnxRuntime(cached_int8(model_path, key))
+    info = info or read_info(model_path)
     if name == "openvino":
-        return OpenVinoRuntime(cached_onnx(model_path, key), name)
-    return OpenVinoRuntime(cached_int8(model_path, key), name)  # openvino-int8
+        return OpenVinoRuntime(cached_onnx(model_path, key), name, info)
+    return OpenVinoRuntime(cached_int8(model_path, key), name, info)  # openvino-int8
 
 
 def measure_runtimes(model_path: Path, info: ModelInfo | None, key: str, record_path: Path) -> tuple[dict, dict]:
@@ -288,7 +288,7 @@ def measure_runtimes(model_path: Path, info: ModelInfo | None, key: str, record_
             paths["openvino-int8"] = cached_int8(model_path, key)
         for name, path in paths.items():
             with contextlib.suppress(CnnkitError):
-                candidates[name] = OpenVinoRuntime(path, name)
+                candidates[name] = OpenVinoRuntime(path, name, torch_rt.info)
     probe = np.random.default_rng(0).integers(0, 256, (MEASURE_BATCH, *torch_rt.info.input.chw), dtype=np.uint8)
     speeds = {name: time_runtime(rt, probe) for name, rt in candidates.items()}
     record = {"runtime": max(speeds, key=speeds.get), "images_per_second": speeds, "cpus": cpu_count(),
