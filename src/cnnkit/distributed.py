@@ -81,9 +81,11 @@ def stop_on_sigterm() -> None:
     """Turn SIGTERM into KeyboardInterrupt, so a process that torchrun stops (because another one
     failed) ends like Ctrl-C: one line saying which checkpoint is kept and how to resume.
 
-    Only the first SIGTERM interrupts: a second one (torchrun repeats it) and one arriving while the
-    interpreter shuts down are ignored, or the KeyboardInterrupt would surface as a traceback from
-    whatever atexit callback was running (seen in CI: torch.library's finalizer)."""
+    Only the first SIGTERM interrupts, and only while the job runs: a second one (torchrun repeats it),
+    one arriving after the job has ended (stop() ignores them: the process has said its line and is
+    exiting) and one arriving while the interpreter shuts down are ignored, or the KeyboardInterrupt
+    would surface as a traceback from whatever was running then (seen in CI: torch.library's
+    finalizer, and threading._shutdown after rank 0 had reported the other's failure itself)."""
     def interrupt(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
@@ -93,6 +95,10 @@ def stop_on_sigterm() -> None:
 
 
 def stop() -> None:
+    """The job has ended (it said so, or failed with its one line): leave the process group, and let
+    no later SIGTERM from torchrun interrupt the exit."""
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):  # stop_on_sigterm's handler, or SIG_IGN
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if dist.is_initialized():
         dist.destroy_process_group()
 
