@@ -239,3 +239,135 @@ def test_bias_lr_factor_gives_biases_their_own_rate_and_the_same_decay_per_step(
     assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
     assert id(model.whiten.weight) not in grouped
     assert len(make_optimizer(TrainConfig(optimizer="sgd"), model).param_groups) == 1  # factor 1: one group
+
+
+# ----------------------------------------------------------------------------- RandAugment, TrivialAugment, erasing
+import numpy as np  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+from cnnkit import augment_policy as policy  # noqa: E402
+from cnnkit.augment import random_erasing  # noqa: E402
+
+WITH_MAGNITUDE = [op for op in policy.OPS if op not in ("identity", "autocontrast", "equalize")]
+
+
+def cifar(n: int = 32) -> torch.Tensor:
+    """The first n lossless CIFAR-10 training images, (n, 3, 32, 32) uint8: real photographs."""
+    raw = np.fromfile(shared("cifar10-subset-bin", "data_batch_1.bin"), np.uint8, count=3073 * n).reshape(n, 3073)
+    return torch.from_numpy(raw[:, 1:].reshape(n, 3, 32, 32).copy())
+
+
+def pil_each(x: torch.Tensor, fn) -> torch.Tensor:
+    """fn(PIL image) on each image of a uint8 batch, back as a float batch."""
+    out = [np.asarray(fn(Image.fromarray(im.permute(1, 2, 0).numpy()))) for im in x]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float()
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["randaugment", "trivialaugment"])
+@pytest.mark.parametrize("op", WITH_MAGNITUDE)
+def test_every_op_with_a_magnitude_is_exactly_the_identity_at_magnitude_0(op, wide):
+    """Exactly, resampling ops included: an image at magnitude 0 is not resampled at all. Input off the
+    integer levels (as after a warp) too. At the top level each op does change the batch."""
+    x = cifar().float()
+    for images in (x, x * 0.9 + 0.25):
+        assert torch.equal(policy.apply_op(op, images, torch.zeros(len(x)), wide), images)
+    assert not torch.equal(policy.apply_op(op, x, torch.ones(len(x)), wide), x)
+
+
+def test_ops_match_pil_imageops_on_real_photos():
+    """PIL.ImageOps and ImageEnhance are the references torchvision's ops reproduce: equalize, posterize
+    and solarize exactly; autocontrast within 1 level (PIL truncates to integers, cnnkit stays in float);
+    brightness, color, contrast and sharpness within 1.5."""
+    x = cifar()
+    xf, n = x.float(), len(x)
+    assert torch.equal(policy.equalize(xf), pil_each(x, ImageOps.equalize))
+    for bits in (4, 6):
+        assert torch.equal(policy.posterize(xf, torch.full((n,), bits)),
+                           pil_each(x, lambda i: ImageOps.posterize(i, bits)))
+    for threshold in (128, 200):
+        assert torch.equal(policy.solarize(xf, torch.full((n,), float(threshold))),
+                           pil_each(x, lambda i: ImageOps.solarize(i, threshold)))
+    assert (policy.autocontrast(xf) - pil_each(x, ImageOps.autocontrast)).abs().max() <= 1.0 + 1e-3
+    from PIL import ImageEnhance
+    for op, enhancer in (("brightness", ImageEnhance.Brightness), ("color", ImageEnhance.Color),
+                         ("contrast", ImageEnhance.Contrast), ("sharpness", ImageEnhance.Sharpness)):
+        for factor in (0.3, 1.7):  # PIL rounds its blend partner (grey image, smoothed image) and its result
+            mine = policy.blend(xf, policy.degenerate(xf, op), torch.full((n,), factor))
+            assert (mine - pil_each(x, lambda i: enhancer(i).enhance(factor))).abs().max() <= 1.5, (op, factor)
+    grey = x[:, :1].float()
+    assert torch.equal(policy.apply_op("color", grey, torch.ones(n)), grey)  # no colour to change
+
+
+@pytest.mark.parametrize("op,value,pil", [
+    ("rotate", 20.0, lambda i: i.rotate(20.0, resample=Image.BILINEAR)),
+    ("shear_x", 0.3, lambda i: i.transform((32, 32), Image.AFFINE, (1, 0.3, -0.3 * 16, 0, 1, 0), Image.BILINEAR)),
+    ("shear_y", -0.25, lambda i: i.transform((32, 32), Image.AFFINE, (1, 0, 0, -0.25, 1, 4.0), Image.BILINEAR))])
+def test_rotate_and_shear_match_pil_about_the_centre(op, value, pil):
+    """Against PIL's bilinear warps, where no fill comes in (PIL's result and cnnkit's of an all-white
+    image still white): within 1 level, PIL rounding to integers."""
+    x, key = cifar(8), {"rotate": "angle"}.get(op, op)
+    mine = policy.geometric(x.float(), **{key: torch.full((8,), value)})
+    inside = (policy.geometric(torch.full((1, 1, 32, 32), 255.0), **{key: torch.full((1,), value)}) == 255) & (
+        pil_each(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8), pil)[:, :1] == 255)
+    assert inside.float().mean() > 0.5
+    assert ((mine - pil_each(x, pil)).abs() * inside).max() <= 1.0 + 1e-3
+
+
+@pytest.mark.parametrize("kind", policy.POLICIES)
+def test_a_policy_is_reproducible_from_its_seed_and_draws_per_image(kind, monkeypatch):
+    x = cifar(1).expand(256, 3, 32, 32).contiguous()  # one photo 256 times: any difference is the draws'
+    p = policy.Policy(Augment(), kind, ops=2, magnitude=30)
+    out = p(x, gen(1))
+    assert torch.equal(out, p(x, gen(1))) and not torch.equal(out, p(x, gen(2)))
+    assert out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 255
+    assert len(torch.unique(out.flatten(1), dim=0)) > 40  # images drew their own ops, signs (and levels)
+    calls: list[tuple[tuple, int]] = []
+    real = policy.run_group
+    monkeypatch.setattr(policy, "run_group", lambda group, images, *a: calls.append((group, len(images))) or real(
+        group, images, *a))
+    p(x, gen(1))
+    steps = 2 if kind == "randaugment" else 1
+    # each step runs each group of ops (the warps together, the translations together, each other op) once,
+    # on the images that drew it; identity is not run
+    assert [g for g, _ in calls] == list(policy.GROUPS) * steps
+    drawn = sum(k for _, k in calls)  # images through a non-identity op: 13 in 14 of 256 x steps, binomially
+    assert abs(drawn - 256 * steps * 13 / 14) < 4 * math.sqrt(256 * steps * 13 / 14 / 14)
+
+
+def test_random_erasing_rate_area_aspect_and_fill():
+    h = w = 40
+    x = torch.full((2000, 3, h, w), 77.5)  # off the noise's reach: a changed pixel is an erased one
+    out = random_erasing(x, 0.25, gen(5))
+    changed = (out != x).any(1)  # (N, H, W)
+    erased = changed.flatten(1).any(1)
+    assert abs(erased.float().mean().item() - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 2000)
+    for mask in changed[erased][:200]:
+        rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+        rh, rw = len(rows), len(cols)
+        assert mask.sum() == rh * rw and rows[-1] - rows[0] + 1 == rh  # one solid rectangle
+        # the drawn area A and aspect r before rounding each side to whole pixels: A within 2-33%, r 0.3-3.3
+        assert (rh - 0.5) * (rw - 0.5) <= h * w / 3 and (rh + 0.5) * (rw + 0.5) >= 0.02 * h * w
+        assert (rh - 0.5) / (rw + 0.5) <= 1 / 0.3 and (rh + 0.5) / (rw - 0.5) >= 0.3
+    noise = out.permute(0, 2, 3, 1)[changed]
+    assert abs(noise.mean() - 128) < 2 and 55 < noise.std() < 64  # N(128, 64^2) clamped to 0..255
+    assert torch.equal(random_erasing(x[:50], 0.0, gen()), x[:50])
+    assert torch.equal(BatchAugment(Augment(), erasing=0.0)(cifar(), torch.zeros(32), gen()), cifar().float())
+    assert not BatchAugment(Augment()).active and BatchAugment(Augment(), erasing=0.25).active
+
+
+@pytest.mark.slow  # a few seconds: the fast subset (-m 'not slow') stays under 3 minutes
+def test_randaugment_and_random_erasing_train_and_preview(tmp_path, monkeypatch):
+    seen = count_augmented(monkeypatch)
+    cfg = cnnkit.TrainConfig(data="digits", model="seed-digits", epochs=1, augment="randaugment", random_erasing=0.25,
+                             image_size=16, report=False, out=str(tmp_path / "run"))
+    result = cnnkit.train(cfg, quiet=True)
+    assert sum(seen) == len(result.dataset.train) and 0 <= result.metrics["test_accuracy"] <= 1
+    assert ("augmentation from epoch 1: shift 0.1, then randaugment 2 ops at magnitude 9/30; random erasing 0.25"
+            in (result.run_dir / "train.log").read_text())  # digits: never mirrored
+    picture = tmp_path / "preview.png"
+    r = run_main("augment-preview", "--data", "digits", "--augment", "trivialaugment", "--random-erasing", "0.5",
+                 "--picture", str(picture), "--samples", "3", "--versions", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["augmentation"] == ("shift 0.1, then trivialaugment (one op at a random magnitude); "
+                                                    "random erasing 0.5")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,12 @@ ratio kornia / cnnkit. kornia gets float images in [0, 1] (its convention; the c
 included, as training would need it); cnnkit takes the uint8 batch as training gathers it.
 
     pip install kornia   # for this benchmark only
-    python -m benchmarks.data.augment_speed [--batch 128] [--size 32] [--repeats 20]
+    python -m benchmarks.data.augment_speed [--batch 128] [--size 32] [--repeats 20] [--threads N]
+
+The policies (cnnkit/augment_policy.py) against kornia.augmentation.auto's: note that kornia draws
+RandAugment's ops once per batch (every image the same ops, only magnitudes' signs per image), while
+cnnkit draws them per image and runs each op on the images that drew it, so kornia's does less work.
+Random erasing: cnnkit fills with per-pixel noise, kornia with a constant.
 """
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ import argparse
 import torch
 
 from benchmarks.common import interleaved, machine_header, medians, seconds
-from cnnkit.augment import Augment
+from cnnkit.augment import Augment, random_erasing
+from cnnkit.augment_policy import Policy
 
 
 def kornia_ops(size: int) -> dict:
@@ -37,6 +43,9 @@ def kornia_ops(size: int) -> dict:
             K.ColorJitter(0.3, 0.3, 0.3, p=1.0), K.RandomGaussianBlur((blur, blur), sigma=(0.1, 1.0), p=1.0),
             K.RandomGaussianNoise(std=8 / 255, p=1.0),
             K.RandomErasing(scale=(0.0625, 0.0625), ratio=(1.0, 1.0), p=1.0)),
+        "randaugment 2 ops, m 9": K.auto.RandAugment(n=2, m=9),
+        "trivialaugment": K.auto.TrivialAugment(),
+        "random erasing 0.25": K.RandomErasing(scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), p=0.25),
     }
 
 
@@ -46,6 +55,9 @@ OURS = {
     "cutout 25%": Augment(cutout=0.25), "brightness+contrast": Augment(brightness=0.3, contrast=0.3),
     "saturation": Augment(saturation=0.3), "noise": Augment(noise=8.0), "blur": Augment(blur=1.0),
     "preset light": Augment.preset("light"), "preset strong": Augment.preset("strong"),
+    "randaugment 2 ops, m 9": Policy(Augment(), "randaugment", 2, 9.0),
+    "trivialaugment": Policy(Augment(), "trivialaugment"),
+    "random erasing 0.25": lambda x, g: random_erasing(x.float(), 0.25, g),
 }
 
 
@@ -54,7 +66,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, the cores)")
+    ap.add_argument("--only", default="", help="only the ops whose name contains this, e.g. 'augment'")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8)
     theirs = kornia_ops(args.size)
@@ -63,6 +79,8 @@ def main() -> None:
           "ms per batch (median)")
     print(f"{'op':<22} {'cnnkit':>8} {'kornia':>8} {'kornia/cnnkit':>14}")
     for name, ours in OURS.items():
+        if args.only not in name:
+            continue
         med = medians(interleaved({"cnnkit": lambda: seconds(lambda: ours(x, g)),
                                    "kornia": lambda: seconds(lambda: theirs[name](x.float() / 255))}, args.repeats))
         a, b = med["cnnkit"] * 1e3, med["kornia"] * 1e3

@@ -6,6 +6,7 @@ per image from an explicit torch.Generator, so a fixed seed augments the same ba
 Geometric:   shift (the notes' width/height_shift_range, edges replicated), horizontal and vertical
              flip, rotation, scale, shear (one affine warp), perspective, cutout.
 Photometric: brightness, contrast, saturation, gaussian noise, gaussian blur.
+After all:   random erasing (BatchAugment.erasing). RandAugment and TrivialAugment: augment_policy.py.
 
 Written with plain torch ops rather than kornia: on 2 CPU cores a batch of 128 CIFAR images ran
 faster this way for each op measured in benchmarks/data/augment_speed.py (NOTES.md, "augmentation"):
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from .config import PRESETS, AugmentConfig
 
-__all__ = ["PRESETS", "Augment", "AugmentConfig", "BatchAugment", "parse_class_presets"]
+__all__ = ["PRESETS", "Augment", "AugmentConfig", "BatchAugment", "parse_class_presets", "random_erasing"]
 
 
 # The strengths, presets and their description live with the configs (config.AugmentConfig), so the
@@ -167,23 +168,61 @@ def cutout(x: torch.Tensor, side: int, generator: torch.Generator) -> torch.Tens
     return torch.where(inside_r & inside_c, torch.full_like(x, 128.0), x)
 
 
+def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator, attempts: int = 10) -> torch.Tensor:
+    """With probability p an image gets one rectangle of 2-33% of its area, aspect (h / w) 0.3-3.3
+    (log-uniform), filled with per-pixel noise: timm's RandomErasing mode 'pixel', whose N(0, 1) in
+    normalised units is here N(128, 64^2) levels, clamped to 0..255 (erasing runs before preprocessing).
+    As timm, up to `attempts` draws per image for a rectangle that fits; none fitting: not erased.
+    x: (N, C, H, W) float 0..255."""
+    n, c, h, w = x.shape
+    area = (torch.rand(n, attempts, generator=generator) * (1 / 3 - 0.02) + 0.02) * (h * w)  # (N, attempts) pixels
+    aspect = torch.exp(torch.rand(n, attempts, generator=generator) * (2 * math.log(1 / 0.3)) + math.log(0.3))
+    rh, rw = torch.round(torch.sqrt(area * aspect)).long(), torch.round(torch.sqrt(area / aspect)).long()
+    fits = (rh < h) & (rw < w) & (rh > 0) & (rw > 0)
+    first = fits.long().argmax(1, keepdim=True)  # (N, 1): the first attempt that fits
+    rh, rw = rh.gather(1, first)[:, 0], rw.gather(1, first)[:, 0]
+    top = (torch.rand(n, generator=generator) * (h - rh + 1)).long()  # 0..h - rh, as randint(0, h - rh)
+    left = (torch.rand(n, generator=generator) * (w - rw + 1)).long()
+    erase = (torch.rand(n, generator=generator) < p) & fits.any(1)
+    idx = erase.nonzero()[:, 0]
+    if not len(idx):
+        return x
+    noise = (torch.randn(len(idx), c, h, w, generator=generator) * 64 + 128).clamp_(0, 255).to(x.device, x.dtype)
+    rows, cols = torch.arange(h).view(1, h), torch.arange(w).view(1, w)
+    inside_r = ((rows >= top[idx, None]) & (rows < (top + rh)[idx, None])).view(-1, 1, h, 1)
+    inside_c = ((cols >= left[idx, None]) & (cols < (left + rw)[idx, None])).view(-1, 1, 1, w)
+    out = x.clone()
+    out[idx.to(x.device)] = torch.where((inside_r & inside_c).to(x.device), noise, x[idx.to(x.device)])
+    return out
+
+
 # ----------------------------------------------------------------------------- per-class augmentation
 @dataclass(frozen=True)
 class BatchAugment:
     """The augmentation of a training batch: `default` for every image, except the classes in
     `per_class` (class index -> its own Augment), e.g. a rare class augmented harder, as the notes
     suggest for imbalanced data. Each group of images is augmented as one batch; labels and order
-    are kept."""
-    default: Augment
+    are kept. Then random erasing, with probability `erasing` per image, whatever augmented it."""
+    default: Augment  # or an augment_policy.Policy (RandAugment, TrivialAugment): called alike
     per_class: tuple[tuple[int, Augment], ...] = ()
+    erasing: float = 0.0
 
     @property
     def active(self) -> bool:
-        return self.default.active or any(a.active for _, a in self.per_class)
+        return self.default.active or any(a.active for _, a in self.per_class) or self.erasing > 0
+
+    def describe(self, class_names: list[str]) -> str:
+        """"shift 0.1, hflip 0.5; bees: strong ...; random erasing 0.25": the log's and preview's words."""
+        text = self.default.describe() + "".join(f"; {class_names[c]}: {a.describe()}" for c, a in self.per_class)
+        if self.erasing <= 0:
+            return text
+        return f"random erasing {self.erasing:g}" if text == "none" else f"{text}; random erasing {self.erasing:g}"
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if not self.per_class:
-            return self.default(x, generator)
+        out = self.default(x, generator) if not self.per_class else self.by_class(x, labels, generator)
+        return random_erasing(out, self.erasing, generator) if self.erasing > 0 else out
+
+    def by_class(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         special = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for cls, aug in self.per_class:

@@ -92,7 +92,10 @@ class TrainConfig:
     shots: int = 0  # knn: training images per class in the support set, drawn by --seed; 0: every training image
     epochs: int = 10  # passes over the training split
     batch_size: int = 128  # images per optimizer step
-    lr: float = 2e-3  # peak learning rate (reached after warmup, then following --schedule)
+    lr: float = 2e-3  # peak learning rate (reached after warmup, then following --schedule); auto: lr-find's
+                      # suggestion (sets lr_find)
+    lr_find: bool = False  # before training, sweep the lr as `cnnkit lr-find` does and train at its suggestion
+                           # (`--lr auto`, `lr: auto`); the run's config.json holds the lr found, with this false
     optimizer: str = "adam"  # adam | adamw (decoupled weight decay) | sgd (Nesterov momentum)
     momentum: float = 0.9  # SGD momentum (ignored by Adam)
     weight_decay: float = 0.0  # L2 penalty per step, as the optimizer applies it
@@ -109,8 +112,16 @@ class TrainConfig:
                              # the end (airbench)
     grad_clip: float = 0.0  # largest global gradient norm before each step; 0: no clipping
     early_stop: int = 0  # stop after this many epochs without a better validation accuracy; 0: never
-    augment: str = "none"  # augmentation preset: none | light (the notes': 10% shifts, mirror) | standard | strong;
-                           # see `cnnkit augment-preview`
+    augment: str = "none"  # augmentation preset: none | light (the notes': 10% shifts, mirror) | standard | strong |
+                           # randaugment (light, then --randaugment-ops random ops at --randaugment-magnitude) |
+                           # trivialaugment (light, then one random op at a random magnitude); see
+                           # `cnnkit augment-preview`
+    randaugment_ops: int = 2  # randaugment: ops applied to each image, each drawn from the op list (N)
+    randaugment_magnitude: float = 9.0  # randaugment: every op's strength on a scale of 0 (identity) to 30 (M),
+                                        # torchvision's 31 bins (docs/augmentation.md lists the ops and ranges)
+    random_erasing: float = 0.0  # probability that an image has one random rectangle (2-33% of its area, aspect
+                                 # 0.3-3.3) replaced by per-pixel noise, after any other augmentation (random
+                                 # erasing, Zhong et al. 2017; timm's reprob, mode 'pixel'); 0: off
     augment_from_epoch: int = 1  # first epoch that augments (the notes' CIFAR-10 recipe: 51, after 50 plain epochs)
     augment_class: str | None = None  # presets for some classes, e.g. "bees=strong,ants=light" (rare classes
                                       # augmented harder)
@@ -121,6 +132,19 @@ class TrainConfig:
         __annotations__[f"aug_{_op}"] = "float | None"
         locals()[f"aug_{_op}"] = None
     del _op
+    mixup: float = 0.0  # MixUp: each batch blended with its own shuffled copy by a weight drawn from
+                        # Beta(alpha, alpha), the labels blended alike (Zhang et al. 2017); this is alpha; 0: off
+    cutmix: float = 0.0  # CutMix: a rectangle pasted from the shuffled copy, the labels weighted by its area
+                         # (Yun et al. 2019); its area fraction is drawn from Beta(alpha, alpha); this is alpha; 0: off
+    mix_prob: float = 1.0  # with mixup or cutmix: probability that a batch is mixed at all (timm's mixup_prob)
+    mix_switch_prob: float = 0.5  # with both: probability that a mixed batch uses CutMix rather than MixUp
+    mix_from_epoch: int = 1  # first epoch that mixes
+    mix_off_epoch: int = 0  # first epoch that no longer mixes (timm's mixup_off_epoch); 0: mix to the end
+    teacher: str | None = None  # knowledge distillation: a run folder or model file whose soft targets the model
+                                # learns from besides the labels (its own preprocessing and input size); fast: train
+                                # --recipe fast on the same data and splits first, into RUN/teacher; none: no teacher
+    kd_alpha: float = 0.5  # distillation: weight of the teacher's soft-target loss; the labels' loss weighs 1 - this
+    kd_temperature: float = 4.0  # distillation: both models' logits over it before the softmax; the loss x its square
     balance: str = "none"  # imbalanced classes: none | weights (loss weighted by inverse class frequency) | sampler
                            # (each class drawn equally often)
     val_split: float = 0.1  # fraction of training images held out for validation, when the data has no val split
@@ -143,6 +167,10 @@ class TrainConfig:
     report_tta: bool = False  # also measure test accuracy with test-time augmentation (test_tta_accuracy in
                               # metrics.json and the report): 5 more passes over the test split (4-6 s more on
                               # MNIST for seed-mnist-torch)
+
+    def __post_init__(self):
+        if isinstance(self.lr, str) and self.lr.strip().lower() == "auto":  # `--lr auto`, `lr: auto` in a file
+            self.lr, self.lr_find = TrainConfig.lr, True  # the default stands in until the sweep replaces it
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -206,6 +234,15 @@ class TrainConfig:
         if self.shots and not self.model.startswith("knn:"):
             raise CnnkitError("--shots takes N training images per class for a nearest-neighbour model: give "
                               "--model knn:RUN (or knn:efficientnet_lite0)")
+        if self.teacher in ("none", ""):  # `--teacher none`: a recipe's teacher left out
+            self.teacher = None
+        if (self.model == "svm" or self.model.startswith("knn:")) and (self.mixup or self.cutmix or self.teacher):
+            raise CnnkitError(f"--mixup, --cutmix and --teacher act on gradient steps; {self.model} takes none")
+        if self.mix_off_epoch and self.mix_off_epoch <= self.mix_from_epoch:
+            raise CnnkitError(f"--mix-off-epoch {self.mix_off_epoch} is the first epoch without mixing: give one after "
+                              f"--mix-from-epoch {self.mix_from_epoch}, or 0 to mix to the end")
+        if self.lr_find and (self.model == "svm" or self.model.startswith("knn:")):
+            raise CnnkitError(f"--lr auto sweeps a CNN's learning rate; --model {self.model} has none: leave it out")
         if self.lookahead and self.ema == 0:
             raise CnnkitError("--lookahead resets the weights to their moving average: give --ema too (e.g. 0.95)")
         for name, choices in CHOICES.items():
@@ -216,7 +253,7 @@ class TrainConfig:
 
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-PER_DATASET_RECIPES = ("fast", "best")  # `--recipe fast --data mnist` reads recipes/fast-mnist.yaml
+PER_DATASET_RECIPES = ("fast", "best", "small")  # `--recipe fast --data mnist` reads recipes/fast-mnist.yaml
 
 
 def recipe_names() -> list[str]:
@@ -302,11 +339,17 @@ RANGES = {
     "fine_tune_lr_factor": (0, None, (False, False)), "bias_lr_factor": (0, None, (False, False)),
     "ema": (0, 1, (True, False)), "grad_clip": (0, None, (True, False)), "early_stop": (0, None, (True, False)),
     "augment_from_epoch": (1, None, (True, False)), "target_precision": (0, 1, (True, True)),
-    "shots": (0, None, (True, False)),
+    "shots": (0, None, (True, False)), "randaugment_ops": (1, None, (True, False)),
+    "randaugment_magnitude": (0, 30, (True, True)), "random_erasing": (0, 1, (True, True)),
+    "mixup": (0, None, (True, False)), "cutmix": (0, None, (True, False)), "mix_prob": (0, 1, (True, True)),
+    "mix_switch_prob": (0, 1, (True, True)), "mix_from_epoch": (1, None, (True, False)),
+    "mix_off_epoch": (0, None, (True, False)), "kd_alpha": (0, 1, (True, True)),
+    "kd_temperature": (0, None, (False, False)),
     **{f"aug_{op}": AUGMENT_RANGES.get(op, (0, None, (True, False))) for op in AUGMENT_OPS},
 }
 CHOICES = {"optimizer": ("adam", "adamw", "sgd"), "schedule": ("linear", "cosine", "onecycle", "constant"),
-           "augment": ("none", "light", "standard", "strong"), "balance": ("none", "weights", "sampler"),
+           "augment": ("none", "light", "standard", "strong", "randaugment", "trivialaugment"),
+           "balance": ("none", "weights", "sampler"),
            "precision": ("auto", "bf16", "fp32"), "task": ("auto", "single-label", "multi-label", "binary"),
            "device": ("auto", "cpu", "cuda"), "channels": (None, 1, 3)}
 

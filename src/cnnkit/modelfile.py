@@ -102,6 +102,8 @@ class ModelInfo:
     cnnkit_version: str = __version__  # of the cnnkit that wrote the file
     thresholds: list[float] | None = None  # multi-label: label k is present when its probability >= thresholds[k];
                                            # binary: [t], the second class when its probability >= t
+    distillation: dict | None = None  # the teacher a model was distilled from: its file, sha256, architecture, input,
+                                      # test accuracy, and --kd-alpha / --kd-temperature (training.distill)
     conformal: dict | None = None  # conformal.fit's record, {score, scores}: the validation split's sorted conformity
                                    # scores, for prediction sets at any coverage (in the calibration record)
 
@@ -157,6 +159,8 @@ class ModelInfo:
             d["calibration"] = self.calibration()
         if self.thresholds is not None:
             d["thresholds"] = [float(t) for t in self.thresholds]
+        if self.distillation is not None:
+            d["distillation"] = self.distillation
         return d
 
     def calibration(self) -> dict:
@@ -228,7 +232,8 @@ class ModelInfo:
                    tta=record(TTA, "tta"), data=record(DataRecord, "data"), training=d.get("training") or {},
                    metrics=d.get("metrics") or {}, history=d.get("history") or [], precision=d.get("precision") or {},
                    pretrained=d.get("pretrained"), cnnkit_version=d.get("cnnkit_version", "?"), thresholds=thresholds,
-                   conformal=check_record(calibration.get("conformal"), where))
+                   conformal=check_record(calibration.get("conformal"), where),
+                   distillation=d["distillation"] if isinstance(d.get("distillation"), dict) else None)
 
 
 def save_model(path: str | Path, model: nn.Module, info: ModelInfo | dict) -> Path:

@@ -53,8 +53,19 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
             choices = [c for c in CHOICES.get(f.name, ()) if c is not None] or None
+            kind = learning_rate if f.name == "lr" else kind  # --lr auto: TrainConfig reads it as lr_find
             parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS,
                                 metavar=None if choices else f.name.upper(), help=text)
+
+
+def learning_rate(text: str) -> float | str:
+    """--lr's value: a number, or auto (the lr-find sweep's suggestion)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or auto, not {text!r}") from None
 
 
 def read_listed(fields: dict):
@@ -79,7 +90,6 @@ def listed_files(fields: dict, listed=None) -> list[str] | None:
 
 
 # A recipe's one-class-per-image choices, dropped for a multi-label run (typed, they are refused: session.py)
-ONE_CLASS_CHOICES = {"label_smoothing": 0.0, "balance": "none", "augment_class": None}
 
 
 def config_from_args(args):
@@ -91,6 +101,8 @@ def config_from_args(args):
 
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    if "lr" in given:  # a typed --lr wins over a file's `lr: auto` (--lr auto sets lr_find again)
+        base["lr_find"] = False
     if args.recipe:
         data = given.get("data") or base.get("data") or TrainConfig().data
         listed = read_listed({**base, **given}) if args.recipe == "fast" else None
@@ -99,8 +111,9 @@ def config_from_args(args):
             print(f"recipe fast for {data}: {why} ({path.name})", file=sys.stderr)
         recipe = TrainConfig.from_file(path).to_dict()
         multi = (listed is not None and listed.multi_label) or {**base, **given}.get("task") == "multi-label"
-        if multi and any(recipe.get(k) != v for k, v in ONE_CLASS_CHOICES.items()):
-            recipe.update(ONE_CLASS_CHOICES)
+        from ..jobs.train import ONE_CLASS_FIELDS
+        if multi and any(recipe.get(k) != v for k, v in ONE_CLASS_FIELDS.items()):
+            recipe.update(ONE_CLASS_FIELDS)
             print(f"recipe {args.recipe} for multi-label data: without its label smoothing, class balancing and "
                   "per-class augmentation (they mean one class per image)", file=sys.stderr)
         base = {**recipe, **base}

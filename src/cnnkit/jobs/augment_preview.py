@@ -24,8 +24,7 @@ def augment_preview(cfg: TrainConfig, picture: Path, samples: int = 8, versions:
     columns = [images.float()] + [augment(images, labels, g) for _ in range(versions)]  # each (S, C, H, W)
     grid = torch.stack(columns, dim=1)  # (S, 1 + V, C, H, W) float 0..255
     names = [ds.class_names[i] for i in labels.tolist()]
-    described = augment.default.describe() + "".join(f"; {ds.class_names[c]}: {a.describe()}"
-                                                     for c, a in augment.per_class)
+    described = augment.describe(ds.class_names)
     plot_augment_grid(grid, names, picture, title=f"{ds.name}: original, then augmented ({described})")
     return {"picture": str(picture), "data": ds.name, "samples": len(idx), "versions": versions,
             "augmentation": described}

@@ -121,6 +121,10 @@ def label_issues(cfg: TrainConfig, folds: int = 3, retrain: bool = False, out: s
     """The job: rank, write label_issues.csv, label_issues.png and label_issues.json into `out`.
     ds: the data, when the caller has it (tests flip labels in it); else loaded from cfg."""
     say = echo or (lambda msg: None)
+    if cfg.lr_find or cfg.teacher == "fast":  # both are steps of `cnnkit train` before fitting
+        flag, fix = ("--lr auto", "--lr NUMBER") if cfg.lr_find else ("--teacher fast", "--teacher RUN or none")
+        raise CnnkitError(f"label-issues trains its folds without `cnnkit train`'s first steps: give {fix} "
+                          f"instead of {flag}")
     if ds is None:
         ds, _ = load_data_and_model(cfg, quiet=True)
     out = Path(out or f"label-issues-{ds.name}")

@@ -20,13 +20,13 @@ from ..config import TrainConfig
 from ..modelfile import ModelInfo
 from ..data import Dataset
 from ..distributed import World, broadcast_text
-from ..errors import CnnkitError
+from ..errors import CnnkitError, TrainingInterrupted
 from ..evaluate import fit_temperature
 from ..inference import class_logits, decide, metrics_from_logits, pick_device, predict_logits, probabilities
 from ..preprocess import Preprocess
 from ..report_folder import evaluate_and_report
 from ..runfolder import RunFolder
-from ..training import TrainResult, fit, load_data_and_model, train_svm
+from ..training import TrainResult, fit, load_data_and_model, resolve_auto_lr, train_svm
 from ..training.svm import check_svm_options
 from ..version import __version__
 
@@ -118,12 +118,83 @@ def train_in(world: World, cfg: TrainConfig | None, resume: str | Path | None, *
         ds, model = load_data_and_model(cfg, quiet or not world.primary)
         if images is not None:
             ds = first_images(ds, images)
+        cfg = train_teacher_first(cfg, ds, run, world, quiet=quiet, echo=echo, dry=images is not None)
         run.create()
+        cfg, sweep = resolve_auto_lr(cfg, ds, model, run, world)  # --lr auto: the lr-find sweep sets cfg.lr first
         run.write_config(cfg)
         result = fit(cfg, ds, model, run, resume=resume is not None, quiet=quiet, world=world)
+        if sweep is not None:  # --lr auto: the model file's training record says how its lr was found
+            result.info.training["lr_find_sweep"] = sweep
     if not world.primary:
         return RunResult(run.path, result.model, ds, result.history, {}, cfg, result.info, primary=False)
     return finish(cfg, run, ds, result)
+
+
+TEACHER_FOLDER = "teacher"  # --teacher fast: the teacher's run folder, inside the student's
+# What the teacher shares with its student: the data and its splits (so it never trained on the
+# student's validation or test images), and where it runs
+TEACHER_SHARES = ("data", "data_dir", "download", "path_column", "label_column", "split_column", "label_sep", "task",
+                  "val_split", "test_split", "seed", "device", "precision")
+# What a recipe's one-class-per-image options become for multi-label data (`--recipe`, --teacher fast)
+ONE_CLASS_FIELDS = {"label_smoothing": 0.0, "balance": "none", "augment_class": None}
+
+
+def train_teacher_first(cfg: TrainConfig, ds: Dataset, run: RunFolder, world: World, *, quiet: bool,
+                        echo: Callable[[str], None] | None, dry: bool) -> TrainConfig:
+    """--teacher fast (the small recipes' default): the fast recipe for the same data and splits,
+    trained first into RUN/teacher, resumed there if interrupted and reused if finished (refused if
+    it was trained on other splits). The config then names that folder, so --resume does not train
+    it again. Any other teacher is checked here, before the run folder exists."""
+    from ..training.distill import check_teacher
+    if cfg.teacher != "fast":
+        if cfg.teacher:
+            check_teacher(cfg.teacher, ds)
+        return cfg
+    if world.active or dry:
+        raise CnnkitError(f"--teacher fast trains the teacher first{', which a dry run does not' if dry else ''}: "
+                          f"train it on its own (cnnkit train --recipe fast --data {cfg.data} --out T) and give "
+                          "--teacher T")
+    folder = run.path.resolve() / TEACHER_FOLDER
+    teacher = RunFolder(folder, echo=None, quiet=True)
+    try:
+        if teacher.is_complete() or teacher.has_checkpoint():
+            theirs = teacher.read_config()
+            differ = [k for k in TEACHER_SHARES if getattr(theirs, k) != getattr(cfg, k)]
+            if differ:
+                raise CnnkitError(f"--teacher fast: {folder} holds a teacher trained with other "
+                                  f"{', '.join('--' + k.replace('_', '-') for k in differ)}: remove it, or use "
+                                  "another --out")
+            if not teacher.is_complete():
+                train(resume=folder, quiet=quiet, echo=echo)
+        else:
+            train(fast_teacher_config(cfg, ds, folder, echo), quiet=quiet, echo=echo)
+    except TrainingInterrupted:
+        raise TrainingInterrupted(f"interrupted while training the teacher in {folder}; run the same command again "
+                                  "to continue it, then the student") from None
+    return dataclasses.replace(cfg, teacher=str(folder))
+
+
+def fast_teacher_config(cfg: TrainConfig, ds: Dataset, folder: Path, echo: Callable[[str], None] | None
+                        ) -> TrainConfig:
+    """The fast recipe for cfg's data (a label file's images looked at, as `--recipe fast` does), on
+    cfg's data and splits, without the one-class options for multi-label data."""
+    from ..config import recipe_choice
+    from ..data import Columns, is_label_file, read_label_file
+    files = None
+    if Path(cfg.data).is_file() and is_label_file(cfg.data):
+        listed = read_label_file(cfg.data, Columns.of(cfg))
+        files = [path for entries in listed.files.values() for path, _ in entries]
+    try:
+        path, why = recipe_choice("fast", cfg.data, files)
+    except CnnkitError as e:
+        raise CnnkitError(f"--teacher fast: {e}; train a teacher yourself and give --teacher RUN") from None
+    fast = dataclasses.replace(TrainConfig.from_file(path), **{k: getattr(cfg, k) for k in TEACHER_SHARES},
+                               out=str(folder), report=False)
+    if ds.task == "multi-label":
+        fast = dataclasses.replace(fast, **ONE_CLASS_FIELDS)
+    if echo:
+        echo(f"teacher: --recipe fast ({path.stem}{f': {why}' if why else ''}) into {folder}, first")
+    return fast
 
 
 def first_images(ds: Dataset, n: int) -> Dataset:

@@ -8,6 +8,8 @@
     epoch.py     run_epoch(model, optimizer, images, labels, order, EpochSettings): one pass
     optim.py     the optimizer, learning-rate schedules, transfer phases, weight averages (EMA, Lookahead)
     svm.py       train_svm(...): the notes' linear-SVM baseline, returning the same TrainResult
+    lr_find.py   find_lr(cfg, ds, model): the exponential learning-rate sweep (Smith 2015, fastai's lr_find),
+                 the weights restored afterwards, and its suggestion: a Sweep; resolve_auto_lr for `--lr auto`
 
 Batches are sliced from the dataset's uint8 tensors by a shuffled index and preprocessed on the whole
 batch; bf16 autocast (where this machine measures it faster: hardware.py) and channels-last
@@ -17,9 +19,11 @@ RunFolder, which knows whether this process writes.
 """
 from .epoch import EpochSettings, run_epoch
 from .loop import epoch_loop, fit
+from .lr_find import Sweep, find_lr, resolve_auto_lr
 from .optim import lr_at, make_optimizer, update_ema
 from .session import Session, TrainResult, augmentation_and_balance, load_data_and_model, setup
 from .svm import train_svm
 
-__all__ = ["EpochSettings", "Session", "TrainResult", "augmentation_and_balance", "epoch_loop", "fit",
-           "load_data_and_model", "lr_at", "make_optimizer", "run_epoch", "setup", "train_svm", "update_ema"]
+__all__ = ["EpochSettings", "Session", "Sweep", "TrainResult", "augmentation_and_balance", "epoch_loop", "find_lr",
+           "fit", "load_data_and_model", "lr_at", "make_optimizer", "resolve_auto_lr", "run_epoch", "setup",
+           "train_svm", "update_ema"]

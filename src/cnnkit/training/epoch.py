@@ -18,9 +18,12 @@ import torch.nn.functional as F
 from .. import distributed
 from ..augment import BatchAugment
 from ..distributed import World
+from ..inference import class_logits
 from ..modelfile import non_finite
 from ..models.base import unwrap
 from ..preprocess import Preprocess
+from .distill import Teacher, soft_loss
+from .mix import Mix, Mixed
 
 PROGRESS_EVERY = 20  # steps between reads of the loss (.item() syncs a GPU): the bar and the GPU's finite check
 
@@ -38,6 +41,13 @@ class EpochSettings:
     frozen_bn: bool = False  # BatchNorm layers keep their statistics (transfer learning: training.optim.set_phase)
     augment: BatchAugment | None = None  # applied to every batch, drawing from `generator`; None: no augmentation
     generator: torch.Generator | None = None  # the augmentation's random draws (seeded per epoch)
+    mix: Mix | None = None  # MixUp / CutMix after the augmentation, drawing from mix_generator; None: off
+    mix_generator: torch.Generator | None = None  # the mixing's random draws (seeded per epoch)
+    teacher: Teacher | None = None  # distillation: the teacher whose soft targets join the loss; None: off
+    teacher_logits: torch.Tensor | None = None  # (N, K) the teacher's logits of every training image, where
+                                                # nothing augments or mixes this epoch (else computed per batch)
+    kd_alpha: float = 0.0  # weight of the distillation loss; the labels' loss weighs 1 - kd_alpha
+    kd_temperature: float = 1.0  # both models' logits are divided by it in the distillation loss
     class_weight: torch.Tensor | None = None  # (K,) loss weight of each class (balance: weights); None: equal
     pos_weight: torch.Tensor | None = None  # multi-label: (K,) weight of each label's positives (--pos-weight)
     grad_clip: float = 0.0  # largest global gradient norm before each step; 0: no clipping
@@ -82,20 +92,10 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         y = labels[idx]  # (B,), or this process's B / world.size
         if s.seen_indices is not None:
             s.seen_indices.append(idx)
-        batch = images[idx].to(device, non_blocking=True)  # (B, C, H, W) uint8
-        if s.augment is not None:
-            batch = s.augment(batch, y, s.generator)  # (B, C, H, W) float32 in 0..255
-        x = s.preprocess(batch)  # (B, C, H, W) float32, normalized
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16"):
-            logits = model(x)  # (B, K); binary: (B, 1)
-            loss = batch_loss(logits.float(), y, s)
+        logits, loss = batch_forward(model, images[idx].to(device, non_blocking=True), y, idx, s)
         if device.type == "cpu" or i % PROGRESS_EVERY == 0 or i == steps - 1:
             first_bad = check_loss(loss, i, steps, s.world, first_bad)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], s.grad_clip)
-        optimizer.step()
+        optimizer_step(optimizer, loss, s)
         if s.after_step is not None:
             s.after_step()
         loss_sum += loss.detach() * len(y)
@@ -109,6 +109,46 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         total, right, count = distributed.sum_over_ranks(loss_sum.item(), correct.item(), seen)
         return total, int(right), int(count), lr
     return loss_sum.item(), int(correct.item()), seen, lr
+
+
+def batch_forward(model: nn.Module, batch: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, s: EpochSettings
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch (B, C, H, W) uint8 (the images at idx, labels y) through the augmentation,
+    the mixing, the teacher, preprocessing and the model: (logits (B, K) or (B, 1), the loss).
+    run_epoch and the lr finder (lr_find.py) both step through here."""
+    if s.augment is not None:
+        batch = s.augment(batch, y, s.generator)  # (B, C, H, W) float32 in 0..255
+    mixed = None
+    if s.mix is not None:
+        batch, mixed = s.mix(batch, s.mix_generator)  # the same shape; MixUp: float32 in 0..255
+    teacher = None
+    if s.teacher is not None:  # (B, K): on the very pixels the student sees
+        teacher = s.teacher_logits[idx] if s.teacher_logits is not None else s.teacher(batch, s.precision)
+    x = s.preprocess(batch)  # (B, C, H, W) float32, normalized
+    with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16"):
+        logits = model(x)  # (B, K); binary: (B, 1)
+        return logits, training_loss(logits.float(), y, s, mixed, teacher)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, s: EpochSettings) -> None:
+    """Backward, the optional gradient clipping, and the optimizer's step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if s.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], s.grad_clip)
+    optimizer.step()
+
+
+def training_loss(logits: torch.Tensor, y: torch.Tensor, s: EpochSettings, mixed: Mixed | None,
+                  teacher: torch.Tensor | None) -> torch.Tensor:
+    """The loss a step descends: the labels' (mixed by MixUp / CutMix's weight where the batch was
+    mixed), and with a teacher (1 - alpha) of it plus alpha of the distillation loss. The teacher's
+    term is computed even at alpha 0, where it adds exactly 0: plain training, bit for bit."""
+    loss = mixed.loss(lambda t: batch_loss(logits, t, s), y) if mixed is not None else batch_loss(logits, y, s)
+    if teacher is None:
+        return loss
+    soft = soft_loss(class_logits(logits, s.task), teacher, s.kd_temperature, s.task)
+    return (1 - s.kd_alpha) * loss + s.kd_alpha * soft
 
 
 def batch_loss(logits: torch.Tensor, y: torch.Tensor, s: EpochSettings) -> torch.Tensor:

@@ -100,12 +100,19 @@ def epoch_settings(s: Session, epoch: int, steps_per_epoch: int, seen_indices: l
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     augment = s.augment if s.augment.active and epoch >= cfg.augment_from_epoch else None
     augment_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 250_000)
+    mixing = s.mix.active and epoch >= cfg.mix_from_epoch and not (cfg.mix_off_epoch and epoch >= cfg.mix_off_epoch)
+    # The teacher's logits of each training image are fixed while nothing changes the images: computed once
+    teacher_logits = (s.teacher.cache(s.ds.train.images, s.precision)
+                      if s.teacher is not None and augment is None and not mixing else None)
     torch.manual_seed(cfg.seed * 1_000_003 + epoch + 500_000)
     return EpochSettings(
         batch_size=cfg.batch_size, preprocess=s.preprocess, precision=s.precision,
         lr_fn=lambda i: lr_at(first_step + i, phase_steps, warmup_steps, cfg.lr, cfg.schedule),
         label_smoothing=cfg.label_smoothing, task=s.ds.task, frozen_bn=s.transfer,
         augment=augment, generator=augment_gen, class_weight=s.class_weight, pos_weight=s.pos_weight,
+        mix=s.mix if mixing else None,
+        mix_generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 750_000),
+        teacher=s.teacher, teacher_logits=teacher_logits, kd_alpha=cfg.kd_alpha, kd_temperature=cfg.kd_temperature,
         grad_clip=cfg.grad_clip,
         after_step=ema_step(s) if s.ema is not None else None,
         world=s.world, seen_indices=seen_indices)

@@ -8,13 +8,15 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from .. import distributed
-from ..augment import Augment, BatchAugment, parse_class_presets
+from ..augment import BatchAugment, parse_class_presets
+from ..augment_policy import policy_or_preset
 from ..config import TrainConfig
 from ..data import Columns, Dataset, hflip_keeps_class, is_builtin, load_dataset, with_task
 from ..decode import RESIZE_METHOD
@@ -27,6 +29,8 @@ from ..models.registry import architecture_record, build_model, default_input, g
 from ..models.summary import format_summary, summary
 from ..preprocess import Preprocess
 from ..runfolder import RunFolder, load_checkpoint
+from .distill import Teacher
+from .mix import Mix
 from .optim import make_optimizer, set_phase
 
 
@@ -147,6 +151,8 @@ class Session:
     total_epochs: int
     info: ModelInfo  # the model file's metadata, less metrics
     augment: BatchAugment  # from cfg.augment_from_epoch on
+    mix: Mix = Mix()  # MixUp / CutMix, from cfg.mix_from_epoch until cfg.mix_off_epoch
+    teacher: Teacher | None = None  # distillation's teacher (cfg.teacher), on the training device
     class_weight: torch.Tensor | None = None  # (K,) loss weights (balance: weights)
     pos_weight: torch.Tensor | None = None  # multi-label: (K,) weights of each label's positives (--pos-weight)
     sample_weight: torch.Tensor | None = None  # (N,) drawing weights of the training images (balance: sampler)
@@ -187,19 +193,21 @@ def augmentation_and_balance(cfg: TrainConfig, ds: Dataset, device: torch.device
     dataset allows them) and class balancing: loss weights (K,) or drawing weights (N,)."""
     flips = hflip_keeps_class(ds.name)
     try:
-        default = Augment.preset(cfg.augment, flips, **cfg.augment_overrides())
-        per_class = parse_class_presets(cfg.augment_class, ds.class_names, flips)
+        default = policy_or_preset(cfg.augment, flips, cfg.augment_overrides(), cfg.randaugment_ops,
+                                   cfg.randaugment_magnitude)  # a preset, or RandAugment / TrivialAugment after light
+        augment = BatchAugment(default, parse_class_presets(cfg.augment_class, ds.class_names, flips),
+                               erasing=cfg.random_erasing)
     except ValueError as e:
         raise CnnkitError(str(e)) from None
     class_weight = sample_weight = None
     if cfg.balance == "none":
-        return BatchAugment(default, per_class), class_weight, sample_weight
+        return augment, class_weight, sample_weight
     counts = torch.bincount(ds.train.labels, minlength=ds.num_classes).double()  # (K,)
     if cfg.balance == "weights":  # inverse frequency, mean weight 1 over the images
         class_weight = (counts.sum() / (ds.num_classes * counts.clamp_min(1))).float().to(device)
     elif cfg.balance == "sampler":  # each class drawn equally often
         sample_weight = (1 / counts.clamp_min(1))[ds.train.labels]
-    return BatchAugment(default, per_class), class_weight, sample_weight
+    return augment, class_weight, sample_weight
 
 
 def positive_weights(cfg: TrainConfig, ds: Dataset, device: torch.device) -> torch.Tensor | None:
@@ -226,14 +234,24 @@ def setup(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, resum
                       precision={"training": precision, "reason": precision_why})
     augment, class_weight, sample_weight = augmentation_and_balance(cfg, ds, device)
     if augment.active:
-        run.log(f"augmentation from epoch {cfg.augment_from_epoch}: {augment.default.describe()}"
-                + "".join(f"; {ds.class_names[c]}: {a.describe()}" for c, a in augment.per_class))
+        run.log(f"augmentation from epoch {cfg.augment_from_epoch}: {augment.describe(ds.class_names)}")
+    mix, teacher = Mix(cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob), None
+    if mix.active:
+        run.log(f"mixing from epoch {cfg.mix_from_epoch}"
+                f"{f' until epoch {cfg.mix_off_epoch - 1}' if cfg.mix_off_epoch else ''}: {mix.describe()}")
+    if cfg.teacher:
+        teacher = Teacher.load(cfg.teacher, ds, device, cfg.kd_alpha, cfg.kd_temperature)
+        teacher.record["val_accuracy_here"] = teacher.accuracy(ds.val.images, ds.val.labels, precision)
+        info = dataclasses.replace(info, distillation=teacher.record)
+        run.log(f"distillation from {teacher.describe()}; on this run's validation images, at this run's input, it "
+                f"decides {teacher.record['val_accuracy_here']:.4f}")
     transfer = cfg.freeze_backbone or cfg.fine_tune
     fine_tune_epochs = (cfg.fine_tune_epochs or cfg.epochs) if cfg.fine_tune else 0
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
     s = Session(cfg=cfg, ds=ds, run=run, model=model, optimizer=make_optimizer(cfg, model),
                 preprocess=preprocess.to(device), device=device, precision=precision, transfer=transfer,
-                total_epochs=cfg.epochs + fine_tune_epochs, info=info, augment=augment, class_weight=class_weight,
+                total_epochs=cfg.epochs + fine_tune_epochs, info=info, augment=augment, mix=mix, teacher=teacher,
+                class_weight=class_weight,
                 sample_weight=sample_weight, pos_weight=positive_weights(cfg, ds, device), ema=ema, world=world)
     if resume:
         state = resume_state(s, model, ema)
