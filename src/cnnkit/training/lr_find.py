@@ -43,8 +43,9 @@ DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of the best 
 SKIP_END = 5  # points left off the end of the curve for the suggestion (fastai's lr_find)
 # The suggestion: the lr of the lowest smoothed loss, over 3. fastai's valley and steep came out 13-75x
 # below the best of a grid of peak lrs for cnnkit's warm-up-and-decay schedules (fast-mnist on MNIST,
-# seed-cifar10 on 4,000 CIFAR-10 images); the minimum over 3 was within 2x of it on both, and on a
-# third pair held out from the choice (benchmarks/training/lr_find_vs_grid.py, benchmarks/NOTES.md).
+# seed-cifar10 on 4,000 CIFAR-10 images); the minimum over 3 was within 2x of it on both. On a third
+# pair held out from the choice (a frozen-feature head) it was 357x the grid's best at the same accuracy
+# within one image (benchmarks/training/lr_find_vs_grid.py, benchmarks/NOTES.md).
 # fastai's own `minimum` divides by 10, for a constant lr.
 MINIMUM_DIVISOR = 3.0
 
