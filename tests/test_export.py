@@ -186,7 +186,7 @@ def test_auto_runtime_measures_once_and_falls_back_when_export_fails(tmp_path, m
     png = tmp_path / "d.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
     rows, info = predict.predict_files(path, [str(png)])
-    assert info["why"].startswith("measured now") and info["runtime"] in ("onnx", "torch", "openvino")  # where installed
+    assert info["why"].startswith("measured now") and info["runtime"] in ("onnx", "torch", "openvino")
     record = json.loads(next((runtimes.exports_dir()).glob("*.runtime.json")).read_text())
     # int8 needs the model's data (none here: refused and said); OpenVINO takes part where installed
     assert {"onnx", "torch"} <= set(record["images_per_second"]) <= {"onnx", "torch", "openvino"}
