@@ -108,6 +108,7 @@ def count_augmented(monkeypatch) -> list[int]:
     return seen
 
 
+@pytest.mark.slow  # seconds: the fast subset (-m 'not slow') stays under 3 minutes
 def test_only_training_batches_are_augmented_from_the_chosen_epoch(tmp_path, monkeypatch):
     seen = count_augmented(monkeypatch)
     cfg = cnnkit.TrainConfig(data="digits", model="seed-digits", epochs=3, augment="standard", augment_from_epoch=2,
@@ -146,6 +147,7 @@ def write_imbalanced_folder(root) -> None:
             Image.fromarray(ds.train.images[i, 0].numpy()).save(d / f"{i}.png")
 
 
+@pytest.mark.slow  # seconds: the fast subset (-m 'not slow') stays under 3 minutes
 def test_class_balancing_raises_the_rare_class_recall(tmp_path):
     write_imbalanced_folder(tmp_path / "data")
     recall = {}

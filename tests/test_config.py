@@ -57,6 +57,7 @@ def test_config_file_sets_fields_and_flags_override_it(tmp_path):
     assert not (run / "report.html").exists() and (run / "metrics.json").exists()  # report: false
 
 
+@pytest.mark.slow  # seconds: the fast subset (-m 'not slow') stays under 3 minutes
 def test_a_run_re_runs_identically_from_its_own_config_json(tmp_path):
     first = tmp_path / "first"
     assert run_main("train", *SMALL, "--epochs", "3", "--lr", "0.003", "--no-report",

@@ -132,6 +132,7 @@ def test_valley_and_steep_by_hand():
     assert L.steep_index(lrs, losses) == 1
 
 
+@pytest.mark.slow  # seconds: the fast subset (-m 'not slow') stays under 3 minutes
 def test_the_suggestions_are_fastais_on_made_up_curves():
     rng = random.Random(0)
     checked = 0
@@ -202,6 +203,7 @@ def test_train_lr_auto_trains_at_lr_finds_suggestion_and_saves_it(tmp_path, monk
     assert TrainConfig.from_file(run / "config.json").lr_find is False
 
 
+@pytest.mark.slow  # seconds: the fast subset (-m 'not slow') stays under 3 minutes
 def test_lr_auto_in_a_config_file_and_its_refusals(tmp_path):
     (tmp_path / "auto.yaml").write_text("data: digits\nlr: auto\n")
     cfg = TrainConfig.from_file(tmp_path / "auto.yaml")

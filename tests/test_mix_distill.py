@@ -132,6 +132,7 @@ def test_teacher_input_conversion():
     torch.testing.assert_close(to_input(flat, (3, 4, 4)), torch.full((1, 3, 4, 4), 77.0))
 
 
+@pytest.mark.slow  # seconds: the fast subset (-m 'not slow') stays under 3 minutes
 def test_mix_and_distillation_options_refused_where_they_cannot_work(tmp_path):
     r = run_main("train", "--data", "digits", "--model", "svm", "--mixup", "0.2", "--out", str(tmp_path / "a"))
     assert r.returncode == 2 and "--mixup" in r.stderr and "Traceback" not in r.stderr
