@@ -73,11 +73,7 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
     batch is gathered by index and moved to labels' device. labels: (N,) int64. perm: the order, (N,).
     bar: a progress bar advanced once per step, or None."""
     s = settings
-    model.train()
-    if s.frozen_bn:  # transfer learning: keep the pretrained BatchNorm statistics (see optim.set_phase)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    train_mode(model, s.frozen_bn)
     device = labels.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -109,6 +105,16 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         total, right, count = distributed.sum_over_ranks(loss_sum.item(), correct.item(), seen)
         return total, int(right), int(count), lr
     return loss_sum.item(), int(correct.item()), seen, lr
+
+
+def train_mode(model: nn.Module, frozen_bn: bool) -> None:
+    """Training mode; frozen_bn (transfer learning): BatchNorm layers keep their pretrained statistics
+    (see optim.set_phase). run_epoch and the lr finder both set it here."""
+    model.train()
+    if frozen_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def batch_forward(model: nn.Module, batch: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, s: EpochSettings

@@ -32,7 +32,7 @@ from ..data import Dataset
 from ..distributed import World
 from ..errors import CnnkitError
 from ..runfolder import RunFolder
-from .epoch import EpochSettings, batch_forward, optimizer_step
+from .epoch import EpochSettings, batch_forward, optimizer_step, train_mode
 from .loop import epoch_order, epoch_settings
 from .session import Session, setup
 
@@ -159,15 +159,6 @@ def run_sweep(s: Session, steps: int, start_lr: float, end_lr: float
         if smoothed > DIVERGED * best:
             return lrs, losses, raw, "diverged"
     return lrs, losses, raw, "end"
-
-
-def train_mode(model: nn.Module, frozen_bn: bool) -> None:
-    """Training mode, as run_epoch sets it: BatchNorm layers of a transfer phase keep their statistics."""
-    model.train()
-    if frozen_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
