@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from postgres import postgres_url  # noqa: F401  (the fixture of a throw-away PostgreSQL server)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CNNKIT_SHARED_DATA", ROOT.parent / "shared" / "data")).resolve()

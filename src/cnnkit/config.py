@@ -167,6 +167,11 @@ class TrainConfig:
     report_tta: bool = False  # also measure test accuracy with test-time augmentation (test_tta_accuracy in
                               # metrics.json and the report): 5 more passes over the test split (4-6 s more on
                               # MNIST for seed-mnist-torch)
+    track: str = "none"  # where the run is logged besides its folder: none | tensorboard (event files in
+                         # RUN/tensorboard) | mlflow (a run in --mlflow-uri) | tensorboard,mlflow (both); needs the
+                         # [track] extra (docs/tracking.md)
+    mlflow_uri: str | None = None  # --track mlflow: the tracking URI; None: $MLFLOW_TRACKING_URI, else
+                                   # sqlite:///./mlflow.db, MLflow 3's default (docs/tracking.md)
 
     def __post_init__(self):
         if isinstance(self.lr, str) and self.lr.strip().lower() == "auto":  # `--lr auto`, `lr: auto` in a file
@@ -351,7 +356,8 @@ CHOICES = {"optimizer": ("adam", "adamw", "sgd"), "schedule": ("linear", "cosine
            "augment": ("none", "light", "standard", "strong", "randaugment", "trivialaugment"),
            "balance": ("none", "weights", "sampler"),
            "precision": ("auto", "bf16", "fp32"), "task": ("auto", "single-label", "multi-label", "binary"),
-           "device": ("auto", "cpu", "cuda"), "channels": (None, 1, 3)}
+           "device": ("auto", "cpu", "cuda"), "channels": (None, 1, 3),
+           "track": ("none", "tensorboard", "mlflow", "tensorboard,mlflow")}
 
 
 def _field_types() -> tuple[dict[str, type], dict[str, bool]]:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from ..errors import CnnkitError, TrainingInterrupted, os_error_message
 from . import (audit, augment_preview, compare, embed, evaluate, explain, export, label_issues, lr_find, math, models,
-               predict, serve, summary, train)
+               predict, serve, summary, train, tune)
 from .common import EXIT_ERROR, EXIT_INTERRUPTED
 
-COMMANDS = (train, lr_find, summary, math, evaluate, predict, embed, export, serve, audit, compare, label_issues,
+COMMANDS = (train, tune, lr_find, summary, math, evaluate, predict, embed, export, serve, audit, compare, label_issues,
             explain, augment_preview, models)  # in the order `cnnkit --help` lists them
 
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from ..inference import class_logits, decide, metrics_from_logits, pick_device, 
 from ..preprocess import Preprocess
 from ..report_folder import evaluate_and_report
 from ..runfolder import RunFolder
+from ..training.callbacks import Callback
 from ..training import TrainResult, fit, load_data_and_model, resolve_auto_lr, train_svm
 from ..training.svm import check_svm_options
 from ..version import __version__
@@ -73,7 +74,8 @@ def resolve_run(cfg: TrainConfig | None, resume: str | Path | None, *, echo: Cal
 
 
 def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, quiet: bool = False,
-          echo: Callable[[str], None] | None = print) -> RunResult:
+          echo: Callable[[str], None] | None = print, callbacks: Sequence[Callback] = (),
+          track_parent: str | None = None) -> RunResult:
     """Train a model, writing a run folder; see TrainConfig for the options (cfg.report: whether
     to write report.html at the end).
 
@@ -82,28 +84,53 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, q
 
     Started by torchrun (WORLD_SIZE > 1), every process trains a shard of each epoch
     (distributed.py); rank 0 alone writes, tests and reports, and the others return a RunResult
-    with primary False and no metrics."""
+    with primary False and no metrics.
+
+    callbacks: watchers told of each step, epoch and the end (training/callbacks.py; `cnnkit tune`'s
+    pruner), besides the trackers cfg.track names, which rank 0 alone builds (tracking.py); track_parent: the
+    MLflow run this one is nested in (a tune study's)."""
     world = World.from_env()
     if world.active:
         device_choice = cfg.device if resume is None and cfg is not None else RunFolder(resume).read_config().device
         distributed.start(world, pick_device(device_choice).type)
         distributed.stop_on_sigterm()  # torchrun stops the others with SIGTERM when one process fails
     try:
-        return train_in(world, cfg, resume, quiet=quiet, echo=echo)
+        return train_in(world, cfg, resume, quiet=quiet, echo=echo, callbacks=callbacks, track_parent=track_parent)
     finally:
         distributed.stop()
 
 
 def train_in(world: World, cfg: TrainConfig | None, resume: str | Path | None, *, quiet: bool,
-             echo: Callable[[str], None] | None, images: int | None = None) -> RunResult:
+             echo: Callable[[str], None] | None, images: int | None = None,
+             callbacks: Sequence[Callback] = (), track_parent: str | None = None) -> RunResult:
     """images: cut every split to its first `images` images (a dry run)."""
     cfg, run = resolve_run(cfg, resume, echo=echo, quiet=quiet, world=world)
+    watchers: list[Callback] = []
+    if cfg.track != "none" and world.primary and images is None:  # DDP: rank 0 alone logs
+        from ..tracking import trackers_for
+        watchers += trackers_for(cfg, run, parent_run_id=track_parent)
+    watchers += callbacks  # after the trackers: they hear of an epoch before tune's pruner may stop the run
+    try:
+        result = train_watched(world, cfg, resume, run, quiet=quiet, echo=echo, images=images, watchers=watchers)
+        for cb in watchers:
+            cb.on_train_end(result)
+        return result
+    finally:
+        for cb in watchers:
+            cb.close()
+
+
+def train_watched(world: World, cfg: TrainConfig, resume: str | Path | None, run: RunFolder, *, quiet: bool,
+                  echo: Callable[[str], None] | None, images: int | None, watchers: list[Callback]) -> RunResult:
+    """train_in's run, once its folder is resolved and its watchers built."""
     if cfg.model == "svm":
         if world.active:
             raise CnnkitError("the SVM baseline trains in one process: start it without torchrun")
         check_svm_options(cfg)
         run.create()
         run.write_config(cfg)
+        for cb in watchers:
+            cb.on_train_start(cfg, run, 1)
         ds, result = train_svm(cfg, run, quiet)
     elif cfg.model.startswith("knn:"):
         from ..knn import load_knn_data, train_knn
@@ -112,6 +139,8 @@ def train_in(world: World, cfg: TrainConfig | None, resume: str | Path | None, *
         backbone, ds, notes = load_knn_data(cfg, quiet)  # before the run folder exists, as for a CNN
         run.create()
         run.write_config(cfg)
+        for cb in watchers:
+            cb.on_train_start(cfg, run, 1)
         result = train_knn(cfg, run, backbone, ds, notes)
     else:
         # before the run folder exists: a bad --data or --model leaves nothing
@@ -122,7 +151,8 @@ def train_in(world: World, cfg: TrainConfig | None, resume: str | Path | None, *
         run.create()
         cfg, sweep = resolve_auto_lr(cfg, ds, model, run, world)  # --lr auto: the lr-find sweep sets cfg.lr first
         run.write_config(cfg)
-        result = fit(cfg, ds, model, run, resume=resume is not None, quiet=quiet, world=world)
+        result = fit(cfg, ds, model, run, resume=resume is not None, quiet=quiet, world=world,
+                     callbacks=watchers)
         if sweep is not None:  # --lr auto: the model file's training record says how its lr was found
             result.info.training["lr_find_sweep"] = sweep
     if not world.primary:

@@ -52,6 +52,9 @@ class EpochSettings:
     pos_weight: torch.Tensor | None = None  # multi-label: (K,) weight of each label's positives (--pos-weight)
     grad_clip: float = 0.0  # largest global gradient norm before each step; 0: no clipping
     after_step: Callable[[], None] | None = None  # called after every optimizer step (the weight average)
+    on_step: Callable[[int, dict], None] | None = None  # (step index in this epoch, {"loss", "accuracy", "lr"} of
+                                                        # its batch): the trackers' hook (callbacks.py), called
+                                                        # every step on a CPU, every PROGRESS_EVERY on a GPU
     world: World = World()  # this process in a torchrun job; sums returned are over all processes
     seen_indices: list[torch.Tensor] | None = None  # a list: each batch's indices are appended (CNNKIT_RECORD_SHARDS)
 
@@ -95,8 +98,11 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         if s.after_step is not None:
             s.after_step()
         loss_sum += loss.detach() * len(y)
-        correct += batch_correct(logits, y, s.task)
+        right = batch_correct(logits, y, s.task)
+        correct += right
         seen += len(y)
+        if s.on_step is not None and (device.type == "cpu" or i % PROGRESS_EVERY == 0 or i == steps - 1):
+            s.on_step(i, {"loss": loss.item(), "accuracy": right.item() / len(y), "lr": lr})
         if bar is not None:
             bar.update(1)
             if i % PROGRESS_EVERY == 0 or i == steps - 1:

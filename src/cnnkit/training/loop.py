@@ -14,7 +14,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,7 @@ from ..inference import metrics_from_logits, predict_logits
 from ..modelfile import load_model
 from ..runfolder import RunFolder
 from ..utils import progress
+from .callbacks import Callback
 from .epoch import EpochSettings, NonFinite, non_finite_tensors, run_epoch
 from .optim import lookahead_step, lr_at, make_optimizer, set_phase, update_ema
 from .session import Session, TrainResult, setup
@@ -115,7 +116,20 @@ def epoch_settings(s: Session, epoch: int, steps_per_epoch: int, seen_indices: l
         teacher=s.teacher, teacher_logits=teacher_logits, kd_alpha=cfg.kd_alpha, kd_temperature=cfg.kd_temperature,
         grad_clip=cfg.grad_clip,
         after_step=ema_step(s) if s.ema is not None else None,
+        on_step=step_hook(s, epoch, steps_per_epoch),
         world=s.world, seen_indices=seen_indices)
+
+
+def step_hook(s: Session, epoch: int, steps_per_epoch: int) -> Callable[[int, dict], None] | None:
+    """The callbacks' on_step, numbering steps over the whole run (from 1); None without callbacks."""
+    if not s.callbacks:
+        return None
+    first = (epoch - 1) * steps_per_epoch + 1
+
+    def hook(i: int, values: dict) -> None:
+        for cb in s.callbacks:
+            cb.on_step(first + i, values)
+    return hook
 
 
 def epoch_order(s: Session, epoch: int, n: int) -> torch.Tensor:
@@ -148,6 +162,8 @@ def end_epoch(s: Session, epoch: int, train_loss: float, train_acc: float, lr: f
     s.run.save_checkpoint(s.model, s.optimizer, {"epoch": epoch, "history": s.history, "best_val_acc": s.best_val,
                                                  "best_epoch": s.best_epoch, "ema_steps": s.ema_steps},
                           {"ema": s.ema} if s.ema is not None else None)
+    for cb in s.callbacks:  # after the checkpoint: a callback that stops the run (tune's pruner) loses nothing
+        cb.on_epoch_end(epoch, row)
 
 
 def diverged(s: Session, epoch: int, e: NonFinite) -> TrainingDiverged:
@@ -213,9 +229,13 @@ def ema_step(s: Session) -> Callable[[], None]:
 
 
 def fit(cfg: TrainConfig, ds: Dataset, model: nn.Module, run: RunFolder, *, resume: bool = False,
-        quiet: bool = False, world: World = World()) -> TrainResult:
-    """Set up, run the epochs, and return the best model (reloaded from its model file)."""
+        quiet: bool = False, world: World = World(), callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Set up, run the epochs, and return the best model (reloaded from its model file).
+    callbacks: watchers of the run (callbacks.py); their close() is the caller's."""
     s = setup(cfg, ds, model, run, resume, world)
+    s.callbacks = tuple(callbacks)
+    for cb in s.callbacks:
+        cb.on_train_start(cfg, run, s.first_epoch)
     epoch_loop(s, quiet)
     best, _ = load_model(run.model_file, s.device)
     return TrainResult(best, s.preprocess, s.history, s.best_epoch, s.best_val, s.device, s.precision,

@@ -164,6 +164,7 @@ class Session:
     first_epoch: int = 1
     world: World = World()  # this process in a torchrun job (a world of one without torchrun)
     trained: nn.Module | None = None  # what the training steps call: the model, or DistributedDataParallel around it
+    callbacks: tuple = ()  # the run's watchers (callbacks.Callback: trackers, tune's pruner), told of steps and epochs
 
     def phase_of(self, epoch: int) -> str:
         return "fine-tune" if epoch > self.cfg.epochs else ("frozen" if self.transfer else "train")
