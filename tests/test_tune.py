@@ -202,6 +202,7 @@ DIGITS = ("--epochs", "3", "--no-report", "--quiet", "--heartbeat", "2")
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~20-30 s: run by CI after the suite, which stays under 15 min
 def test_a_killed_study_continues_its_count_and_retries_the_killed_trial(tmp_path):
     out, space = tmp_path / "study", str(write_space(tmp_path))
     proc = start_tune(out, "--space", space, "--trials", "7", *DIGITS)
@@ -223,6 +224,7 @@ def test_a_killed_study_continues_its_count_and_retries_the_killed_trial(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~20-30 s: run by CI after the suite, which stays under 15 min
 def test_two_workers_share_one_sqlite_study(tmp_path):
     out, space = tmp_path / "study", str(write_space(tmp_path))
     workers = [start_tune(out, "--space", space, "--trials", "6", *DIGITS) for _ in range(2)]
