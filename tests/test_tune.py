@@ -234,6 +234,7 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~10-20 s: run by CI after the suite, which stays under 15 min
 def test_two_workers_share_a_postgresql_study_and_a_killed_ones_trial_runs_again(tmp_path, postgres_url):
     """Two `cnnkit tune` processes, each with its own folder as on two machines, one study in a real PostgreSQL
     server; one is killed in the middle of a trial: the other fails that trial once it misses two heartbeats,
@@ -287,6 +288,7 @@ def test_a_timeout_stops_starting_trials(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~10-20 s: run by CI after the suite, which stays under 15 min
 def test_with_mlflow_each_trial_is_a_run_nested_in_the_study_run(tmp_path):
     from mlflow import MlflowClient
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -321,6 +323,7 @@ def test_a_folder_holding_another_studys_trial_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~10-20 s: run by CI after the suite, which stays under 15 min
 def test_trials_that_all_diverge_stop_the_worker_with_one_line(tmp_path):
     space = write_space(tmp_path, "lr: {log_uniform: [1.0e+4, 1.0e+5]}\n")  # SGD at such a rate diverges at once
     out = tmp_path / "study"
