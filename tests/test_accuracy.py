@@ -27,6 +27,7 @@ def keras_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # with its neighbour, ~80 s on the shared Keras run: CI runs it after the suite
 def test_mnist_two_epochs_reaches_the_notes_accuracy(tmp_path, keras_run):
     assert train_mnist(tmp_path / "run", "seed-mnist-torch")["test_accuracy"] >= 0.990
     assert keras_run[1]["test_accuracy"] >= 0.988
@@ -42,6 +43,7 @@ def test_mnist_fast_recipe_reaches_the_notes_accuracy(fast_mnist_run):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # with its neighbour, ~80 s on the shared Keras run: CI runs it after the suite
 def test_tta_and_temperature_on_mnist(keras_run):
     """TTA never lowers MNIST test accuracy by more than noise; both figures are reported."""
     run, _ = keras_run
