@@ -3,13 +3,13 @@ trial and the best so far, each trial's accuracy per epoch (where the pruner sto
 parameter, the accuracy against each parameter, the best run's curves, and the table of trials."""
 from __future__ import annotations
 
-import csv
 import tempfile
 from datetime import datetime
 from pathlib import Path
 
 from .report import plot_curves, plt, save_figure
 from .report_html import card_row, esc, image_tag, pct, table, write_page
+from .runfolder import RunFolder
 from .version import __version__
 
 STATE_STYLE = {"complete": ("o", "C0"), "pruned": ("x", "C1"), "fail": ("v", "C3"), "running": ("s", "C7"),
@@ -24,7 +24,7 @@ def write_tune_page(path: str | Path, study, result: dict, fields: list[str]) ->
         if result.get("importances"):
             pictures["importances"] = plot_importances(result["importances"], Path(tmp) / "importances.png")
         best = result.get("best")
-        history = read_history(Path(best["run_dir"]) / "history.csv") if best else []
+        history = RunFolder(best["run_dir"], echo=None, quiet=True).read_history() if best else []
         if history:
             pictures["curves"] = plot_curves(history, Path(tmp) / "curves.png", f"best trial ({best['trial']})")
         parts = page_parts(study, result, fields, trials, {k: image_tag(v, k) for k, v in pictures.items()})
@@ -128,11 +128,3 @@ def plot_params(trials: list, fields: list[str], space: dict, path: Path) -> Pat
     for ax in list(axes.flat)[len(fields):]:
         ax.axis("off")
     return save_figure(fig, path)
-
-
-def read_history(path: Path) -> list[dict]:
-    try:
-        with path.open(newline="") as f:
-            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    except (OSError, ValueError):
-        return []

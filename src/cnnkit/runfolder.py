@@ -166,6 +166,14 @@ class RunFolder:
         if self.primary:
             write_text_atomic(self.config_file, json.dumps(cfg.to_dict(), indent=2))
 
+    def read_history(self) -> list[dict[str, float]]:
+        """history.csv's rows as numbers (epoch an int), as written; [] without a readable file."""
+        try:
+            with open(self.history_file, newline="") as f:
+                return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        except (OSError, ValueError):
+            return []
+
     def write_history(self, history: list[dict]) -> None:
         if not self.primary:
             return

@@ -28,12 +28,11 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, ContextManager, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 from .errors import CnnkitError, TrainingInterrupted
 from .runfolder import HISTORY_COLUMNS, RunFolder
 from .training.callbacks import Callback
-from .utils import write_text_atomic
+from .utils import redact, write_text_atomic
 
 EXTRA = "pip install 'cnnkit[track]'"
 TENSORBOARD_FOLDER = "tensorboard"  # inside the run folder: `tensorboard --logdir runs/` shows every run
@@ -72,15 +71,6 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def history_rows(run: RunFolder) -> list[dict[str, float]]:
-    """history.csv's rows as numbers (epoch an int), as written: what every tracker logs per epoch."""
-    try:
-        with open(run.history_file, newline="") as f:
-            return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    except OSError:
-        return []
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:
@@ -139,7 +129,7 @@ class TensorBoardTracker(Callback):
     def sync(self) -> int:
         """Log history.csv's epochs not yet in the event files; returns the last epoch."""
         last = 0
-        for row in history_rows(self.run):
+        for row in self.run.read_history():
             last = row["epoch"]
             if last in self.logged:
                 continue
@@ -223,14 +213,6 @@ def tracking_uri(cfg: Any, recorded: str | None = None) -> str:
     if recorded and "***" not in recorded:
         return recorded
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-
-
-def redact(uri: str) -> str:
-    """The URI without its password, to be written to files and params."""
-    parts = urlsplit(uri)
-    if not parts.password:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 def open_client(uri: str, quiet: bool = False) -> Any:
@@ -369,7 +351,7 @@ class MlflowTracker(Callback):
     def sync(self, with_steps: bool = False) -> int:
         """Send history.csv's epochs the MLflow run lacks (and, with_steps, the steps of the epoch that just
         ended); returns the last epoch."""
-        rows = history_rows(self.run)
+        rows = self.run.read_history()
         new = [r for r in rows if r["epoch"] not in self.logged]
         metrics = [(name, r[name], r["epoch"]) for r in new for name in EPOCH_COLUMNS
                    if not math.isnan(r[name])]  # the SVM's and kNN's train loss: none
@@ -401,7 +383,7 @@ class MlflowTracker(Callback):
         try:
             # the buffered steps belong to an epoch that did end when history.csv has a row not yet sent;
             # otherwise to the partial epoch, trained again on --resume: never sent
-            ended = any(r["epoch"] not in self.logged for r in history_rows(self.run))
+            ended = any(r["epoch"] not in self.logged for r in self.run.read_history())
             self.sync(with_steps=ended)
             self.client.set_tag(self.run_id, "cnnkit.stopped", why)
             self.client.set_terminated(self.run_id, status)

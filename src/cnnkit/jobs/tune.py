@@ -15,7 +15,6 @@ database, so the trial of a worker that was killed is marked failed once it miss
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -35,7 +34,7 @@ from ..errors import CnnkitError, TrainingInterrupted
 from ..runfolder import RunFolder
 from ..search_space import Space
 from ..training.callbacks import Callback
-from ..utils import write_csv, write_text_atomic
+from ..utils import redact, write_csv, write_text_atomic
 from .train import train  # a trial is a train run (pyproject's layer contract allows this one import)
 
 
@@ -247,16 +246,6 @@ def comparable(base: TrainConfig) -> dict:
             for k, v in base.to_dict().items() if k not in MACHINE_FIELDS}
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for messages and files."""
-    from urllib.parse import urlsplit, urlunsplit
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
 class TrialFailed(Exception):
     """A trial whose run failed for its own values (it diverged, or the config refused them together): recorded
     as failed, and the study goes on."""
@@ -294,7 +283,7 @@ class Pruning(Callback):
         self.trial = trial
 
     def on_train_start(self, cfg, run, first_epoch: int) -> None:
-        for row in read_history(Path(run.path)):
+        for row in run.read_history():
             if row["epoch"] < first_epoch:
                 self.report(int(row["epoch"]), row["val_acc"])
 
@@ -308,14 +297,6 @@ class Pruning(Callback):
         self.report(epoch, row["val_acc"])
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"validation accuracy {row['val_acc']:.4f} at epoch {epoch}")
-
-
-def read_history(folder: Path) -> list[dict[str, float]]:
-    try:
-        with (folder / "history.csv").open(newline="") as f:
-            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    except (OSError, ValueError):
-        return []
 
 
 class Objective:
